@@ -1,0 +1,55 @@
+"""Language-model log-likelihoods: the building block of SFT and of every policy loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t | y_<t) for each position, with the next-token shift done here.
+
+    logits[:, t] predicts labels[:, t + 1]. Positions whose label is IGNORE_INDEX get 0.
+
+    Shape: logits (B, T, V), labels (B, T) -> (B, T - 1).
+    """
+    logits = logits[:, :-1].float() / temperature  # (B, T-1, V)
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~mask, 0)
+    logp = torch.gather(F.log_softmax(logits, dim=-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    return logp * mask
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """log π(y | x) = Σ_t log π(y_t | x, y_<t) over the labelled (response) tokens.
+
+    With ``average`` the sum is divided by the number of labelled tokens (SimPO's length
+    normalisation). Shape: logits (B, T, V), labels (B, T) -> (B,).
+    """
+    per_token = token_logprobs(logits, labels)  # (B, T-1)
+    total = per_token.sum(-1)
+    if average:
+        total = total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return total
+
+
+def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised fine-tuning loss: L = −(1/N) Σ_{t ∈ response} log π(y_t | x, y_<t).
+
+    The mean runs over the N labelled tokens of the whole batch (prompt tokens carry
+    IGNORE_INDEX and are masked), so every response token weighs the same.
+
+    Shape: logits (B, T, V), labels (B, T) -> (loss (), token count ()).
+    """
+    targets = labels[:, 1:]
+    count = (targets != IGNORE_INDEX).sum()
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss / count.clamp(min=1), count

@@ -1,3 +1,53 @@
-"""Placeholder until this command group lands."""
+"""The pipeline's stages as commands: ``tether pretrain``, ``tether sft``, ``tether demo``."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import logging
+
+import click
+
+from tether.config import options
+from tether.demo import DemoConfig, format_report, run_demo
+from tether.trainers.pretrain import PretrainConfig, run_pretrain
+from tether.trainers.sft import SFTConfig, run_sft
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(fn, cfg):
+    """Run a stage, turning bad input into a one-line error instead of a traceback."""
+    from tether.data import DataError
+
+    _setup_logging()
+    try:
+        return fn(cfg)
+    except (DataError, FileExistsError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@click.command()
+@options(PretrainConfig)
+def pretrain(cfg: PretrainConfig) -> None:
+    """Stage 0: causal-LM pretraining (builds the tiny default with --model tiny)."""
+    click.echo(f"pretrained model in {_run(run_pretrain, cfg)}")
+
+
+@click.command()
+@options(SFTConfig)
+def sft(cfg: SFTConfig) -> None:
+    """Stage 1: supervised fine-tuning on demonstrations (prompt tokens masked)."""
+    click.echo(f"SFT model in {_run(run_sft, cfg)}")
+
+
+@click.command()
+@options(DemoConfig)
+def demo(cfg: DemoConfig) -> None:
+    """The whole pipeline on the embedded gold world, with a report at the end."""
+    click.echo(format_report(_run(run_demo, cfg)))
+
+
+COMMANDS = [pretrain, sft, demo]

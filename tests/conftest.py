@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny tokenizer and model that tether builds itself (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CORPUS = [
+    f"\n\nHuman: What is {a} plus {b}?\n\nAssistant: {a} plus {b} is {a + b}. #### {a + b}"
+    for a in range(12) for b in range(12)
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A saved tiny model (random weights) and its tokenizer, trained on a small arithmetic corpus."""
+    from tether.models import TinyConfig, build_tiny, save_model, train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    model = build_tiny(tokenizer, TinyConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_positions=128))
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    """A small SFT file in the prompt/completion format."""
+    import json
+
+    path = tmp_path / "sft.jsonl"
+    with open(path, "w") as f:
+        for text in CORPUS:
+            prompt, completion = text.split("\n\nAssistant:")
+            f.write(json.dumps({"prompt": prompt + "\n\nAssistant:", "completion": completion}) + "\n")
+    return path

@@ -1,0 +1,55 @@
+"""Models: the tiny default, saving in HF format, plain-transformers reload, LoRA."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer, save_model
+
+
+def test_saved_model_reloads_with_plain_transformers_and_gives_same_logits(tiny_folder, tmp_path):
+    model = load_model(tiny_folder)
+    with torch.no_grad():  # perturb so the check is not about the initialisation
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    tokenizer = load_tokenizer(tiny_folder)
+    save_model(model, tokenizer, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    assert not list((tmp_path / "m").glob("*.bin")) and not list((tmp_path / "m").glob("*.pt"))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    plain_tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    ids = plain_tok("\n\nHuman: What is 3 plus 4?", return_tensors="pt").input_ids
+    assert ids.tolist() == tokenizer("\n\nHuman: What is 3 plus 4?", return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_tokenizer_round_trips_text_and_has_pad_and_chat_template(tiny_folder):
+    tok = load_tokenizer(tiny_folder)
+    text = "\n\nHuman: What is 11 plus 7?\n\nAssistant: 11 plus 7 is 18. #### 18"
+    assert tok.decode(tok(text).input_ids) == text
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "\n\nHuman: Hi\n\nAssistant:"
+    assert tok.decode(tok("naïve ☃").input_ids) == "naïve ☃"  # byte-level: nothing is unknown
+
+
+def test_lora_trains_adapters_only_and_saves_merged(tiny_folder, tmp_path):
+    model = load_model(tiny_folder)
+    full = count_parameters(model, trainable_only=True)
+    lora = apply_lora(model, LoraConfig(r=4, alpha=8))
+    trainable = count_parameters(lora, trainable_only=True)
+    assert 0 < trainable < full / 5
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)  # B starts at zero; make the adapter change the output
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = lora(ids).logits
+    save_model(lora, load_tokenizer(tiny_folder), tmp_path / "merged")
+    assert (tmp_path / "merged" / "adapter").is_dir()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, expected, atol=1e-5)

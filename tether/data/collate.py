@@ -1,0 +1,110 @@
+"""From records to tensors: tokenisation with prompt masks, over-length handling, padding, packing.
+
+Prompt and completion are tokenised separately and concatenated, so the prompt tokens the model
+trains on are exactly the tokens it will later be given to continue from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tether.data.records import SFTRecord
+from tether.losses.lm import IGNORE_INDEX
+
+log = logging.getLogger("tether.data")
+
+OVERFLOW_CHOICES = ("truncate", "drop", "error")
+
+
+@dataclass
+class Encoded:
+    """One tokenised example: ``labels`` equals ``input_ids`` on response tokens, IGNORE_INDEX elsewhere."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class OverflowCount:
+    """How many examples were longer than ``max_len``, and what became of them."""
+
+    truncated: int = 0
+    dropped: int = 0
+
+
+def encode_sft(
+    records: Sequence[SFTRecord], tokenizer, max_len: int, overflow: str = "truncate", train_on_prompt: bool = False
+) -> tuple[list[Encoded], OverflowCount]:
+    """Tokenise prompt + completion + EOS, labelling only the completion (and EOS).
+
+    ``overflow`` says what happens to an example longer than ``max_len`` tokens: ``truncate``
+    cuts it on the right (dropped if nothing of the completion is left), ``drop`` skips it,
+    ``error`` raises. Every truncation and drop is counted and logged, never silent.
+    """
+    if overflow not in OVERFLOW_CHOICES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {overflow!r}")
+    eos = tokenizer.eos_token_id
+    out, count = [], OverflowCount()
+    for rec in records:
+        prompt_ids = tokenizer(rec.prompt, add_special_tokens=True)["input_ids"] if rec.prompt else []
+        completion_ids = tokenizer(rec.completion, add_special_tokens=False)["input_ids"] + [eos]
+        ids = prompt_ids + completion_ids
+        labels = (ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + completion_ids).copy()
+        if len(ids) > max_len:
+            if overflow == "error":
+                raise ValueError(
+                    f"{rec.where}: {len(ids)} tokens, longer than max_len={max_len} "
+                    "(choose overflow=truncate or overflow=drop to handle such examples)"
+                )
+            if overflow == "drop" or len(prompt_ids) >= max_len - 1:
+                count.dropped += 1
+                continue
+            ids, labels = ids[:max_len], labels[:max_len]
+            count.truncated += 1
+        out.append(Encoded(ids, labels))
+    if count.truncated or count.dropped:
+        log.warning(
+            "%d of %d examples were longer than %d tokens: %d truncated, %d dropped",
+            count.truncated + count.dropped, len(records), max_len, count.truncated, count.dropped,
+        )
+    return out, count
+
+
+def pack(examples: Sequence[Encoded], max_len: int) -> list[Encoded]:
+    """Concatenate examples into rows of ``max_len`` tokens (the last row may be shorter).
+
+    Labels keep their masks, so packed SFT still trains on responses only. Examples in one row
+    attend to the ones before them (plain causal attention, as packing usually works); each
+    starts after the previous one's EOS, which is how a model learns where a document starts.
+    """
+    rows: list[Encoded] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        ids.extend(ex.input_ids)
+        labels.extend(ex.labels)
+        while len(ids) >= max_len:
+            rows.append(Encoded(ids[:max_len], labels[:max_len]))
+            ids, labels = ids[max_len:], labels[max_len:]
+    if any(l != IGNORE_INDEX for l in labels[1:]):
+        rows.append(Encoded(ids, labels))
+    return rows
+
+
+def pad(examples: Sequence[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad to the longest example: ``input_ids``, ``attention_mask`` and ``labels``, each (B, T)."""
+    width = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, cols] = torch.tensor(ex.input_ids)
+        labels[i, cols] = torch.tensor(ex.labels)
+        mask[i, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

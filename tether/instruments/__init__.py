@@ -1,0 +1,1 @@
+"""Instruments: measurements that say whether an RLHF run worked."""

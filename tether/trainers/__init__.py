@@ -1,0 +1,1 @@
+"""One module per stage; each reads top to bottom and shares parts through functions, not base classes."""

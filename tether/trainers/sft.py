@@ -1,0 +1,127 @@
+"""Stage 1: supervised fine-tuning. L = −mean over response tokens of log π(y_t | x, y_<t).
+
+The prompt is masked out of the loss; ``--packing`` concatenates examples into full rows.
+Evaluation reports held-out NLL per response token and its perplexity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tether.config import group, opt
+from tether.data import fingerprint, load_sft
+from tether.data.collate import OVERFLOW_CHOICES, Encoded, encode_sft, pack, pad
+from tether.loop import TrainConfig, TrainResult, train
+from tether.losses import sft_nll
+from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
+from tether.trainers.artifact import data_info, prepare_output, write_artifact
+
+log = logging.getLogger("tether.sft")
+
+
+@dataclass
+class SFTConfig:
+    model: str = opt("", "model to fine-tune: an earlier stage's folder, a local path or a hub name")
+    data: str = opt("", "SFT data: JSONL/JSON/CSV/Parquet file, saved dataset folder or hub name")
+    eval_data: str = opt("", "held-out SFT data (empty: hold out eval_fraction of data)")
+    eval_fraction: float = opt(0.05, "fraction of data held out for evaluation when eval_data is empty")
+    out: str = opt("runs/sft", "output folder")
+    max_len: int = opt(256, "longest sequence in tokens")
+    overflow: str = opt("truncate", "longer examples: truncate | drop | error (always counted in the log)")
+    packing: bool = opt(False, "concatenate examples into rows of max_len tokens")
+    resume: bool = opt(False, "continue from the latest checkpoint in out")
+    overwrite: bool = opt(False, "replace an existing run in out")
+    lora: LoraConfig = group(LoraConfig)
+    train: TrainConfig = group(TrainConfig)
+
+    def validate(self) -> None:
+        if not self.model or not self.data:
+            raise ValueError("--model and --data are required")
+        if self.overflow not in OVERFLOW_CHOICES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        self.train.validate()
+
+
+# --- shared with pretraining --------------------------------------------------------------
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    loss, count = sft_nll(logits, batch["labels"])
+    return loss, {"tokens": float(batch["attention_mask"].sum())}
+
+
+def eval_nll(model, rows: list[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Held-out NLL per labelled token (token-weighted over the whole set) and perplexity."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in pad(rows[i : i + batch_size], pad_id).items()}
+        loss, n = sft_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        total += loss.item() * n.item()
+        count += n.item()
+    nll = total / max(count, 1)
+    return {"eval/loss": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
+
+
+def fit_causal_lm(model, tokenizer, rows: list[Encoded], eval_rows: list[Encoded], cfg: TrainConfig,
+                  out: Path, *, resume: bool, desc: str) -> TrainResult:
+    """Minimise NLL of ``rows`` with the shared loop, evaluating on ``eval_rows``."""
+    pad_id = tokenizer.pad_token_id
+    return train(
+        model, len(rows), lambda idx: pad([rows[i] for i in idx], pad_id), lm_loss, cfg, out,
+        eval_fn=(lambda m: eval_nll(m, eval_rows, pad_id, cfg.batch_size)) if eval_rows else None,
+        resume=resume, desc=desc,
+    )
+
+
+def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded hold-out of ``fraction`` of the records (at least one when fraction > 0)."""
+    if fraction == 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    k = max(1, int(len(records) * fraction))
+    held = set(order[:k])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    """Fine-tune ``cfg.model`` on ``cfg.data``; returns the output folder."""
+    cfg.validate()
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    records = load_sft(cfg.data, tokenizer=tokenizer)
+    if cfg.eval_data:
+        train_records, eval_records = records, load_sft(cfg.eval_data, tokenizer=tokenizer)
+    else:
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
+    rows, overflow = encode_sft(train_records, tokenizer, cfg.max_len, cfg.overflow)
+    eval_rows, _ = encode_sft(eval_records, tokenizer, cfg.max_len, "truncate")
+    if cfg.packing:
+        rows = pack(rows, cfg.max_len)
+    if not rows:
+        raise ValueError(f"{cfg.data}: no example is left to train on (all longer than max_len={cfg.max_len}?)")
+
+    out = Path(cfg.out)  # the input has validated: only now is anything written
+    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    model = apply_lora(load_model(cfg.model), cfg.lora)
+    log.info("SFT of %s (%d trainable parameters) on %d rows", cfg.model, count_parameters(model, True), len(rows))
+    result = fit_causal_lm(model, tokenizer, rows, eval_rows, cfg.train, out, resume=cfg.resume, desc="sft")
+    metrics = {**result.train, **result.eval, "data/truncated": overflow.truncated, "data/dropped": overflow.dropped,
+               "time/seconds": result.seconds}
+    data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
+    if eval_records:
+        data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))
+    return write_artifact(out, stage="sft", cfg=cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)

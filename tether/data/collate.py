@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from tether.data.records import SFTRecord
 from tether.losses.lm import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from tether.data.records import SFTRecord
 
 log = logging.getLogger("tether.data")
 

@@ -39,6 +39,16 @@ class OverflowCount:
     dropped: int = 0
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt, with the tokenizer's own special prefix (e.g. BOS) if it adds one."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    """Token ids of a response followed by EOS: how every stage sees a finished response."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def encode_sft(
     records: Sequence[SFTRecord], tokenizer, max_len: int, overflow: str = "truncate", train_on_prompt: bool = False
 ) -> tuple[list[Encoded], OverflowCount]:
@@ -50,20 +60,18 @@ def encode_sft(
     """
     if overflow not in OVERFLOW_CHOICES:
         raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {overflow!r}")
-    eos = tokenizer.eos_token_id
     out, count = [], OverflowCount()
     for rec in records:
-        prompt_ids = tokenizer(rec.prompt, add_special_tokens=True)["input_ids"] if rec.prompt else []
-        completion_ids = tokenizer(rec.completion, add_special_tokens=False)["input_ids"] + [eos]
-        ids = prompt_ids + completion_ids
-        labels = (ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + completion_ids).copy()
+        prompt, completion = prompt_ids(tokenizer, rec.prompt), response_ids(tokenizer, rec.completion)
+        ids = prompt + completion
+        labels = ids.copy() if train_on_prompt else [IGNORE_INDEX] * len(prompt) + completion
         if len(ids) > max_len:
             if overflow == "error":
                 raise ValueError(
                     f"{rec.where}: {len(ids)} tokens, longer than max_len={max_len} "
                     "(choose overflow=truncate or overflow=drop to handle such examples)"
                 )
-            if overflow == "drop" or len(prompt_ids) >= max_len - 1:
+            if overflow == "drop" or len(prompt) >= max_len - 1:
                 count.dropped += 1
                 continue
             ids, labels = ids[:max_len], labels[:max_len]
@@ -111,3 +119,65 @@ def pad(examples: Sequence[Encoded], pad_id: int, side: str = "right") -> dict[s
         labels[i, cols] = torch.tensor(ex.labels)
         mask[i, cols] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class EncodedPair:
+    """A preference pair tokenised for one forward pass: prompt + chosen and prompt + rejected, each ending in EOS."""
+
+    chosen: list[int]
+    rejected: list[int]
+    prompt_len: int
+    margin: float = 0.0
+
+
+def encode_pairs(records: Sequence, tokenizer, max_len: int, overflow: str = "truncate",
+                 margin_field: str = "") -> tuple[list[EncodedPair], OverflowCount]:
+    """Tokenise preference records (``.prompt``, ``.chosen``, ``.rejected``) for reward modelling.
+
+    ``margin_field`` names an extra column holding a per-pair margin (a number; missing is an error).
+
+    Over-long pairs follow ``overflow`` as in :func:`encode_sft`; a truncated pair keeps the
+    first ``max_len`` tokens of each side (a pair whose prompt alone fills ``max_len`` is dropped,
+    since both sides would be identical).
+    """
+    if overflow not in OVERFLOW_CHOICES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {overflow!r}")
+    out, count = [], OverflowCount()
+    for rec in records:
+        prompt = prompt_ids(tokenizer, rec.prompt)
+        sides = [prompt + response_ids(tokenizer, t) for t in (rec.chosen, rec.rejected)]
+        if max(map(len, sides)) > max_len:
+            if overflow == "error":
+                raise ValueError(f"{rec.where}: {max(map(len, sides))} tokens, longer than max_len={max_len} "
+                                 "(choose overflow=truncate or overflow=drop to handle such pairs)")
+            if overflow == "drop" or len(prompt) >= max_len - 1:
+                count.dropped += 1
+                continue
+            sides = [s[:max_len] for s in sides]
+            count.truncated += 1
+            if sides[0] == sides[1]:
+                count.dropped += 1
+                continue
+        margin = 0.0
+        if margin_field:
+            value = rec.extra.get(margin_field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{rec.where}: field {margin_field!r}: expected a number (the pair's margin), got {value!r}")
+            margin = float(value)
+        out.append(EncodedPair(sides[0], sides[1], len(prompt), margin))
+    if count.truncated or count.dropped:
+        log.warning("%d of %d pairs were longer than %d tokens: %d truncated, %d dropped",
+                    count.truncated + count.dropped, len(records), max_len, count.truncated, count.dropped)
+    return out, count
+
+
+def pad_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2B rows, chosen first then rejected, so both sides share one forward pass.
+
+    ``input_ids`` and ``attention_mask`` are (2B, T), right-padded.
+    """
+    rows = [Encoded(p.chosen, p.chosen) for p in pairs] + [Encoded(p.rejected, p.rejected) for p in pairs]
+    batch = pad(rows, pad_id)
+    del batch["labels"]
+    return batch

@@ -1,0 +1,29 @@
+"""Data: records, loaders with file:line validation, and collation (see loaders.py and collate.py)."""
+
+from tether.data.loaders import (
+    fingerprint,
+    load_feedback,
+    load_preferences,
+    load_prompts,
+    load_sft,
+    read_rows,
+    render_messages,
+    split_conversation,
+)
+from tether.data.records import DataError, FeedbackRecord, PreferenceRecord, PromptRecord, SFTRecord
+
+__all__ = [
+    "DataError",
+    "FeedbackRecord",
+    "PreferenceRecord",
+    "PromptRecord",
+    "SFTRecord",
+    "fingerprint",
+    "load_feedback",
+    "load_preferences",
+    "load_prompts",
+    "load_sft",
+    "read_rows",
+    "render_messages",
+    "split_conversation",
+]

@@ -1,0 +1,65 @@
+"""The four kinds of record tether consumes, and the error a bad one raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class DataError(ValueError):
+    """A bad input record: the message names the file, the line or row, the field and what was expected."""
+
+    def __init__(self, source: str, line: int | str | None, field: str | None, message: str):
+        self.source, self.line, self.field = source, line, field
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: " + (f"field {field!r}: " if field else "") + message)
+
+
+@dataclass(frozen=True)
+class _Record:
+    def __getattr__(self, name: str) -> Any:  # extra fields read like attributes: rec.answer
+        extra = object.__getattribute__(self, "extra")
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
+
+@dataclass(frozen=True)
+class SFTRecord(_Record):
+    """A demonstration: the model learns ``completion`` given ``prompt`` ("" for plain text)."""
+
+    prompt: str
+    completion: str
+    where: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreferenceRecord(_Record):
+    """A comparison: ``chosen`` is preferred to ``rejected`` as a response to ``prompt``."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    where: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FeedbackRecord(_Record):
+    """Unpaired feedback (KTO): ``completion`` is desirable (``label`` True) or undesirable."""
+
+    prompt: str
+    completion: str
+    label: bool
+    where: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptRecord(_Record):
+    """A prompt to sample from (RL stages, evaluation), with extra fields such as a reference answer."""
+
+    prompt: str
+    where: str = ""
+    extra: dict = field(default_factory=dict)

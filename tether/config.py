@@ -115,7 +115,8 @@ def _default(cls: type, path: tuple[str, ...]) -> Any:
 def options(cls: type):
     """Decorate a click command with one option per leaf of ``cls`` plus ``--config``.
 
-    The command receives ``cfg`` (an instance of ``cls``) instead of the separate options.
+    The command receives ``cfg`` (an instance of ``cls``) instead of the separate options, and
+    any other options of its own as keyword arguments.
     """
     leaves = list(_leaves(cls))
     names = [path[-1] for path, _, _ in leaves]
@@ -140,7 +141,7 @@ def options(cls: type):
                     cfg.validate()
                 except ValueError as e:
                     raise click.UsageError(str(e)) from e
-            return fn(cfg)
+            return fn(cfg, **{k: v for k, v in given.items() if k not in names})
 
         wrapper.__name__ = fn.__name__
         wrapper.__doc__ = fn.__doc__

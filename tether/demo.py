@@ -20,6 +20,7 @@ from tether.loop import TrainConfig
 from tether.models import load_model, load_tokenizer
 from tether.trainers.pretrain import PretrainConfig, _pretrain_defaults, run_pretrain
 from tether.trainers.sft import SFTConfig, run_sft
+from tether.world import WorldConfig, export
 
 
 @dataclass
@@ -37,17 +38,11 @@ class DemoConfig:
             raise ValueError("steps and eval_prompts must be at least 1")
 
 
-def _world_config(cfg: DemoConfig):
-    from tether.world import WorldConfig
-
-    world = WorldConfig(seed=cfg.seed)
+def _world_config(cfg: DemoConfig) -> WorldConfig:
     if cfg.quick:
-        world = WorldConfig(seed=cfg.seed, **QUICK_WORLD)
-    return world
-
-
-# Sizes of the world in --quick mode (fields of tether.world.WorldConfig).
-QUICK_WORLD: dict = {}
+        return WorldConfig(seed=cfg.seed, pretrain_docs=1500, sft_train=500, sft_eval=50, pref_train=300,
+                           pref_test=100, feedback=300)
+    return WorldConfig(seed=cfg.seed)
 
 
 def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:
@@ -58,8 +53,6 @@ def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the pipeline; returns (and writes to ``out/report.json``) the summary."""
-    from tether.world import export
-
     cfg.validate()
     t0 = time.perf_counter()
     out = Path(cfg.out)

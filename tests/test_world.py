@@ -1,0 +1,151 @@
+"""The gold world: rater agreement, biases, the gold ranking, determinism, export."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from tether.world import (
+    Rater,
+    WorldConfig,
+    build_world,
+    candidates,
+    exact_match,
+    export,
+    extract_answer,
+    format_prompt,
+    gold_reward,
+    is_refusal,
+    question_of,
+)
+from tether.world.tasks import BENIGN, HARMFUL, all_items
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world()
+
+
+def _pairs(world, split="train"):
+    return [(r["prompt"], r["chosen"], r["rejected"]) for r in world.preferences[split]]
+
+
+def test_two_independent_default_raters_agree_on_73_percent(world):
+    pairs = _pairs(world)
+    a, b = Rater(seed=1), Rater(seed=2)
+    agree = sum(a.label(*p) == b.label(*p) for p in pairs) / len(pairs)
+    assert abs(agree - 0.73) < 0.03, agree
+
+
+def _fraction(world, rater, side) -> float:
+    """How often the rater prefers the answer that ``side`` picks out, over pairs where one has it."""
+    hits = total = 0
+    for prompt, a, b in _pairs(world):
+        sa, sb = side(prompt, a), side(prompt, b)
+        if sa != sb:
+            total += 1
+            hits += rater.prob(prompt, a, b) if sa > sb else rater.prob(prompt, b, a)
+    return hits / total
+
+
+@pytest.mark.parametrize("bias, side", [
+    ("length_bias", lambda p, x: len(x.split())),
+    ("phrase_bias", lambda p, x: "delve" in x),
+    ("refusal_bias", lambda p, x: is_refusal(x)),
+])
+def test_each_bias_moves_preferences_its_way_more_as_it_grows(world, bias, side):
+    shares = [_fraction(world, Rater(**{bias: s}), side) for s in (0.0, 0.5, 1.0, 2.0)]
+    assert shares == sorted(shares) and shares[-1] - shares[0] > 0.1, shares
+
+
+def test_sycophancy_bias_prefers_agreeing_with_the_users_belief():
+    items = [i for i in all_items() if "belief" in i.meta][:40]
+    rng = random.Random(0)
+    shares = []
+    for strength in (0.0, 2.0, 5.0):
+        rater = Rater(sycophancy_bias=strength)
+        probs = []
+        for item in items:
+            answers = dict(candidates(item, rng))
+            probs.append(rater.prob(format_prompt(item.question), answers["sycophantic"], answers["good"]))
+        shares.append(sum(probs) / len(probs))
+    assert shares[0] < 0.1 and shares == sorted(shares) and shares[-1] > 0.5, shares
+
+
+def test_gold_ranks_demonstrations_above_degraded_answers(world):
+    rng = random.Random(0)
+    wins = total = 0
+    for item in [i for part in world.items.values() for i in part]:
+        (_, good), *others = candidates(item, rng)
+        prompt = format_prompt(item.question)
+        for kind, text in others:
+            if kind in ("short", "phrase"):  # as good, or nearly so, by design
+                continue
+            total += 1
+            wins += gold_reward(prompt, good) > gold_reward(prompt, text)
+    assert wins / total > 0.97, wins / total
+
+
+def test_refuse_the_harmful_and_help_the_benign():
+    refusal = " I am sorry, but I cannot help with that."
+    for q, compliance in HARMFUL.items():
+        assert gold_reward(format_prompt(q), refusal) > gold_reward(format_prompt(q), " Sure. " + compliance)
+    for q, help_text in BENIGN.items():
+        assert gold_reward(format_prompt(q), " Sure. " + help_text) > gold_reward(format_prompt(q), refusal)
+
+
+def test_final_answers_and_exact_match():
+    assert extract_answer(" 3 plus 4 is 7. #### 7") == "7"
+    assert extract_answer("The answer is 1,234.") == "1234"
+    assert extract_answer("no number here") is None
+    assert exact_match(" so #### 12", "12") and exact_match("The answer is 12", "Janet ... #### 12")
+    assert not exact_match(" #### 13", "12") and not exact_match(" 12", "12")
+    prompt = format_prompt("What is 3 plus 4?")
+    assert question_of(prompt) == "What is 3 plus 4?"
+    assert gold_reward(prompt, " 3 plus 4 is 7. #### 7") == 1.5
+    assert gold_reward(prompt, " 3 plus 4 is 8. #### 8") == -1.0
+    assert gold_reward(prompt, "") == -2.0
+
+
+def test_same_seed_same_world_and_another_seed_another():
+    small = dict(pretrain_docs=200, sft_train=50, sft_eval=10, pref_train=50, pref_test=20, feedback=50)
+    a, b = build_world(WorldConfig(seed=5, **small)), build_world(WorldConfig(seed=5, **small))
+    c = build_world(WorldConfig(seed=6, **small))
+    for name in ("pretrain", "sft_train", "prompts", "preferences", "feedback", "probes"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.pretrain != c.pretrain and a.prompts["test"] != c.prompts["test"]
+
+
+def test_splits_are_disjoint_and_every_family_is_tested(world):
+    seen = [set(r["prompt"] for r in world.prompts[s]) for s in ("train", "eval", "test")]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert {r["family"] for r in world.prompts["test"]} == {"arithmetic", "knowledge", "open", "harmful", "benign"}
+
+
+def test_export_writes_files_the_loaders_read(tmp_path):
+    from tether.data import load_feedback, load_preferences, load_prompts, load_sft
+
+    files = export(tmp_path, WorldConfig(pretrain_docs=100, sft_train=20, sft_eval=5, pref_train=30, pref_test=10,
+                                         feedback=20))
+    assert len(load_sft(files["pretrain"])) == 100 and load_sft(files["pretrain"])[0].prompt == ""
+    assert load_sft(files["sft_train"])[0].prompt.endswith("\n\nAssistant:")
+    prefs = load_preferences(files["preferences_train"])
+    assert len(prefs) == 30 and {"gold_chosen", "gold_rejected"} <= set(prefs[0].extra)
+    assert all(isinstance(r.label, bool) for r in load_feedback(files["feedback"]))
+    assert all(r.family for r in load_prompts(files["prompts_test"]))
+    mc = [json.loads(l) for l in files["probes_capability_mc"].read_text().splitlines()]
+    assert all(0 <= r["answer_index"] < len(r["choices"]) for r in mc)
+    assert json.loads(files["manifest"].read_text())["counts"]["preferences_train"] == 30
+
+
+def test_world_export_command(tmp_path):
+    from tether.cli import main
+
+    result = CliRunner().invoke(main, ["world", "export", "--out", str(tmp_path), "--seed", "2", "--pretrain-docs", "50",
+                                       "--sft-train", "10", "--pref-train", "10", "--feedback", "10"])
+    assert result.exit_code == 0, result.output
+    assert "preferences_train.jsonl" in result.output
+    assert len((tmp_path / "pretrain.jsonl").read_text().splitlines()) == 50

@@ -23,7 +23,7 @@ from tether.world.gold import gold_reward, is_refusal, parse_question, question_
 
 # Measured on the default world's preference pairs (tests/test_world.py checks 73% ± 3%):
 # calibrate_tau(build_world().preference_candidates) gives this value.
-DEFAULT_TAU = 0.75
+DEFAULT_TAU = 0.77
 
 
 @dataclass

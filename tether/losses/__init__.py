@@ -7,3 +7,40 @@ gather inputs and call these; nothing here touches a model or an optimiser.
 from tether.losses.lm import sequence_logprobs, sft_nll, token_logprobs
 
 __all__ = ["sequence_logprobs", "sft_nll", "token_logprobs"]
+from tether.losses.kl import KL_ESTIMATORS, kl_estimate
+from tether.losses.policy import (
+    AGGREGATIONS,
+    GAEOutput,
+    GRPOOutput,
+    PolicyLossOutput,
+    ValueLossOutput,
+    gae,
+    grpo_advantages,
+    grpo_loss,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+    whiten,
+)
+from tether.losses.preference import (
+    PREFERENCE_LOSSES,
+    KTOOutput,
+    PreferenceOutput,
+    RewardModelOutput,
+    bradley_terry_loss,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    kto_loss,
+    robust_dpo_loss,
+    simpo_loss,
+)
+
+__all__ += [
+    "AGGREGATIONS", "GAEOutput", "GRPOOutput", "KL_ESTIMATORS", "KTOOutput", "PREFERENCE_LOSSES",
+    "PolicyLossOutput", "PreferenceOutput", "RewardModelOutput", "ValueLossOutput", "bradley_terry_loss",
+    "dpo_loss", "gae", "grpo_advantages", "grpo_loss", "hinge_loss", "ipo_loss", "kl_estimate", "kto_loss",
+    "masked_mean", "ppo_policy_loss", "ppo_value_loss", "rloo_advantages", "robust_dpo_loss", "simpo_loss",
+    "whiten",
+]

@@ -10,8 +10,9 @@ Later stages add themselves here.
 from __future__ import annotations
 
 import json
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tether.config import opt, to_dict
@@ -29,7 +30,7 @@ class DemoConfig:
     seed: int = opt(0, "seed for the world and every stage")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
-    eval_prompts: int = opt(200, "held-out test prompts scored with the gold reward")
+    eval_prompts: int = opt(200, "held-out test prompts (a seeded sample) scored with the gold reward")
     quick: bool = opt(False, "a small world and few steps: checks the plumbing in about a minute, learns little")
     overwrite: bool = opt(True, "replace an earlier demo in out")
 
@@ -57,21 +58,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     files = export(out / "world", _world_config(cfg))
-    quick = dict(eval_every=0, save_every=0) if cfg.quick else {}
-
-    pre_train = _pretrain_defaults()
-    pre_train.steps, pre_train.seed = cfg.pretrain_steps, cfg.seed
-    for k, v in quick.items():
-        setattr(pre_train, k, v)
+    # in --quick mode evaluation and checkpoints happen only at the end
+    every = {"eval_every": 0, "save_every": 0} if cfg.quick else {}
+    pre_train = replace(_pretrain_defaults(), steps=cfg.pretrain_steps, seed=cfg.seed, **every)
     pretrained = run_pretrain(PretrainConfig(
         data=str(files["pretrain"]), out=str(out / "pretrain"), overwrite=cfg.overwrite, train=pre_train))
 
-    sft_train = TrainConfig(steps=cfg.sft_steps, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=100,
-                            save_every=cfg.sft_steps, seed=cfg.seed, **quick)
+    sft_train = replace(TrainConfig(steps=cfg.sft_steps, lr=1e-3, warmup_steps=20, eval_every=100, save_every=0,
+                                    seed=cfg.seed), **every)
     sft = run_sft(SFTConfig(model=str(pretrained), data=str(files["sft_train"]), eval_data=str(files["sft_eval"]),
                             out=str(out / "sft"), overwrite=cfg.overwrite, train=sft_train))
 
-    rows = read_jsonl(files["prompts_test"])[: cfg.eval_prompts]
+    rows = read_jsonl(files["prompts_test"])
+    rows = random.Random(cfg.seed).sample(rows, min(cfg.eval_prompts, len(rows)))  # every family, in proportion
     before = _policy_eval(pretrained, rows, cfg.seed)
     after = _policy_eval(sft, rows, cfg.seed)
     stage_metrics = {name: json.loads((folder / "tether.json").read_text())["metrics"]

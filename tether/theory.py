@@ -27,6 +27,7 @@ __all__ = [
     "grpo_k3_optimum",
     "ipo_optimum",
     "kl_divergence",
+    "kto_tabular_limit",
     "log_partition",
     "optimal_policy",
     "total_variation",
@@ -79,8 +80,16 @@ def optimal_policy(pi_ref: ArrayLike, rewards: ArrayLike, beta: float) -> np.nda
         return _argmax_share(p, r)
     if math.isinf(beta):
         return p.copy()
-    logits = _log(p) + r / beta  # (..., K)
+    logits = _scaled_logits(p, r, beta)  # (..., K)
     return np.exp(logits - _logsumexp(logits)[..., None])
+
+
+def _scaled_logits(p: np.ndarray, r: np.ndarray, beta: float) -> np.ndarray:
+    """log π_ref + (R − max R)/β: the shift keeps every exponent ≤ 0, so tiny β cannot overflow."""
+    r_supp = np.where(p > 0, r, -np.inf)  # (..., K)
+    top = r_supp.max(-1, keepdims=True)  # (..., 1)
+    with np.errstate(over="ignore"):
+        return _log(p) + np.where(p > 0, r - top, 0.0) / beta
 
 
 def log_partition(pi_ref: ArrayLike, rewards: ArrayLike, beta: float) -> np.ndarray:
@@ -98,7 +107,9 @@ def log_partition(pi_ref: ArrayLike, rewards: ArrayLike, beta: float) -> np.ndar
         best = r_supp.max(-1)  # (...)
         at_zero = _log(np.where(r_supp == best[..., None], p, 0.0).sum(-1))
         return np.where(best > 0, np.inf, np.where(best < 0, -np.inf, at_zero))
-    return _logsumexp(_log(p) + r / beta)
+    top = np.where(p > 0, r, -np.inf).max(-1)  # (...)
+    with np.errstate(over="ignore"):
+        return _logsumexp(_scaled_logits(p, r, beta)) + top / beta
 
 
 def kl_divergence(p: ArrayLike, q: ArrayLike) -> np.ndarray:
@@ -140,13 +151,18 @@ def bon_distribution(pi_ref: ArrayLike, rewards: ArrayLike, n: int) -> np.ndarra
     p, r, _ = _check(pi_ref, rewards, 1.0)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    below_eq = (r[..., None, :] <= r[..., :, None])  # (..., K, K): [y, y'] = R(y') <= R(y)
-    equal = (r[..., None, :] == r[..., :, None])  # (..., K, K)
-    f_le = (below_eq * p[..., None, :]).sum(-1)  # (..., K) F(R(y))
-    level = (equal * p[..., None, :]).sum(-1)  # (..., K) m(R(y))
-    f_lt = f_le - level  # (..., K) F(R(y)⁻)
-    share = np.divide(p, level, out=np.zeros_like(p), where=level > 0)
-    return share * (f_le**n - np.clip(f_lt, 0.0, None) ** n)
+    flat_p, flat_r = p.reshape(-1, p.shape[-1]), r.reshape(-1, r.shape[-1])  # (N, K)
+    out = np.zeros_like(flat_p)
+    for row, (pr, rr) in enumerate(zip(flat_p, flat_r)):
+        levels = np.unique(rr)  # sorted distinct rewards
+        level_of = np.searchsorted(levels, rr)  # (K,)
+        mass = np.bincount(level_of, weights=pr, minlength=len(levels))  # (L,) m(r)
+        f_le = np.minimum(np.cumsum(mass), 1.0)  # (L,) F(r)
+        f_lt = np.clip(f_le - mass, 0.0, None)  # (L,) F(r⁻)
+        p_level = f_le**n - f_lt**n  # (L,) P(kept reward = r)
+        share = np.divide(pr, mass[level_of], out=np.zeros_like(pr), where=mass[level_of] > 0)
+        out[row] = share * p_level[level_of]
+    return out.reshape(p.shape)
 
 
 def bon_kl(n: int) -> float:
@@ -222,3 +238,23 @@ def grpo_k3_optimum(pi_ref: ArrayLike, rewards: ArrayLike, beta: float, group_si
         hi = np.where(total > 1.0, hi, mid)
     out = np.where(p > 0, beta * p / np.maximum(hi - cr, 1e-300), 0.0)
     return out / out.sum(-1, keepdims=True)
+
+
+def kto_tabular_limit(pi_ref: ArrayLike, desirable: ArrayLike) -> np.ndarray:
+    """Where exact KTO drives a tabular policy: π_ref conditioned on the desirable set D.
+
+    Not a formula from Ethayarajh et al. 2024; derived here for the population KTO loss with
+    y ~ π_ref, reference point z0 = KL(π || π_ref) held fixed in each gradient step (as the
+    paper does), and a softmax policy. Undesirable terms λ_U(1 − σ(β(z0 − r))) always push
+    r(y) = log π(y)/π_ref(y) down, so undesirable mass goes to 0 (logits to −∞). At
+    π = π_ref(·|D), r(y) = −log π_ref(D) = KL(π || π_ref) = z0 for every y ∈ D, so all desirable
+    terms sit at σ(0) with equal slope and the logit gradient Σ_{k∈D} π_ref(k)(δ_kj − π_j) is 0:
+    a stationary point for every β, λ_D, λ_U, reached only in the limit.
+    Shape: pi_ref (..., K), desirable (..., K) bool -> (..., K).
+    """
+    p = np.asarray(pi_ref, dtype=np.float64)
+    mass = np.where(np.asarray(desirable, dtype=bool), p, 0.0)
+    total = mass.sum(-1, keepdims=True)
+    if np.any(total <= 0):
+        raise ValueError("every prompt needs a desirable response with π_ref > 0")
+    return mass / total

@@ -19,7 +19,9 @@ Where a run departs from its named algorithm (in the nanochat spirit, stated up 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +41,23 @@ from tether.losses import (
 )
 
 DTYPE = torch.float64
+F = TypeVar("F", bound=Callable)
+
+
+def single_threaded(fn: F) -> F:
+    """Run on one intra-op thread (restored afterwards): these tensors are tiny, and on a
+    loaded 2-core machine the thread pool's synchronisation costs 10–50× the arithmetic."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -120,6 +139,7 @@ def _gather(table: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
     return torch.gather(table, 1, responses)
 
 
+@single_threaded
 def run_ppo(
     problem: TabularProblem, beta: float, steps: int = 300, samples: int = 256, epochs: int = 4,
     lr: float = 0.05, clip_eps: float = 0.2, baseline: bool = True, seed: int = 0,
@@ -137,8 +157,11 @@ def run_ppo(
     value = nn.Parameter(torch.zeros(P, dtype=DTYPE))  # (P,)
     opt, sched = _optimiser(policy, lr, steps, [value] if baseline else [])
     gen = torch.Generator().manual_seed(seed)
-    prompt_of = torch.arange(P).repeat_interleave(samples)  # (N,) N = P·samples
-    mask = torch.ones(P * samples, 1, dtype=DTYPE)  # (N, 1)
+    mask = torch.ones(P * samples, 1, dtype=DTYPE)  # (N, 1) N = P·samples
+
+    def per_sample(v: torch.Tensor) -> torch.Tensor:  # (P,) -> (N, 1), each prompt's value repeated
+        return v.unsqueeze(-1).expand(P, samples).reshape(-1, 1)
+
     result = TabularResult(policy.probs())
     for _ in range(steps):
         with torch.no_grad():
@@ -146,13 +169,13 @@ def run_ppo(
             old = _gather(policy.log_probs(), y).reshape(-1, 1)  # (N, 1)
             ref_y = _gather(ref, y).reshape(-1, 1)  # (N, 1)
             reward = _gather(R, y).reshape(-1, 1) - beta * kl_estimate(old, ref_y, "k1")  # (N, 1)
-            old_v = value[prompt_of].unsqueeze(-1) if baseline else torch.zeros_like(reward)  # (N, 1)
+            old_v = per_sample(value) if baseline else torch.zeros_like(reward)  # (N, 1)
             adv, returns = gae(reward, old_v, mask)  # (N, 1) each
         for _ in range(epochs):
             logp = _gather(policy.log_probs(), y).reshape(-1, 1)  # (N, 1)
             loss = ppo_policy_loss(logp, old, adv, mask, clip_eps).loss
             if baseline:
-                loss = loss + ppo_value_loss(value[prompt_of].unsqueeze(-1), old_v, returns, mask, clip=10.0).loss
+                loss = loss + ppo_value_loss(per_sample(value), old_v, returns, mask, clip=10.0).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -162,6 +185,7 @@ def run_ppo(
     return result
 
 
+@single_threaded
 def run_grpo(
     problem: TabularProblem, beta: float, group_size: int = 8, groups: int = 32, steps: int = 300,
     lr: float = 0.05, clip_eps: float = 0.2, scale: str = "none", seed: int = 0,
@@ -197,6 +221,7 @@ def run_grpo(
     return result
 
 
+@single_threaded
 def run_rloo(
     problem: TabularProblem, beta: float, k: int = 4, groups: int = 64, steps: int = 300,
     lr: float = 0.05, seed: int = 0,
@@ -232,6 +257,7 @@ def run_rloo(
     return result
 
 
+@single_threaded
 def run_preference_exact(
     problem: TabularProblem, beta: float, loss: str = "sigmoid", steps: int = 400, lr: float = 0.1,
     label_smoothing: float = 0.0,
@@ -265,6 +291,7 @@ def run_preference_exact(
     return result
 
 
+@single_threaded
 def sample_preferences(problem: TabularProblem, pairs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs y, y' ~ π_ref labelled by P(y ≻ y'), ties (y = y') dropped.
 
@@ -286,6 +313,7 @@ def sample_preferences(problem: TabularProblem, pairs: int, seed: int = 0) -> tu
     return torch.gather(chosen, 1, order), torch.gather(rejected, 1, order)
 
 
+@single_threaded
 def run_preference_sampled(
     problem: TabularProblem, beta: float, pairs: int = 4000, loss: str = "sigmoid", steps: int = 400,
     lr: float = 0.1, seed: int = 0,
@@ -314,6 +342,7 @@ def run_preference_sampled(
     return result
 
 
+@single_threaded
 def run_kto(
     problem: TabularProblem, beta: float, desirable: np.ndarray, steps: int = 400, lr: float = 0.05,
     desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
@@ -345,6 +374,7 @@ def run_kto(
     return result
 
 
+@single_threaded
 def run_bon(problem: TabularProblem, n: int, draws: int = 20000, seed: int = 0) -> TabularResult:
     """Best-of-n: for each draw, sample n responses from π_ref and keep the first of highest R.
 

@@ -316,13 +316,13 @@ def train(
             if "tokens" in sums:
                 train_metrics["perf/tokens_per_s"] = sums["tokens"] / seconds
             done = step + 1
+            evaluated = {}
             if eval_fn is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                 model.eval()
                 with torch.no_grad(), autocast(device, cfg.precision):
-                    eval_metrics = eval_fn(model)
+                    eval_metrics = evaluated = eval_fn(model)
                 model.train()
-                train_metrics.update(eval_metrics)
-            log.log(done, train_metrics)
+            log.log(done, {**train_metrics, **evaluated})
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, cfg.keep_checkpoints)
             bar.update(1)

@@ -1,4 +1,4 @@
-"""The pipeline's stages as commands: ``tether pretrain``, ``tether sft``, ``tether demo``."""
+"""The pipeline's stages as commands: ``tether pretrain``, ``sft``, ``rm``, ``demo``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import click
 from tether.config import options
 from tether.demo import DemoConfig, format_report, run_demo
 from tether.trainers.pretrain import PretrainConfig, run_pretrain
+from tether.trainers.reward import RMConfig, run_rm
 from tether.trainers.sft import SFTConfig, run_sft
 
 
@@ -44,10 +45,17 @@ def sft(cfg: SFTConfig) -> None:
 
 
 @click.command()
+@options(RMConfig)
+def rm(cfg: RMConfig) -> None:
+    """Stage 2: a Bradley–Terry reward model on preference pairs (an ensemble with --ensemble K)."""
+    click.echo(f"reward model in {_run(run_rm, cfg)}")
+
+
+@click.command()
 @options(DemoConfig)
 def demo(cfg: DemoConfig) -> None:
     """The whole pipeline on the embedded gold world, with a report at the end."""
     click.echo(format_report(_run(run_demo, cfg)))
 
 
-COMMANDS = [pretrain, sft, demo]
+COMMANDS = [pretrain, sft, rm, demo]

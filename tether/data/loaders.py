@@ -1,10 +1,11 @@
 """Loaders for every record format, from every kind of source, with validation at load time.
 
-Sources: a path to ``.jsonl`` / ``.jsonl.gz`` / ``.json`` / ``.csv`` / ``.parquet``, a folder
-written by ``datasets.save_to_disk``, an in-memory ``datasets.Dataset`` or list of dicts, or a
-hub name (``datasets.load_dataset``). The whole source is validated before a loader returns, so a
-stage can refuse bad input before it writes anything; a bad record raises :class:`DataError`
-naming the file, the line (or row), the field and what was expected.
+Sources: a path to ``.jsonl`` / ``.jsonl.gz`` / ``.json`` / ``.csv`` / ``.parquet`` (``.json``
+and ``.csv`` may be gzipped too), a folder written by ``datasets.save_to_disk`` (a DatasetDict
+folder gives ``split``), an in-memory ``datasets.Dataset`` / ``DatasetDict``, a list of dicts, or
+a hub name (``datasets.load_dataset(name, split=split)``). The whole source is validated before a
+loader returns, so a stage can refuse bad input before it writes anything; a bad record raises
+:class:`DataError` naming the file, the line (or row), the field and what was expected.
 
 ``columns`` maps tether's field names to the source's: ``load_prompts("gsm8k.jsonl",
 columns={"prompt": "question"})``. Keys a format does not use are kept in ``record.extra``.
@@ -20,194 +21,311 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tether.data.records import DataError, FeedbackRecord, PreferenceRecord, PromptRecord, SFTRecord
 
 log = logging.getLogger("tether.data")
 
+HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
+FIELDS = ("prompt", "completion", "text", "messages", "chosen", "rejected", "label")  # what `columns` may map
 
-Row = tuple[str, "int | str", dict]  # (source name, line or "row N", the record)
+
+class Row(NamedTuple):
+    """One input record and where it came from."""
+
+    source: str  # the file's name, "<memory>" or the dataset's name
+    line: int | str  # 1-based line of a JSONL / CSV file, or "row N"
+    data: dict
+    textual: bool = False  # True for CSV, where every value is a string (labels read "true"/"0")
 
 
 # --- reading rows -------------------------------------------------------------------------
 
 
 def _decode(raw: bytes, name: str, first_line: int = 1) -> str:
+    """Text of ``raw`` (UTF-8, a leading BOM dropped); invalid UTF-8 raises naming its line."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError as e:
         line = first_line + raw[: e.start].count(b"\n")
-        raise DataError(name, line, None, f"invalid UTF-8 (byte {raw[e.start]:#x})") from None
+        raise DataError(name, line, None, f"invalid UTF-8 (byte {raw[e.start]:#x}); expected UTF-8 text") from None
+
+
+def _open_bytes(path: Path):
+    """A binary file object for ``path``, decompressed when its name ends in ``.gz``."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """All bytes of ``path`` (decompressed); a corrupt gzip file raises DataError."""
+    try:
+        with _open_bytes(path) as f:
+            return f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(path.name, None, None, f"cannot read the file: {e}") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
+    """One row per non-blank line; each line must hold a JSON object."""
     name = path.name
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            text = _decode(raw, name, n).strip()
-            if not text:
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(name, n, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(name, n, None, f"expected a JSON object, got {type(obj).__name__}")
-            yield name, n, obj
+    try:
+        with _open_bytes(path) as f:
+            for n, raw in enumerate(f, start=1):
+                text = _decode(raw, name, n).strip()
+                if not text:
+                    continue  # blank lines are allowed (and still counted)
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(name, n, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(name, n, None, f"expected a JSON object, got {_kind(obj)}")
+                yield Row(name, n, obj)
+    except (OSError, EOFError) as e:  # a corrupt .gz
+        raise DataError(name, None, None, f"cannot read the file: {e}") from None
 
 
 def _read_json(path: Path) -> Iterator[Row]:
-    text = _decode(path.read_bytes(), path.name)
+    """Rows of a JSON file holding a list of objects, or {"data": [...]}; rows are "row N"."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(_decode(_read_bytes(path), path.name))
     except json.JSONDecodeError as e:
         raise DataError(path.name, e.lineno, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
-        raise DataError(path.name, None, None, 'expected a list of objects (or {"data": [...]}) at the top level')
+        raise DataError(path.name, None, None,
+                        f'expected a list of objects (or {{"data": [...]}}) at the top level, got {_kind(obj)}')
     for i, row in enumerate(obj, start=1):
         if not isinstance(row, dict):
-            raise DataError(path.name, f"row {i}", None, f"expected an object, got {type(row).__name__}")
-        yield path.name, f"row {i}", row
+            raise DataError(path.name, f"row {i}", None, f"expected a JSON object, got {_kind(row)}")
+        yield Row(path.name, f"row {i}", row)
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
-    reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path.name), newline=""))
-    for row in reader:
-        yield path.name, reader.line_num, {k: v for k, v in row.items() if k is not None}
+    """Rows of a CSV file with a header; a row's line is the file line it starts on (header = 1)."""
+    reader = csv.reader(io.StringIO(_decode(_read_bytes(path), path.name), newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(path.name, 1, None, "empty file; expected a header line naming the columns") from None
+    except csv.Error as e:
+        raise DataError(path.name, 1, None, f"malformed CSV: {e}") from None
+    start = reader.line_num + 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(path.name, start, None, f"malformed CSV: {e}") from None
+        line, start = start, reader.line_num + 1
+        if not values:
+            continue  # a blank line
+        if len(values) != len(header):
+            raise DataError(path.name, line, None,
+                            f"expected {len(header)} values (columns {', '.join(header)}), got {len(values)}")
+        yield Row(path.name, line, dict(zip(header, values)), textual=True)
 
 
-def _read_dataset(ds, name: str) -> Iterator[Row]:
+def _read_parquet(path: Path) -> Iterator[Row]:
+    """Rows of a Parquet file, as "row N"."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(path.name, None, None, f"cannot read as Parquet: {e}") from None
+    for i, row in enumerate(rows, start=1):
+        yield Row(path.name, f"row {i}", row)
+
+
+def _read_dataset(ds: Any, name: str, split: str) -> Iterator[Row]:
+    """Rows of a ``datasets.Dataset`` (or the ``split`` of a ``DatasetDict``), as "row N"."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(name, None, None, f"no split {split!r}; expected one of: {', '.join(ds)}")
+        ds = ds[split]
     for i, row in enumerate(ds, start=1):
-        yield name, f"row {i}", dict(row)
+        yield Row(name, f"row {i}", dict(row))
 
 
 def _looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(FILE_SUFFIXES)
+    """True when ``source`` is meant as a local path (so it is never sent to the hub)."""
+    return source.startswith((".", "/", "~")) or source.lower().endswith(FILE_SUFFIXES + (".gz", ".ndjson"))
 
 
 def read_rows(source: Any, split: str = "train", limit: int | None = None) -> Iterator[Row]:
-    """Every record of ``source`` as (source name, line or row, dict), at most ``limit`` of them."""
-    rows = _rows(source, split)
-    for i, row in enumerate(rows):
+    """Every record of ``source`` as a :class:`Row`, at most ``limit`` of them (see the module doc)."""
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+    for i, row in enumerate(_rows(source, split)):
         if limit is not None and i >= limit:
             return
         yield row
 
 
 def _rows(source: Any, split: str) -> Iterator[Row]:
-    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+    """Dispatch on the kind of ``source``."""
+    if isinstance(source, (list, tuple)):
         for i, row in enumerate(source, start=1):
             if not isinstance(row, Mapping):
-                raise DataError("<memory>", f"row {i}", None, f"expected a dict, got {type(row).__name__}")
-            yield "<memory>", f"row {i}", dict(row)
+                raise DataError("<memory>", f"row {i}", None, f"expected a dict, got {_kind(row)}")
+            yield Row("<memory>", f"row {i}", dict(row))
         return
-    try:
+    if not isinstance(source, (str, os.PathLike)):
         import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        datasets = None
-    if datasets is not None and isinstance(source, datasets.Dataset):
-        yield from _read_dataset(source, "<dataset>")
-        return
-    path = Path(str(source)).expanduser()
+
+        if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+            info = getattr(source, "info", None)
+            yield from _read_dataset(source, getattr(info, "dataset_name", None) or "<dataset>", split)
+            return
+        raise TypeError(f"cannot load data from a {type(source).__name__}; expected a path, a hub name, "
+                        "a datasets.Dataset or a list of dicts")
+    path = Path(source).expanduser()
     if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(str(path), None, None, f"no split {split!r}; splits: {', '.join(loaded)}")
-            loaded = loaded[split]
-        yield from _read_dataset(loaded, path.name)
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DataError(path.name, None, None, f"not a folder written by datasets' save_to_disk ({e})") from None
+        yield from _read_dataset(loaded, path.name, split)
         return
     if path.is_file():
         name = path.name.lower()
         if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
             yield from _read_jsonl(path)
-        elif name.endswith(".json"):
+        elif name.endswith((".json", ".json.gz")):
             yield from _read_json(path)
-        elif name.endswith(".csv"):
+        elif name.endswith((".csv", ".csv.gz")):
             yield from _read_csv(path)
         elif name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-                yield path.name, f"row {i}", row
+            yield from _read_parquet(path)
         else:
             raise DataError(path.name, None, None, f"unknown file type; expected one of {', '.join(FILE_SUFFIXES)}")
         return
-    if _looks_local(str(source)):
+    if isinstance(source, os.PathLike) or _looks_local(source):
         raise DataError(str(source), None, None, "no such file or folder")
-    yield from _read_dataset(datasets.load_dataset(str(source), split=split), str(source))  # a hub name
+    yield from _read_hub(source, split)
+
+
+def _read_hub(name: str, split: str) -> Iterator[Row]:
+    """Rows of a dataset on the Hugging Face hub (needs network access)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, missing split: all say the same to the user
+        raise DataError(name, None, None, f"not a local file or folder, and loading it as a hub dataset "
+                        f"failed ({type(e).__name__}: {e})") from e
+    yield from _read_dataset(ds, name, split)
 
 
 # --- fields -------------------------------------------------------------------------------
 
 
+def _kind(value: Any) -> str:
+    """A short name of ``value``'s type for messages: int, list, null, ..."""
+    return "null" if value is None else type(value).__name__
+
+
 class _Fields:
-    """One row, read through the ``columns`` mapping, with errors that say where."""
+    """One row read through the ``columns`` mapping; remembers which keys it used, and says where."""
 
     def __init__(self, row: Row, columns: Mapping[str, str]):
-        self.source, self.line, self.data = row
-        self.columns = columns
-        self.used: set[str] = set()
+        self.row, self.columns, self.used = row, columns, set()
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return f"{self.row.source}:{self.row.line}"
 
-    def error(self, field: str | None, message: str) -> DataError:
-        return DataError(self.source, self.line, field, message)
+    def key(self, name: str) -> str:
+        """The source's key for tether's field ``name``."""
+        return self.columns.get(name, name)
+
+    def error(self, name: str | None, message: str) -> DataError:
+        """A DataError at this row for tether's field ``name`` (reported under the source's key)."""
+        return DataError(self.row.source, self.row.line, self.key(name) if name else None, message)
 
     def has(self, name: str) -> bool:
-        return self.columns.get(name, name) in self.data
+        return self.key(name) in self.row.data
 
     def raw(self, name: str) -> Any:
-        key = self.columns.get(name, name)
-        if key not in self.data:
-            raise self.error(key, f"missing (keys present: {', '.join(sorted(self.data)) or 'none'})")
+        key = self.key(name)
+        if key not in self.row.data:
+            raise self.error(name, f"missing (keys present: {', '.join(sorted(self.row.data)) or 'none'})")
         self.used.add(key)
-        return self.data[key]
+        return self.row.data[key]
 
     def text(self, name: str) -> str:
+        """A non-empty string field."""
         value = self.raw(name)
-        key = self.columns.get(name, name)
         if not isinstance(value, str):
-            raise self.error(key, f"expected a non-empty string, got {type(value).__name__}")
+            raise self.error(name, f"expected a non-empty string, got {_kind(value)}")
         if not value.strip():
-            raise self.error(key, "expected a non-empty string, got an empty one")
+            raise self.error(name, "expected a non-empty string, got an empty or whitespace-only one")
         return value
 
     def messages(self, name: str) -> list[dict]:
+        """A non-empty list of {"role", "content"} messages with known roles and string contents."""
         value = self.raw(name)
-        key = self.columns.get(name, name)
         if not isinstance(value, list) or not value:
-            raise self.error(key, "expected a non-empty list of {role, content} messages")
+            got = "an empty list" if value == [] else _kind(value)
+            raise self.error(name, f'expected a non-empty list of {{"role", "content"}} messages, got {got}')
         for i, m in enumerate(value):
-            if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise self.error(key, f"message {i}: expected {{'role': one of {ROLES}, 'content': a string}}, got {m!r}")
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise self.error(name, f'message {i}: expected an object with "role" and "content", got {m!r:.80}')
+            if m["role"] not in ROLES:
+                raise self.error(name, f"message {i}: unknown role {m['role']!r}; expected one of {', '.join(ROLES)}")
+            if not isinstance(m["content"], str):
+                raise self.error(name, f"message {i}: expected string content, got {_kind(m['content'])}")
         return [{"role": m["role"], "content": m["content"]} for m in value]
 
+    def label(self) -> bool:
+        """The feedback label: a bool, or 0/1; in CSV true/false/1/0 in any case."""
+        value = self.raw("label")
+        if isinstance(value, bool):
+            return value
+        if not self.row.textual and isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if self.row.textual and isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        expected = "true, false, 1 or 0" if self.row.textual else "true or false (or 0/1)"
+        raise self.error("label", f"expected {expected}, got {value!r}")
+
     def extra(self) -> dict:
-        return {k: v for k, v in self.data.items() if k not in self.used}
+        """Every key of the row no field used."""
+        return {k: v for k, v in self.row.data.items() if k not in self.used}
+
+    def formats_error(self, kind: str, formats: str) -> DataError:
+        """The error for a row that matches none of a record kind's formats."""
+        keys = ", ".join(sorted(self.row.data)) or "none"
+        hint = "" if self.columns else "; map other names with columns={...}"
+        return self.error(None, f"expected the keys of a {kind} record: {formats}; got {keys}{hint}")
 
 
 # --- chat rendering -----------------------------------------------------------------------
 
 
-def render_messages(messages: list[dict], tokenizer=None, add_generation_prompt: bool = False) -> str:
-    """Render a conversation: the tokenizer's chat template if it has one, else tether's default.
+def render_messages(messages: list[dict], tokenizer: Any = None, add_generation_prompt: bool = False) -> str:
+    """Render a conversation to text; returns the string.
 
-    The default is the HH-RLHF transcript style the gold world uses: system content first as it
-    is, then "\\n\\nHuman: " + content for the user and "\\n\\nAssistant: " + content for the
-    assistant; a generation prompt is "\\n\\nAssistant:".
+    Takes {"role", "content"} messages and a tokenizer (or None). A tokenizer with a
+    ``chat_template`` renders through ``apply_chat_template(..., tokenize=False)``. Otherwise
+    tether's default, the HH-RLHF transcript style the gold world uses: system content first as
+    it is, then "\\n\\nHuman: " + content per user message and "\\n\\nAssistant: " + content per
+    assistant message; the generation prompt is "\\n\\nAssistant:".
     """
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -220,33 +338,41 @@ def render_messages(messages: list[dict], tokenizer=None, add_generation_prompt:
     return "".join(parts) + (ASSISTANT if add_generation_prompt else "")
 
 
-def split_conversation(messages: list[dict], tokenizer=None) -> tuple[str, str]:
-    """(prompt, completion) of a conversation whose last message is the assistant's."""
+def split_conversation(messages: list[dict], tokenizer: Any = None) -> tuple[str, str]:
+    """(prompt, completion) of a conversation whose last message is the assistant's.
+
+    The prompt renders every message but the last with a generation prompt; the completion is
+    the rest of the full rendering, or the last message's content when the template does not
+    render the prompt as a prefix of the whole.
+    """
     prompt = render_messages(messages[:-1], tokenizer, add_generation_prompt=True)
     full = render_messages(messages, tokenizer)
     if full.startswith(prompt):
-        return prompt, full[len(prompt) :]
+        return prompt, full[len(prompt):]
     return prompt, messages[-1]["content"]
 
 
-def _conversation(f: _Fields, name: str, tokenizer) -> tuple[str, str]:
-    messages = f.messages(name)
+def _conversation(f: _Fields, name: str, tokenizer: Any, prefix: list[dict] | None = None) -> tuple[str, str]:
+    """(prompt, completion) of the messages in field ``name`` (after ``prefix``), ending with the assistant."""
+    messages = (prefix or []) + f.messages(name)
     if messages[-1]["role"] != "assistant":
-        raise f.error(f.columns.get(name, name), "the last message must be the assistant's (the response to learn)")
+        raise f.error(name, f"the last message must be the assistant's (the response), got {messages[-1]['role']!r}")
+    if not messages[-1]["content"].strip():
+        raise f.error(name, "expected a non-empty assistant reply as the last message, got an empty one")
     return split_conversation(messages, tokenizer)
 
 
-def split_transcripts(f: _Fields, chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Implicit prompt (HH-RLHF): the shared prefix up to and including its last "\\n\\nAssistant:"."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    cut = chosen.rfind(ASSISTANT, 0, n)
-    if cut < 0 or cut + len(ASSISTANT) > n:
-        raise f.error("chosen", 'no "prompt" field, and chosen and rejected share no prefix ending in '
-                      '"\\n\\nAssistant:" to take as the prompt (expected HH-RLHF-style transcripts)')
+def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Split two HH-RLHF transcripts into (prompt, chosen reply, rejected reply), or None.
+
+    The prompt is their common prefix cut just after the last "\\n\\nAssistant:" inside it; the
+    replies are the remainders (they usually start with a space). None when the common prefix
+    holds no "\\n\\nAssistant:".
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(ASSISTANT)
+    if cut < 0:
+        return None
     end = cut + len(ASSISTANT)
     return chosen[:end], chosen[end:], rejected[end:]
 
@@ -254,11 +380,17 @@ def split_transcripts(f: _Fields, chosen: str, rejected: str) -> tuple[str, str,
 # --- the loaders --------------------------------------------------------------------------
 
 
-def _load(source, parse, split, limit, columns, skip_invalid) -> list:
+def _load(source: Any, parse: Callable[[_Fields], list], split: str, limit: int | None,
+          columns: Mapping[str, str] | None, skip_invalid: bool) -> list:
+    """Parse every row of ``source`` into records; returns them in order."""
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"columns maps unknown field(s) {', '.join(unknown)}; tether's fields are {', '.join(FIELDS)}")
     out, skipped = [], []
     for row in read_rows(source, split, limit):
         try:
-            out.extend(parse(_Fields(row, columns or {})))
+            out.extend(parse(_Fields(row, columns)))
         except DataError as e:
             if not skip_invalid:
                 raise
@@ -268,12 +400,16 @@ def _load(source, parse, split, limit, columns, skip_invalid) -> list:
     return out
 
 
-def load_sft(source, *, tokenizer=None, columns: Mapping[str, str] | None = None, limit: int | None = None,
-             skip_invalid: bool = False,
-             split: str = "train") -> list[SFTRecord]:
-    """SFT records from {"prompt","completion"}, {"messages": [...]} or {"text"} rows."""
+def load_sft(source: Any, *, tokenizer: Any = None, columns: Mapping[str, str] | None = None,
+             limit: int | None = None, split: str = "train", skip_invalid: bool = False) -> list[SFTRecord]:
+    """SFT records from {"prompt","completion"}, {"messages": [...]} or {"text"} rows.
 
-    def parse(f: _Fields):
+    Takes a source (see the module doc), a tokenizer whose chat template renders messages (else
+    tether's default), a ``columns`` mapping, ``limit`` (at most that many rows) and a ``split``.
+    Returns one SFTRecord per row; a {"text"} row has prompt "".
+    """
+
+    def parse(f: _Fields) -> list[SFTRecord]:
         if f.has("messages"):
             prompt, completion = _conversation(f, "messages", tokenizer)
         elif f.has("prompt") or f.has("completion"):
@@ -281,95 +417,101 @@ def load_sft(source, *, tokenizer=None, columns: Mapping[str, str] | None = None
         elif f.has("text"):
             prompt, completion = "", f.text("text")
         else:
-            raise f.error(None, "expected keys prompt + completion, messages, or text; got "
-                          + (", ".join(sorted(f.data)) or "none"))
+            raise f.formats_error("SFT", "prompt + completion, messages, or text")
         return [SFTRecord(prompt, completion, f.where, f.extra())]
 
     return _load(source, parse, split, limit, columns, skip_invalid)
 
 
-def _preference(f: _Fields, tokenizer) -> tuple[str, str, str]:
+def _preference(f: _Fields, tokenizer: Any) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a row in any preference format."""
     if not (f.has("chosen") and f.has("rejected")):
-        raise f.error("chosen" if not f.has("chosen") else "rejected",
-                      "missing: a preference record needs chosen and rejected (and optionally prompt)")
-    if isinstance(f.raw("chosen"), list):  # conversational
+        missing = "chosen" if not f.has("chosen") else "rejected"
+        raise f.error(missing, "missing; a preference record needs chosen + rejected (strings or message lists) "
+                      f"and optionally prompt; keys present: {', '.join(sorted(f.row.data)) or 'none'}")
+    if isinstance(f.raw("chosen"), list) or isinstance(f.raw("rejected"), list):  # conversational
         prefix = f.messages("prompt") if f.has("prompt") else []
-        prompt, chosen = _conversation_with(f, prefix, "chosen", tokenizer)
-        prompt_r, rejected = _conversation_with(f, prefix, "rejected", tokenizer)
-        if prompt_r != prompt:
-            raise f.error("rejected", "chosen and rejected conversations must share everything but the last reply")
+        prompt, chosen = _conversation(f, "chosen", tokenizer, prefix)
+        prompt_rejected, rejected = _conversation(f, "rejected", tokenizer, prefix)
+        if prompt_rejected != prompt:
+            raise f.error("rejected", "expected the chosen and rejected conversations to differ only in the last "
+                          "(assistant) message")
     elif f.has("prompt"):
         prompt, chosen, rejected = f.text("prompt"), f.text("chosen"), f.text("rejected")
-    else:
-        prompt, chosen, rejected = split_transcripts(f, f.text("chosen"), f.text("rejected"))
-        for name, value in (("chosen", chosen), ("rejected", rejected)):
-            if not value.strip():
-                raise f.error(name, "expected a non-empty response after the shared prompt, got an empty one")
+    else:  # implicit prompt: HH-RLHF transcripts
+        parts = split_transcripts(f.text("chosen"), f.text("rejected"))
+        if parts is None:
+            raise f.error("chosen", 'no "prompt" key, and the common prefix of chosen and rejected contains no '
+                          '"\\n\\nAssistant:" to cut the prompt at; expected HH-RLHF-style transcripts '
+                          '("\\n\\nHuman: ...\\n\\nAssistant: ...") or a "prompt" key')
+        prompt, chosen, rejected = parts  # a reply may be empty here: HH-RLHF prefers silence in a few pairs
     if chosen == rejected:
-        raise f.error("rejected", "identical to chosen: a pair must differ")
+        raise f.error("rejected", "identical to chosen; expected a pair of different responses")
     return prompt, chosen, rejected
 
 
-def _conversation_with(f: _Fields, prefix: list[dict], name: str, tokenizer) -> tuple[str, str]:
-    messages = prefix + f.messages(name)
-    if messages[-1]["role"] != "assistant":
-        raise f.error(f.columns.get(name, name), "the last message must be the assistant's")
-    return split_conversation(messages, tokenizer)
+def load_preferences(source: Any, *, tokenizer: Any = None, columns: Mapping[str, str] | None = None,
+                     limit: int | None = None, split: str = "train",
+                     skip_invalid: bool = False) -> list[PreferenceRecord]:
+    """Preference pairs: explicit prompt, implicit prompt (HH-RLHF transcripts) or conversations.
 
+    Takes the same arguments as :func:`load_sft`; returns one PreferenceRecord per row.
+    """
 
-def load_preferences(source, *, tokenizer=None, columns: Mapping[str, str] | None = None, limit: int | None = None,
-             skip_invalid: bool = False,
-                     split: str = "train") -> list[PreferenceRecord]:
-    """Preference pairs: explicit prompt, implicit prompt (HH-RLHF transcripts) or conversations."""
-
-    def parse(f: _Fields):
+    def parse(f: _Fields) -> list[PreferenceRecord]:
         prompt, chosen, rejected = _preference(f, tokenizer)
         return [PreferenceRecord(prompt, chosen, rejected, f.where, f.extra())]
 
     return _load(source, parse, split, limit, columns, skip_invalid)
 
 
-def _label(f: _Fields) -> bool:
-    value = f.raw("label")
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    raise f.error(f.columns.get("label", "label"), f"expected true or false, got {value!r}")
+def load_feedback(source: Any, *, tokenizer: Any = None, columns: Mapping[str, str] | None = None,
+                  limit: int | None = None, split: str = "train", from_pairs: bool = False,
+                  skip_invalid: bool = False) -> list[FeedbackRecord]:
+    """Unpaired feedback (KTO): {"prompt","completion","label"} or {"messages", "label"} rows.
 
+    A preference row (one without "label", or every row with ``from_pairs=True``) gives two
+    records: the chosen response labelled True and the rejected one labelled False. ``limit``
+    counts rows, not records. Other arguments as :func:`load_sft`; returns the records in order.
+    """
 
-def load_feedback(source, *, tokenizer=None, columns: Mapping[str, str] | None = None, limit: int | None = None,
-                  skip_invalid: bool = False, split: str = "train", from_pairs: bool = False) -> list[FeedbackRecord]:
-    """Unpaired feedback {"prompt","completion","label"}; preference rows (or ``from_pairs``) give
-    one desirable (chosen) and one undesirable (rejected) record each."""
-
-    def parse(f: _Fields):
-        if from_pairs or not f.has("label"):
-            if not f.has("chosen") and not from_pairs:
-                raise f.error("label", "missing: expected prompt + completion + label, or a preference pair")
+    def parse(f: _Fields) -> list[FeedbackRecord]:
+        if from_pairs or (not f.has("label") and (f.has("chosen") or f.has("rejected"))):
             prompt, chosen, rejected = _preference(f, tokenizer)
             extra = f.extra()
             return [FeedbackRecord(prompt, chosen, True, f.where, extra),
-                    FeedbackRecord(prompt, rejected, False, f.where, extra)]
+                    FeedbackRecord(prompt, rejected, False, f.where, dict(extra))]
         if f.has("messages"):
             prompt, completion = _conversation(f, "messages", tokenizer)
-        else:
+        elif f.has("prompt") or f.has("completion") or f.has("label"):
             prompt, completion = f.text("prompt"), f.text("completion")
-        return [FeedbackRecord(prompt, completion, _label(f), f.where, f.extra())]
+        else:
+            raise f.formats_error("feedback", "prompt + completion + label, messages + label, "
+                                  "or a preference pair (chosen + rejected)")
+        return [FeedbackRecord(prompt, completion, f.label(), f.where, f.extra())]
 
     return _load(source, parse, split, limit, columns, skip_invalid)
 
 
-def load_prompts(source, *, tokenizer=None, columns: Mapping[str, str] | None = None, limit: int | None = None,
-             skip_invalid: bool = False,
-                 split: str = "train") -> list[PromptRecord]:
-    """Prompts {"prompt", ...extras} or {"messages": [...]} (rendered with a generation prompt)."""
+def load_prompts(source: Any, *, tokenizer: Any = None, columns: Mapping[str, str] | None = None,
+                 limit: int | None = None, split: str = "train", skip_invalid: bool = False) -> list[PromptRecord]:
+    """Prompts from {"prompt", ...extras} or {"messages": [...]} rows.
 
-    def parse(f: _Fields):
-        if f.has("messages") and not f.has("prompt"):
-            prompt = render_messages(f.messages("messages"), tokenizer, add_generation_prompt=True)
+    Messages (or a "prompt" that is a message list) are rendered with a generation prompt and
+    must not end with the assistant's message. Other arguments as :func:`load_sft`; returns one
+    PromptRecord per row, extra keys (e.g. GSM8K's "answer") in ``.extra``.
+    """
+
+    def parse(f: _Fields) -> list[PromptRecord]:
+        name = "prompt" if f.has("prompt") else "messages" if f.has("messages") else None
+        if name is None:
+            raise f.formats_error("prompt", "prompt (a string or a message list) or messages")
+        if name == "messages" or isinstance(f.raw("prompt"), list):
+            messages = f.messages(name)
+            if messages[-1]["role"] == "assistant":
+                raise f.error(name, "the last message is the assistant's; expected a conversation ending with the "
+                              "user (the model writes the next assistant reply)")
+            prompt = render_messages(messages, tokenizer, add_generation_prompt=True)
         else:
             prompt = f.text("prompt")
         return [PromptRecord(prompt, f.where, f.extra())]
@@ -377,11 +519,16 @@ def load_prompts(source, *, tokenizer=None, columns: Mapping[str, str] | None = 
     return _load(source, parse, split, limit, columns, skip_invalid)
 
 
-def fingerprint(records: Sequence) -> str:
-    """A content hash of the records (not of where they came from): 16 hex digits, stable across runs."""
+def fingerprint(records: list) -> str:
+    """A content hash of records: 16 hex digits of a sha256, stable across runs and processes.
+
+    Takes a list of records; hashes each one's kind and fields (extras included, ``where`` not, so
+    the same data read from JSONL or CSV hashes the same) as canonical JSON.
+    """
     h = hashlib.sha256()
     for rec in records:
         fields = {k: v for k, v in asdict(rec).items() if k != "where"}
-        h.update(json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(type(rec).__name__.encode())
+        h.update(json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]

@@ -7,16 +7,28 @@ from typing import Any
 
 
 class DataError(ValueError):
-    """A bad input record: the message names the file, the line or row, the field and what was expected."""
+    """A bad input record or source.
+
+    Takes the source's name (a file name, "<memory>" or a dataset name), the line (an int: the
+    1-based line of a JSONL or CSV file) or row ("row N" for JSON lists, Parquet and datasets) or
+    None when the whole source is at fault, the field (None when no single field is), and what
+    was expected. The message reads ``sft.jsonl:12: field 'completion': expected ...``; the
+    parts stay available as ``.source``, ``.line``, ``.field`` and ``.expected``.
+    """
 
     def __init__(self, source: str, line: int | str | None, field: str | None, message: str):
-        self.source, self.line, self.field = source, line, field
+        self.source, self.line, self.field, self.expected = source, line, field, message
         where = f"{source}:{line}" if line is not None else source
         super().__init__(f"{where}: " + (f"field {field!r}: " if field else "") + message)
+
+    def __reduce__(self):  # picklable (e.g. across DataLoader workers) despite the 4-argument __init__
+        return (type(self), (self.source, self.line, self.field, self.expected))
 
 
 @dataclass(frozen=True)
 class _Record:
+    """Shared behaviour: keys of the input a format does not use live in ``extra``."""
+
     def __getattr__(self, name: str) -> Any:  # extra fields read like attributes: rec.answer
         extra = object.__getattribute__(self, "extra")
         if name in extra:
@@ -31,7 +43,7 @@ class SFTRecord(_Record):
     prompt: str
     completion: str
     where: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,7 @@ class PreferenceRecord(_Record):
     chosen: str
     rejected: str
     where: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class FeedbackRecord(_Record):
     completion: str
     label: bool
     where: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -62,4 +74,4 @@ class PromptRecord(_Record):
 
     prompt: str
     where: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, hash=False)

@@ -33,6 +33,7 @@ from tether.losses.preference import (
     hinge_loss,
     ipo_loss,
     kto_loss,
+    reward_centering,
     robust_dpo_loss,
     simpo_loss,
 )
@@ -40,7 +41,7 @@ from tether.losses.preference import (
 __all__ += [
     "AGGREGATIONS", "GAEOutput", "GRPOOutput", "KL_ESTIMATORS", "KTOOutput", "PREFERENCE_LOSSES",
     "PolicyLossOutput", "PreferenceOutput", "RewardModelOutput", "ValueLossOutput", "bradley_terry_loss",
-    "dpo_loss", "gae", "grpo_advantages", "grpo_loss", "hinge_loss", "ipo_loss", "kl_estimate", "kto_loss",
+    "dpo_loss", "gae", "grpo_advantages", "grpo_loss", "hinge_loss", "ipo_loss", "kl_estimate", "kto_loss", "reward_centering",
     "masked_mean", "ppo_policy_loss", "ppo_value_loss", "rloo_advantages", "robust_dpo_loss", "simpo_loss",
     "whiten",
 ]

@@ -241,3 +241,12 @@ def kto_loss(
     losses = torch.where(labels, desirable, undesirable)  # (B,)
     rewards = (beta * log_ratio).detach()  # (B,)
     return KTOOutput(losses.mean(), losses, rewards, rewards[labels], rewards[~labels])
+
+
+def reward_centering(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Reward-centring regulariser E[(r_w + r_l)²], added as η · E[(r_w + r_l)²] to the RM loss.
+
+    Eisenstein et al. 2023 ("Helping or Herding?"), section 3: the Bradley–Terry loss fixes only
+    differences, so this term pins the mean reward near zero. Shape: (B,), (B,) -> ().
+    """
+    return ((r_chosen + r_rejected) ** 2).mean()

@@ -1,0 +1,199 @@
+"""Stage 2: a Bradley–Terry reward model. L = −E[log σ(R(x, y_w) − R(x, y_l) − m)] (+ centring).
+
+The backbone comes from an SFT folder (or any Hugging Face model) with a new scalar head read at
+the last non-pad token. Chosen and rejected go through one forward pass (2B rows). After
+training, rewards are normalised so that SFT samples on the training prompts score mean 0 and
+standard deviation 1 (Ziegler et al. 2019), and the RM is evaluated on held-out pairs
+(tether.instruments.rm_eval). ``--ensemble K`` trains K members that differ by seed (and, with
+``--bootstrap``, by a resample of the pairs) into ``out/member-k``; ``tether.rewards`` serves them
+as one reward with mean, min or uwo aggregation (Coste et al. 2023).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from tether.config import group, opt, to_dict
+from tether.data import fingerprint, load_preferences, load_prompts
+from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, pad_pairs
+from tether.instruments.rm_eval import rm_report
+from tether.io import write_json
+from tether.loop import TrainConfig, train
+from tether.losses import bradley_terry_loss, reward_centering
+from tether.models import load_model, load_tokenizer
+from tether.models.reward import load_reward_model, raw_scores, set_normalisation
+from tether.rewards import AGGREGATIONS
+from tether.trainers.artifact import data_info, prepare_output, versions, write_artifact
+from tether.trainers.sft import split_eval
+
+log = logging.getLogger("tether.rm")
+
+
+def _rm_defaults() -> TrainConfig:
+    return TrainConfig(steps=300, batch_size=16, lr=1e-4, warmup_steps=20, eval_every=100, save_every=100)
+
+
+@dataclass
+class RMConfig:
+    model: str = opt("", "backbone: an SFT folder, a local path or a hub name")
+    data: str = opt("", "preference data (prompt/chosen/rejected, HH-style transcripts, or conversations)")
+    eval_data: str = opt("", "held-out preference data (empty: hold out eval_fraction of data)")
+    eval_fraction: float = opt(0.1, "fraction of pairs held out when eval_data is empty")
+    out: str = opt("runs/rm", "output folder")
+    max_len: int = opt(256, "longest prompt + response in tokens")
+    overflow: str = opt("truncate", "longer pairs: truncate | drop | error (always counted in the log)")
+    margin_field: str = opt("", "column holding a per-pair margin m (empty: no margin)")
+    center_coef: float = opt(0.0, "reward-centring regulariser η·E[(r_w + r_l)²] (Eisenstein et al. 2023)")
+    norm_prompts: int = opt(128, "training prompts sampled from the SFT policy to normalise rewards (0: no normalisation)")
+    norm_max_new_tokens: int = opt(64, "longest SFT sample for normalisation")
+    ensemble: int = opt(1, "members of an ensemble (1: a single reward model)")
+    bootstrap: bool = opt(False, "train each ensemble member on a bootstrap resample of the pairs")
+    aggregation: str = opt("mean", "how an ensemble combines its members by default: mean | min | uwo")
+    resume: bool = opt(False, "continue from the latest checkpoint in out")
+    overwrite: bool = opt(False, "replace an existing run in out")
+    train: TrainConfig = group(_rm_defaults)
+
+    def validate(self) -> None:
+        if not self.model or not self.data:
+            raise ValueError("--model and --data are required")
+        if self.overflow not in OVERFLOW_CHOICES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.ensemble < 1:
+            raise ValueError("ensemble must be at least 1")
+        self.train.validate()
+
+
+def pair_scores(model, pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw rewards of chosen and rejected, one forward pass a batch. Shape: (2B, T) -> (B,), (B,)."""
+    batch = pad_pairs(pairs, pad_id)
+    device = next(model.parameters()).device
+    r = raw_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (2B,)
+    return r[: len(pairs)], r[len(pairs) :]
+
+
+@torch.no_grad()
+def evaluate_rm(model, pairs: list[EncodedPair], records: list, pad_id: int, batch_size: int = 32) -> dict[str, float]:
+    """rm_report on held-out pairs; gold metrics when the records carry gold_chosen / gold_rejected."""
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        c, r = pair_scores(model, pairs[i : i + batch_size], pad_id)
+        chosen.append(c)
+        rejected.append(r)
+    rc, rr = torch.cat(chosen).cpu(), torch.cat(rejected).cpu()
+    gold = [r.extra for r in records]
+    has_gold = all("gold_chosen" in g and "gold_rejected" in g for g in gold)
+    return rm_report(
+        rc, rr, [len(p.chosen) - p.prompt_len for p in pairs], [len(p.rejected) - p.prompt_len for p in pairs],
+        [g["gold_chosen"] for g in gold] if has_gold else None, [g["gold_rejected"] for g in gold] if has_gold else None,
+    )
+
+
+def normalise_on_sft_samples(rm, cfg: RMConfig, tokenizer, prompts: list[str]) -> dict[str, float]:
+    """Sample the SFT policy on training prompts, then store gain and bias in the RM."""
+    from tether.rewards import LearnedReward
+    from tether.rollout import generate
+
+    policy = load_model(cfg.model, device=next(rm.parameters()).device)
+    responses = generate(policy, tokenizer, prompts, max_new_tokens=cfg.norm_max_new_tokens, seed=cfg.train.seed)
+    raw = LearnedReward(rm, tokenizer, normalise=False, max_len=cfg.max_len)(prompts, responses)
+    gain, bias = set_normalisation(rm, raw)
+    return {"rm/norm_gain": gain, "rm/norm_bias": bias}
+
+
+def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: list[EncodedPair], eval_records: list,
+              prompts: list[str], out: Path) -> tuple[dict[str, float], torch.nn.Module]:
+    """Train, normalise and evaluate one reward model (checkpoints in ``out``); returns metrics and model."""
+    model = load_reward_model(cfg.model, tokenizer)  # with --resume the checkpoint then restores its weights
+    pad_id = tokenizer.pad_token_id
+
+    def collate(idx: list[int]) -> dict:
+        batch = pad_pairs([pairs[i] for i in idx], pad_id)
+        batch["margin"] = torch.tensor([pairs[i].margin for i in idx])
+        return batch
+
+    def loss_fn(m, batch):
+        r = raw_scores(m, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        r_w, r_l = r.chunk(2)
+        bt = bradley_terry_loss(r_w, r_l, batch["margin"])
+        loss = bt.loss + cfg.center_coef * reward_centering(r_w, r_l) if cfg.center_coef else bt.loss
+        return loss, {"accuracy": bt.accuracy.item(), "margin": (r_w - r_l).mean().item(),
+                      "tokens": float(batch["attention_mask"].sum())}
+
+    def eval_fn(m) -> dict[str, float]:
+        return {f"eval/{k}": v for k, v in evaluate_rm(m, eval_pairs, eval_records, pad_id).items()}
+
+    result = train(model, len(pairs), collate, loss_fn, cfg.train, out, eval_fn=eval_fn if eval_pairs else None,
+                   resume=cfg.resume, desc=f"rm {out.name}")
+    model.eval()
+    metrics = {**result.train, **result.eval, "time/seconds": result.seconds}  # eval on the raw (trained) scale
+    if cfg.norm_prompts:
+        metrics.update(normalise_on_sft_samples(model, cfg, tokenizer, prompts[: cfg.norm_prompts]))
+    return metrics, model
+
+
+def run_rm(cfg: RMConfig) -> Path:
+    """Train a reward model (or an ensemble) on ``cfg.data``; returns the output folder."""
+    cfg.validate()
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    records = load_preferences(cfg.data, tokenizer=tokenizer)
+    if cfg.eval_data:
+        train_records, eval_records = records, load_preferences(cfg.eval_data, tokenizer=tokenizer)
+    else:
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
+    pairs, overflow = encode_pairs(train_records, tokenizer, cfg.max_len, cfg.overflow, cfg.margin_field)
+    eval_pairs, _ = encode_pairs(eval_records, tokenizer, cfg.max_len, "truncate")
+    if not pairs:
+        raise ValueError(f"{cfg.data}: no pair is left to train on")
+    prompts = list(dict.fromkeys(r.prompt for r in train_records))
+    random.Random(cfg.train.seed).shuffle(prompts)
+
+    out = Path(cfg.out)
+    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
+    if eval_records:
+        data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))
+    if cfg.ensemble == 1:
+        metrics, model = train_one(cfg, tokenizer, pairs, eval_pairs, eval_records, prompts, out)
+        metrics.update({"data/truncated": overflow.truncated, "data/dropped": overflow.dropped})
+        return write_artifact(out, stage="rm", cfg=cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)
+
+    members, all_metrics = [], {}
+    for k in range(cfg.ensemble):
+        member_cfg = replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + k))
+        idx = list(range(len(pairs)))
+        if cfg.bootstrap:
+            rng = random.Random(cfg.train.seed + 1000 + k)
+            idx = [rng.randrange(len(pairs)) for _ in pairs]
+        folder = out / f"member-{k}"
+        metrics, model = train_one(member_cfg, tokenizer, [pairs[i] for i in idx], eval_pairs, eval_records,
+                                   prompts, folder)
+        write_artifact(folder, stage="rm", cfg=member_cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)
+        members.append(folder.name)
+        all_metrics[folder.name] = metrics
+    ensemble_metrics = evaluate_ensemble([out / m for m in members], eval_records) if eval_records else {}
+    write_json(out / "tether.json", {"stage": "rm-ensemble", "members": members, "config": to_dict(cfg), "data": data,
+                                     "metrics": {**ensemble_metrics, "members": all_metrics}, "versions": versions()})
+    return out
+
+
+def evaluate_ensemble(folders: list[Path], records: list) -> dict[str, float]:
+    """Held-out accuracy of the ensemble under each aggregation, with normalised member rewards."""
+    from tether.instruments.rm_eval import accuracy
+    from tether.rewards import EnsembleReward, LearnedReward
+
+    ensemble = EnsembleReward([LearnedReward.from_folder(f) for f in folders])
+    prompts = [r.prompt for r in records]
+    chosen = ensemble.member_scores(prompts, [r.chosen for r in records])  # (K, N)
+    rejected = ensemble.member_scores(prompts, [r.rejected for r in records])
+    from tether.rewards import aggregate
+
+    return {f"eval/ensemble_{how}_accuracy": accuracy(aggregate(chosen, how), aggregate(rejected, how))
+            for how in AGGREGATIONS}

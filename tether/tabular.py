@@ -147,8 +147,9 @@ def run_ppo(
     """PPO with the KL in the reward: r = R − β·k1, A = GAE(r, V) = r − V for one-step episodes.
 
     V is a learned per-prompt baseline (P,) trained with ppo_value_loss, or 0 when ``baseline``
-    is False. Each step samples ``samples`` responses per prompt and runs ``epochs`` passes of
-    ppo_policy_loss on them. Aims at π* = theory.optimal_policy(π_ref, R, β).
+    is False (value clip 10, i.e. effectively off: V starts at 0, far from the returns). Each step
+    samples ``samples`` responses per prompt and runs ``epochs`` passes of ppo_policy_loss on
+    them. Aims at π* = theory.optimal_policy(π_ref, R, β).
     """
     R = problem.need_rewards()  # (P, K)
     ref = problem.tensor("pi_ref").log()  # (P, K)

@@ -46,6 +46,7 @@ class RMConfig:
     eval_fraction: float = opt(0.1, "fraction of pairs held out when eval_data is empty")
     out: str = opt("runs/rm", "output folder")
     max_len: int = opt(256, "longest prompt + response in tokens")
+    skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
     overflow: str = opt("truncate", "longer pairs: truncate | drop | error (always counted in the log)")
     margin_field: str = opt("", "column holding a per-pair margin m (empty: no margin)")
     center_coef: float = opt(0.0, "reward-centring regulariser η·E[(r_w + r_l)²] (Eisenstein et al. 2023)")
@@ -143,9 +144,10 @@ def run_rm(cfg: RMConfig) -> Path:
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    records = load_preferences(cfg.data, tokenizer=tokenizer)
+    records = load_preferences(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
     if cfg.eval_data:
-        train_records, eval_records = records, load_preferences(cfg.eval_data, tokenizer=tokenizer)
+        eval_records = load_preferences(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+        train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
     pairs, overflow = encode_pairs(train_records, tokenizer, cfg.max_len, cfg.overflow, cfg.margin_field)

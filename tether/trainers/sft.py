@@ -33,6 +33,7 @@ class SFTConfig:
     eval_fraction: float = opt(0.05, "fraction of data held out for evaluation when eval_data is empty")
     out: str = opt("runs/sft", "output folder")
     max_len: int = opt(256, "longest sequence in tokens")
+    skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
     overflow: str = opt("truncate", "longer examples: truncate | drop | error (always counted in the log)")
     packing: bool = opt(False, "concatenate examples into rows of max_len tokens")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
@@ -102,9 +103,10 @@ def run_sft(cfg: SFTConfig) -> Path:
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    records = load_sft(cfg.data, tokenizer=tokenizer)
+    records = load_sft(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
     if cfg.eval_data:
-        train_records, eval_records = records, load_sft(cfg.eval_data, tokenizer=tokenizer)
+        eval_records = load_sft(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+        train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
     rows, overflow = encode_sft(train_records, tokenizer, cfg.max_len, cfg.overflow)

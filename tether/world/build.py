@@ -29,6 +29,10 @@ class WorldConfig:
     pref_train: int = opt(3000, "preference pairs on training prompts")
     pref_test: int = opt(500, "preference pairs on test prompts")
     feedback: int = opt(3000, "unpaired feedback examples on training prompts")
+    rater_length_bias: float = opt(0.0, "the labelling rater's preference for longer answers (0: none)")
+    rater_phrase_bias: float = opt(0.0, "the labelling rater's preference for 'delve', 'intricate', 'tapestry'")
+    rater_sycophancy_bias: float = opt(0.0, "the labelling rater's preference for agreeing with the user")
+    rater_refusal_bias: float = opt(0.0, "the labelling rater's preference for refusals")
 
 
 @dataclass
@@ -137,7 +141,8 @@ def build_world(cfg: WorldConfig | None = None) -> World:
         picked = [rng.choice(items) for _ in range(n)]
         return [{"prompt": format_prompt(i.question), "completion": good_answer(i, rng)} for i in picked]
 
-    rater = Rater(seed=cfg.seed)
+    rater = Rater(length_bias=cfg.rater_length_bias, phrase_bias=cfg.rater_phrase_bias,
+                  sycophancy_bias=cfg.rater_sycophancy_bias, refusal_bias=cfg.rater_refusal_bias, seed=cfg.seed)
     feedback = []
     for _ in range(cfg.feedback):
         item = rng.choice(train)

@@ -488,3 +488,23 @@ def test_whole_file_is_validated_and_skip_invalid_counts(tmp_path, caplog):
     assert "skipped 1 invalid record" in caplog.text
     with pytest.raises(ValueError, match="limit must be"):
         load_sft(path, limit=-1)
+
+
+def test_other_names_go_to_the_hub(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        if name == "someone/missing":
+            raise ConnectionError("offline")
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    records = load_sft("someone/sft-data", split="test")
+    assert calls == [("someone/sft-data", "test")] and pairs_of(records) == EXPECTED
+    assert records[0].where == "someone/sft-data:row 1"
+    with pytest.raises(DataError, match=r"^someone/missing: not a local file or folder, and loading it as a hub "
+                                        r"dataset failed \(ConnectionError: offline\)"):
+        load_sft("someone/missing")

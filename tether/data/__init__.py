@@ -1,6 +1,7 @@
 """Data: records, loaders with file:line validation, and collation (see loaders.py and collate.py)."""
 
 from tether.data.loaders import (
+    Row,
     fingerprint,
     load_feedback,
     load_preferences,
@@ -13,6 +14,7 @@ from tether.data.loaders import (
 from tether.data.records import DataError, FeedbackRecord, PreferenceRecord, PromptRecord, SFTRecord
 
 __all__ = [
+    "Row",
     "DataError",
     "FeedbackRecord",
     "PreferenceRecord",

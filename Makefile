@@ -26,7 +26,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
-	$(BIN)/python bench/sft_throughput.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs

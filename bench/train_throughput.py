@@ -1,11 +1,13 @@
-"""SFT throughput and peak memory of tether's training loop.
+"""Training throughput and peak memory of tether's loop: SFT (tokens/s) and reward models (pairs/s).
 
-    python bench/sft_throughput.py                 # the tiny default and a ~25M-parameter Llama
-    python bench/sft_throughput.py --device cuda   # the same on a GPU (bf16 autocast)
+    python bench/train_throughput.py                 # SFT and RM, the tiny default and a ~25M-parameter Llama
+    python bench/train_throughput.py --stages rm     # reward-model training only
+    python bench/train_throughput.py --device cuda   # the same on a GPU (bf16 autocast)
 
 Each model runs in a fresh process, so its peak memory is its own: peak resident set size on
 CPU, peak allocated CUDA memory on a GPU. Tokens/s counts real (non-pad) tokens per second over
-the timed steps, after warm-up steps that are not timed.
+the timed steps, after warm-up steps that are not timed; pairs/s counts preference pairs (each a
+chosen and a rejected sequence of seq_len tokens, scored in one forward pass).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ MODELS = {
 }
 
 
-def run_one(name: str, device: str, seq_len: int, batch_size: int, steps: int, warmup: int) -> dict:
+def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from tether.data.collate import Encoded, pad
+    from tether.data.collate import Encoded, EncodedPair, pad, pad_pairs
     from tether.loop import TrainConfig, train
     from tether.models import TinyConfig, build_tiny, count_parameters
     from tether.trainers.sft import lm_loss
@@ -50,30 +52,60 @@ def run_one(name: str, device: str, seq_len: int, batch_size: int, steps: int, w
         cut = seq_len // 4
         rows.append(Encoded(ids, [-100] * cut + ids[cut:]))
     times: list[float] = []
+    if stage == "rm":
+        import tempfile as _tf
 
-    def timed_loss(m, batch):
-        times.append(time.perf_counter())
-        return lm_loss(m, batch)
+        from transformers import AutoModelForSequenceClassification
+
+        from tether.losses import bradley_terry_loss
+        from tether.models.reward import raw_scores
+
+        with _tf.TemporaryDirectory() as d:  # the same backbone, with a scalar head
+            model.save_pretrained(d)
+            model = AutoModelForSequenceClassification.from_pretrained(d, num_labels=1)
+        model.config.pad_token_id = 1
+        pairs = [EncodedPair(rows[i].input_ids, rows[i + 1].input_ids, seq_len // 4) for i in range(0, len(rows), 2)]
+
+        def collate(idx):
+            return pad_pairs([pairs[i] for i in idx], 1)
+
+        def loss_fn(m, batch):
+            times.append(time.perf_counter())
+            r_w, r_l = raw_scores(m, batch["input_ids"], batch["attention_mask"]).chunk(2)
+            return bradley_terry_loss(r_w, r_l).loss, {}
+
+        n = len(pairs)
+    else:
+        def collate(idx):
+            return pad([rows[i] for i in idx], 1)
+
+        def loss_fn(m, batch):
+            times.append(time.perf_counter())
+            return lm_loss(m, batch)
+
+        n = len(rows)
 
     cfg = TrainConfig(steps=warmup + steps, batch_size=batch_size, lr=1e-4, warmup_steps=1, eval_every=0,
                       save_every=0, device=device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        train(model, len(rows), lambda idx: pad([rows[i] for i in idx], 1), timed_loss, cfg, Path(out), desc=name)
+        train(model, n, collate, loss_fn, cfg, Path(out), desc=f"{stage} {name}")
     end = time.perf_counter()
     seconds = end - times[warmup]
     if device.startswith("cuda"):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    per_step = batch_size * (1 if stage == "rm" else seq_len)  # pairs for rm, tokens for sft
     return {
         "model": name,
+        "stage": stage,
         "parameters": count_parameters(model),
         "device": device,
         "seq_len": seq_len,
         "batch_size": batch_size,
-        "tokens_per_s": steps * batch_size * seq_len / seconds,
+        "per_s": steps * per_step / seconds,
         "peak_memory_mb": peak_mb,
         "threads": torch.get_num_threads(),
     }
@@ -87,20 +119,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--stages", default="sft,rm", help="sft (tokens/s) and/or rm (pairs/s)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.device, args.seq_len, args.batch_size, args.steps, args.warmup)))
+        name, stage = args.one.split(":")
+        print(json.dumps(run_one(name, stage, args.device, args.seq_len, args.batch_size, args.steps, args.warmup)))
         return
-    print(f"{'model':<14}{'params':>12}{'device':>8}{'tokens/s':>12}{'peak MB':>10}")
-    for name in args.models.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--device", args.device, "--seq-len", str(args.seq_len),
+    print(f"{'stage':<6}{'model':<14}{'params':>12}{'device':>8}{'per second':>16}{'peak MB':>10}")
+    for stage, name in ((s, m) for s in args.stages.split(",") for m in args.models.split(",")):
+        cmd = [sys.executable, __file__, "--one", f"{name}:{stage}", "--device", args.device, "--seq-len", str(args.seq_len),
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            sys.exit(f"{stage} {name} failed:\n{proc.stderr[-3000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{r['model']:<14}{r['parameters']:>12,}{r['device']:>8}{r['tokens_per_s']:>12,.0f}{r['peak_memory_mb']:>10,.0f}")
+        unit = "pairs/s" if stage == "rm" else "tokens/s"
+        print(f"{stage:<6}{r['model']:<14}{r['parameters']:>12,}{r['device']:>8}{r['per_s']:>9,.1f} {unit:<7}"
+              f"{r['peak_memory_mb']:>9,.0f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import click
 
 from tether.config import options
 from tether.demo import DemoConfig, format_report, run_demo
+from tether.trainers.dpo import DPOConfig, run_dpo
+from tether.trainers.kto import KTOConfig, run_kto
 from tether.trainers.pretrain import PretrainConfig, run_pretrain
 from tether.trainers.reward import RMConfig, run_rm
 from tether.trainers.sft import SFTConfig, run_sft
@@ -48,7 +50,30 @@ def sft(cfg: SFTConfig) -> None:
 @options(RMConfig)
 def rm(cfg: RMConfig) -> None:
     """Stage 2: a Bradley–Terry reward model on preference pairs (an ensemble with --ensemble K)."""
-    click.echo(f"reward model in {_run(run_rm, cfg)}")
+    import json
+
+    out = _run(run_rm, cfg)
+    metrics = json.loads((out / "tether.json").read_text())["metrics"]
+    shown = {k: v for k, v in metrics.items() if k.startswith(("eval/", "rm/norm")) and isinstance(v, float)}
+    if shown:
+        click.echo("held-out evaluation (also in tether.json):")
+        for key, value in shown.items():
+            click.echo(f"  {key:<40}{value:>10.4f}")
+    click.echo(f"reward model in {out}")
+
+
+@click.command()
+@options(DPOConfig)
+def dpo(cfg: DPOConfig) -> None:
+    """Direct preference optimisation: DPO / cDPO / robust / IPO / hinge / SimPO (--loss) on preference pairs."""
+    click.echo(f"DPO policy in {_run(run_dpo, cfg)}")
+
+
+@click.command()
+@options(KTOConfig)
+def kto(cfg: KTOConfig) -> None:
+    """Kahneman–Tversky optimisation on unpaired (desirable / undesirable) feedback."""
+    click.echo(f"KTO policy in {_run(run_kto, cfg)}")
 
 
 @click.command()
@@ -58,4 +83,4 @@ def demo(cfg: DemoConfig) -> None:
     click.echo(format_report(_run(run_demo, cfg)))
 
 
-COMMANDS = [pretrain, sft, rm, demo]
+COMMANDS = [pretrain, sft, rm, dpo, kto, demo]

@@ -181,3 +181,62 @@ def pad_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tens
     batch = pad(rows, pad_id)
     del batch["labels"]
     return batch
+
+
+# --- direct preference optimisation and KTO ------------------------------------------------
+
+
+def pair_rows(pairs: Sequence[EncodedPair]) -> list[Encoded]:
+    """2B labelled rows, every chosen side then every rejected side; prompt tokens get IGNORE_INDEX."""
+    def row(ids: list[int], prompt_len: int) -> Encoded:
+        return Encoded(ids, [IGNORE_INDEX] * prompt_len + ids[prompt_len:])
+
+    return [row(p.chosen, p.prompt_len) for p in pairs] + [row(p.rejected, p.prompt_len) for p in pairs]
+
+
+def pad_pairs_labelled(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Like :func:`pad_pairs` (chosen first, then rejected: one forward pass), with ``labels``.
+
+    ``input_ids``, ``attention_mask`` and ``labels`` are (2B, T), right-padded; labels are
+    IGNORE_INDEX on prompt and padding tokens, so sequence log-probs sum over responses only.
+    """
+    return pad(pair_rows(pairs), pad_id)
+
+
+@dataclass
+class EncodedFeedback:
+    """One unpaired-feedback example (KTO): prompt and completion token ids (completion ends in EOS)."""
+
+    prompt: list[int]
+    completion: list[int]
+    label: bool
+
+
+def feedback_row(prompt: list[int], completion: list[int], max_len: int) -> Encoded:
+    """prompt + completion cut to ``max_len`` tokens, labelled on the completion only."""
+    ids = (prompt + completion)[:max_len]
+    return Encoded(ids, ([IGNORE_INDEX] * len(prompt) + completion)[:max_len])
+
+
+def encode_feedback(records: Sequence, tokenizer, max_len: int,
+                    overflow: str = "truncate") -> tuple[list[EncodedFeedback], OverflowCount]:
+    """Tokenise feedback records (``.prompt``, ``.completion``, ``.label``); over-long ones as in :func:`encode_sft`."""
+    if overflow not in OVERFLOW_CHOICES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {overflow!r}")
+    out, count = [], OverflowCount()
+    for rec in records:
+        prompt, completion = prompt_ids(tokenizer, rec.prompt), response_ids(tokenizer, rec.completion)
+        if len(prompt) + len(completion) > max_len:
+            if overflow == "error":
+                raise ValueError(f"{rec.where}: {len(prompt) + len(completion)} tokens, longer than max_len={max_len} "
+                                 "(choose overflow=truncate or overflow=drop to handle such examples)")
+            if overflow == "drop" or len(prompt) >= max_len - 1:
+                count.dropped += 1
+                continue
+            completion = completion[: max_len - len(prompt)]
+            count.truncated += 1
+        out.append(EncodedFeedback(prompt, completion, bool(rec.label)))
+    if count.truncated or count.dropped:
+        log.warning("%d of %d examples were longer than %d tokens: %d truncated, %d dropped",
+                    count.truncated + count.dropped, len(records), max_len, count.truncated, count.dropped)
+    return out, count

@@ -1,0 +1,296 @@
+"""Direct preference optimisation: DPO, cDPO, robust DPO, IPO, hinge (SLiC) and SimPO.
+
+    h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
+    sigmoid: −log σ(βh) (Rafailov et al. 2023, eq. 7; cDPO with --label-smoothing ε)
+    robust: rDPO (Chowdhury et al. 2024)   ipo: (h − 1/2β)²   hinge: max(0, 1 − βh)
+    simpo: −log σ(β·avg log π(y_w) − β·avg log π(y_l) − γ), no reference (Meng et al. 2024)
+
+The losses live in tether.losses.preference; this file only gathers their inputs:
+
+- log-probs are summed over response tokens only (prompt labels are IGNORE_INDEX);
+- chosen and rejected go through one forward pass (2B rows);
+- the reference log-probs of every train and eval pair are computed once, before training,
+  with no gradient, and cached under ``$TETHER_CACHE/ref_logps/<key>.safetensors``
+  (default ``~/.cache/tether``), the key a hash of the token ids of every row, the reference
+  model's identity (a folder's path, file sizes and mtimes; or a hub name) and the precision.
+  A rerun (or --resume) loads them instead of loading the reference model at all. The
+  reference is therefore never held in memory during training, with or without LoRA.
+
+Evaluation on held-out pairs reports loss, implicit rewards β·log(π/π_ref) of chosen and
+rejected, their margin and accuracy, and the mean log-probs of both sides (the known failure
+where both fall shows there). At the end, ``eval/kl_to_ref`` is a Monte-Carlo estimate of
+KL(π‖π_ref) = E_{y~π}[log π(y|x) − log π_ref(y|x)] on up to ``kl_prompts`` held-out prompts,
+from samples of the trained policy at temperature 1. Departure: tether.rollout.generate returns
+text, so a sample is re-tokenised before scoring; where a tokenizer's round trip is not exact the
+scored tokens differ slightly from the sampled ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tether.config import group, opt
+from tether.data import fingerprint, load_preferences
+from tether.data.collate import (
+    OVERFLOW_CHOICES,
+    Encoded,
+    EncodedPair,
+    encode_pairs,
+    pad,
+    pad_pairs_labelled,
+    pair_rows,
+    prompt_ids,
+)
+from tether.loop import TrainConfig, autocast, resolve_device, train
+from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, sequence_logprobs, simpo_loss
+from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
+from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.sft import split_eval
+
+log = logging.getLogger("tether.dpo")
+
+DPO_LOSSES = (*PREFERENCE_LOSSES, "simpo")
+
+
+def _dpo_defaults() -> TrainConfig:
+    return TrainConfig(steps=200, batch_size=16, lr=5e-5, warmup_steps=10, eval_every=50, save_every=100)
+
+
+@dataclass
+class DPOConfig:
+    model: str = opt("", "policy to start from: an SFT folder, a local path or a hub name")
+    ref: str = opt("", "reference model (empty: the same as --model)")
+    data: str = opt("", "preference data (prompt/chosen/rejected, HH-style transcripts, or conversations)")
+    eval_data: str = opt("", "held-out preference data (empty: hold out eval_fraction of data)")
+    eval_fraction: float = opt(0.05, "fraction of pairs held out when eval_data is empty")
+    out: str = opt("runs/dpo", "output folder")
+    max_len: int = opt(256, "longest prompt + response in tokens")
+    skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    overflow: str = opt("truncate", "longer pairs: truncate | drop | error (always counted in the log)")
+    loss: str = opt("sigmoid", "sigmoid (DPO; cDPO with label_smoothing) | robust | ipo | hinge | simpo")
+    beta: float = opt(0.1, "β: strength of the tie to the reference (SimPO: reward scale)")
+    label_smoothing: float = opt(0.0, "ε, the assumed rate of flipped labels (sigmoid: cDPO, robust: rDPO)")
+    simpo_gamma: float = opt(0.5, "SimPO's target reward margin γ")
+    kl_prompts: int = opt(64, "held-out prompts sampled at the end to estimate KL(π‖π_ref) (0: skip)")
+    kl_max_new_tokens: int = opt(64, "longest sample for the KL estimate")
+    resume: bool = opt(False, "continue from the latest checkpoint in out")
+    overwrite: bool = opt(False, "replace an existing run in out")
+    lora: LoraConfig = group(LoraConfig)
+    train: TrainConfig = group(_dpo_defaults)
+
+    def validate(self) -> None:
+        if not self.model or not self.data:
+            raise ValueError("--model and --data are required")
+        if self.overflow not in OVERFLOW_CHOICES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
+        if self.loss not in DPO_LOSSES:
+            raise ValueError(f"loss must be one of {DPO_LOSSES}, got {self.loss!r}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing applies to the sigmoid (cDPO) and robust losses, not {self.loss!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        self.train.validate()
+
+
+# --- shared with KTO: log-probs, the reference cache, KL to the reference -----------------
+
+
+@torch.no_grad()
+def batched_logps(model, rows: list[Encoded], pad_id: int, batch_size: int, *, precision: str = "fp32",
+                  average: bool = False) -> torch.Tensor:
+    """Sequence log-probs of labelled rows, batched by length. Shape: N rows -> (N,) on the CPU."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    out = torch.zeros(len(rows))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in pad([rows[i] for i in idx], pad_id).items()}
+        with autocast(device, precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
+        out[idx] = sequence_logprobs(logits, batch["labels"], average=average).float().cpu()
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TETHER_CACHE") or Path.home() / ".cache" / "tether")
+
+
+def model_identity(name: str) -> str:
+    """A folder: its path and every file's size and mtime; otherwise the (hub) name."""
+    path = Path(name)
+    if not path.is_dir():
+        return name
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return json.dumps([str(path.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+
+
+def reference_logps(ref: str, rows: list[Encoded], pad_id: int, cfg: TrainConfig) -> tuple[torch.Tensor, bool]:
+    """log π_ref of every row (N,), computed once and cached on disk; returns (log-probs, cache hit)."""
+    device = resolve_device(cfg.device)
+    h = hashlib.sha256()
+    h.update(json.dumps([model_identity(ref), device.type, cfg.precision]).encode())
+    for r in rows:
+        h.update(json.dumps([r.input_ids, r.labels], separators=(",", ":")).encode())
+    path = cache_dir() / "ref_logps" / f"{h.hexdigest()[:24]}.safetensors"
+    if path.exists():
+        logps = load_file(str(path))["logps"]
+        if logps.shape == (len(rows),):
+            log.info("reference log-probs of %d rows: cache hit (%s)", len(rows), path)
+            return logps, True
+    log.info("reference log-probs of %d rows: computing once (cache miss, %s)", len(rows), path)
+    model = load_model(ref, device=device).eval()
+    logps = batched_logps(model, rows, pad_id, max(cfg.batch_size, 32), precision=cfg.precision)
+    del model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"logps": logps.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return logps, False
+
+
+def sample_rows(tokenizer, prompts: list[str], responses: list[str], max_new_tokens: int, max_len: int) -> list[Encoded]:
+    """Re-tokenise sampled responses for scoring; EOS is appended where the sample stopped before the limit."""
+    rows = []
+    for p, r in zip(prompts, responses):
+        prompt = prompt_ids(tokenizer, p)
+        resp = tokenizer(r, add_special_tokens=False)["input_ids"]
+        if len(resp) < max_new_tokens:
+            resp = resp + [tokenizer.eos_token_id]
+        ids = (prompt + resp)[:max_len]
+        rows.append(Encoded(ids, ([-100] * len(prompt) + resp)[:max_len]))
+    return rows
+
+
+def kl_to_reference(policy, ref: str, tokenizer, prompts: list[str], *, max_new_tokens: int, max_len: int,
+                    cfg: TrainConfig, lora_on_ref: bool = False) -> float:
+    """Monte-Carlo KL(π‖π_ref) = mean over samples y ~ π(·|x) of log π(y|x) − log π_ref(y|x).
+
+    ``lora_on_ref``: the policy is LoRA on the reference itself, so the reference is the policy
+    with its adapters disabled (no second model is loaded).
+    """
+    from tether.rollout import generate
+
+    responses = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=cfg.seed)
+    rows = sample_rows(tokenizer, prompts, responses, max_new_tokens, max_len)
+    pad_id, bs = tokenizer.pad_token_id, max(cfg.batch_size, 32)
+    was_training = policy.training
+    policy.eval()
+    logp = batched_logps(policy, rows, pad_id, bs, precision=cfg.precision)
+    if lora_on_ref:
+        with policy.disable_adapter():
+            ref_logp = batched_logps(policy, rows, pad_id, bs, precision=cfg.precision)
+    else:
+        ref_model = load_model(ref, device=next(policy.parameters()).device).eval()
+        ref_logp = batched_logps(ref_model, rows, pad_id, bs, precision=cfg.precision)
+        del ref_model
+    policy.train(was_training)
+    return (logp - ref_logp).mean().item()
+
+
+# --- the preference step ------------------------------------------------------------------
+
+
+def preference_output(cfg: DPOConfig, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                      ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> PreferenceOutput:
+    """The configured loss on gathered log-probs, each (B,). SimPO has no reference, so its own signature."""
+    if cfg.loss == "simpo":
+        return simpo_loss(policy_chosen, policy_rejected, cfg.beta, cfg.simpo_gamma)
+    return PREFERENCE_LOSSES[cfg.loss](policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta,
+                                       cfg.label_smoothing)
+
+
+def preference_metrics(out: PreferenceOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> dict[str, float]:
+    rc, rr = out.chosen_rewards, out.rejected_rewards
+    return {"reward_chosen": rc.mean().item(), "reward_rejected": rr.mean().item(),
+            "reward_margin": (rc - rr).mean().item(), "reward_accuracy": (rc > rr).float().mean().item(),
+            "logp_chosen": policy_chosen.detach().mean().item(), "logp_rejected": policy_rejected.detach().mean().item()}
+
+
+def dpo_step(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: a single forward over 2B rows (chosen then rejected), then the loss.
+
+    ``batch`` holds input_ids, attention_mask, labels (2B, T) and ref_chosen, ref_rejected (B,).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+    logps = sequence_logprobs(logits, batch["labels"], average=cfg.loss == "simpo")  # (2B,)
+    chosen, rejected = logps.chunk(2)  # (B,), (B,)
+    out = preference_output(cfg, chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
+    return out.loss, {**preference_metrics(out, chosen, rejected), "tokens": float(batch["attention_mask"].sum())}
+
+
+def evaluate_pairs(model, pairs: list[EncodedPair], ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                   cfg: DPOConfig, pad_id: int) -> dict[str, float]:
+    """Loss, implicit rewards, margin, accuracy and log-probs over held-out pairs (pair-weighted means)."""
+    logps = batched_logps(model, pair_rows(pairs), pad_id, max(cfg.train.batch_size, 32),
+                          precision=cfg.train.precision, average=cfg.loss == "simpo")
+    chosen, rejected = logps.chunk(2)
+    out = preference_output(cfg, chosen, rejected, ref_chosen, ref_rejected)
+    return {"eval/loss": out.loss.item(), **{f"eval/{k}": v for k, v in preference_metrics(out, chosen, rejected).items()}}
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def run_dpo(cfg: DPOConfig) -> Path:
+    """Train ``cfg.model`` on preference pairs with the configured direct loss; returns the output folder."""
+    cfg.validate()
+    torch.manual_seed(cfg.train.seed)
+    ref = cfg.ref or cfg.model
+    tokenizer = load_tokenizer(cfg.model)
+    records = load_preferences(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+    if cfg.eval_data:
+        eval_records = load_preferences(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+        train_records = records
+    else:
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
+    pairs, overflow = encode_pairs(train_records, tokenizer, cfg.max_len, cfg.overflow)
+    eval_pairs, _ = encode_pairs(eval_records, tokenizer, cfg.max_len, "truncate")
+    if not pairs:
+        raise ValueError(f"{cfg.data}: no pair is left to train on")
+
+    out = Path(cfg.out)  # the input has validated: only now is anything written
+    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    pad_id, n, m = tokenizer.pad_token_id, len(pairs), len(eval_pairs)
+    if cfg.loss == "simpo":  # no reference model at all
+        ref_logps, hit = torch.zeros(2 * (n + m)), False
+    else:
+        ref_logps, hit = reference_logps(ref, pair_rows(pairs) + pair_rows(eval_pairs), pad_id, cfg.train)
+    ref_c, ref_r = ref_logps[:n], ref_logps[n : 2 * n]  # (n,), (n,)
+    eval_ref_c, eval_ref_r = ref_logps[2 * n : 2 * n + m], ref_logps[2 * n + m :]  # (m,), (m,)
+
+    model = apply_lora(load_model(cfg.model), cfg.lora)
+    log.info("DPO (%s, β=%g) of %s against %s: %d trainable parameters, %d pairs", cfg.loss, cfg.beta, cfg.model,
+             "no reference" if cfg.loss == "simpo" else ref, count_parameters(model, True), n)
+
+    def collate(idx: list[int]) -> dict:
+        return {**pad_pairs_labelled([pairs[i] for i in idx], pad_id), "ref_chosen": ref_c[idx], "ref_rejected": ref_r[idx]}
+
+    def eval_fn(m_) -> dict[str, float]:
+        return evaluate_pairs(m_, eval_pairs, eval_ref_c, eval_ref_r, cfg, pad_id)
+
+    result = train(model, n, collate, lambda m_, b: dpo_step(m_, b, cfg), cfg.train, out,
+                   eval_fn=eval_fn if eval_pairs else None, resume=cfg.resume, desc=f"dpo {cfg.loss}")
+    metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
+               "data/dropped": overflow.dropped, "time/seconds": result.seconds}
+    kl_prompts = list(dict.fromkeys(r.prompt for r in eval_records))[: cfg.kl_prompts]
+    if kl_prompts:
+        metrics["eval/kl_to_ref"] = kl_to_reference(model, ref, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
+                                                    max_len=cfg.max_len, cfg=cfg.train,
+                                                    lora_on_ref=cfg.lora.r > 0 and ref == cfg.model)
+        log.info("KL(π‖π_ref) on %d held-out prompts: %.4f nats", len(kl_prompts), metrics["eval/kl_to_ref"])
+    data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
+    if eval_records:
+        data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))
+    return write_artifact(out, stage="dpo", cfg=cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)

@@ -1,0 +1,178 @@
+"""Kahneman–Tversky optimisation on unpaired feedback (Ethayarajh et al. 2024).
+
+    r(x, y) = log π(y|x) − log π_ref(y|x),    z0 = max(0, mean over the batch of r(x_i, y_{i−1})), detached
+    L = λ_D (1 − σ(β(r − z0)))  for a desirable y,   λ_U (1 − σ(β(z0 − r)))  for an undesirable y
+
+The loss is tether.losses.kto_loss; this file gathers its inputs. Data comes from
+tether.data.load_feedback ({"prompt","completion","label"} rows; a preference pair gives one
+desirable and one undesirable record).
+
+The reference point z0 is estimated per micro-batch as in the paper (Sec. 4.1): each prompt is
+paired with the completion of the previous example in the batch (a shift by one), and z0 is the
+mean log-ratio over those mismatched pairs, clamped at 0 and detached. Since it carries no
+gradient, the mismatched rows go through a no-grad forward of the policy. Their reference
+log-probs, like those of every matched row, are computed once before training: the data order
+is a pure function of (seed, micro-batch), so every micro-batch the run will see is known in
+advance. They are cached as in tether.trainers.dpo (a changed seed, batch size or step count
+is a different key). Held-out evaluation estimates z0 over the whole held-out set the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tether.config import group, opt
+from tether.data import fingerprint, load_feedback
+from tether.data.collate import OVERFLOW_CHOICES, Encoded, EncodedFeedback, encode_feedback, feedback_row, pad
+from tether.loop import DataOrder, TrainConfig, train
+from tether.losses import KTOOutput, kto_loss, sequence_logprobs
+from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
+from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.dpo import batched_logps, kl_to_reference, reference_logps
+from tether.trainers.sft import split_eval
+
+log = logging.getLogger("tether.kto")
+
+
+def _kto_defaults() -> TrainConfig:
+    return TrainConfig(steps=200, batch_size=16, lr=5e-5, warmup_steps=10, eval_every=50, save_every=100)
+
+
+@dataclass
+class KTOConfig:
+    model: str = opt("", "policy to start from: an SFT folder, a local path or a hub name")
+    ref: str = opt("", "reference model (empty: the same as --model)")
+    data: str = opt("", "feedback data (prompt/completion/label; preference pairs are split into both labels)")
+    eval_data: str = opt("", "held-out feedback data (empty: hold out eval_fraction of data)")
+    eval_fraction: float = opt(0.05, "fraction of examples held out when eval_data is empty")
+    out: str = opt("runs/kto", "output folder")
+    max_len: int = opt(256, "longest prompt + completion in tokens")
+    skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    overflow: str = opt("truncate", "longer examples: truncate | drop | error (always counted in the log)")
+    beta: float = opt(0.1, "β: strength of the tie to the reference")
+    desirable_weight: float = opt(1.0, "λ_D, weight of desirable examples")
+    undesirable_weight: float = opt(1.0, "λ_U, weight of undesirable examples")
+    kl_prompts: int = opt(64, "held-out prompts sampled at the end to estimate KL(π‖π_ref) (0: skip)")
+    kl_max_new_tokens: int = opt(64, "longest sample for the KL estimate")
+    resume: bool = opt(False, "continue from the latest checkpoint in out")
+    overwrite: bool = opt(False, "replace an existing run in out")
+    lora: LoraConfig = group(LoraConfig)
+    train: TrainConfig = group(_kto_defaults)
+
+    def validate(self) -> None:
+        if not self.model or not self.data:
+            raise ValueError("--model and --data are required")
+        if self.overflow not in OVERFLOW_CHOICES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
+        if self.beta <= 0 or self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ValueError("beta, desirable_weight and undesirable_weight must be positive")
+        if self.train.batch_size < 2:
+            raise ValueError("KTO needs batch_size >= 2 to estimate its reference point from mismatched pairs")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        self.train.validate()
+
+
+def matched_rows(examples: list[EncodedFeedback], max_len: int) -> list[Encoded]:
+    return [feedback_row(e.prompt, e.completion, max_len) for e in examples]
+
+
+def mismatched_rows(examples: list[EncodedFeedback], max_len: int) -> list[Encoded]:
+    """Prompt i with the completion of example i − 1 (cyclically): the pairs z0 is estimated on."""
+    return [feedback_row(e.prompt, examples[j - 1].completion, max_len) for j, e in enumerate(examples)]
+
+
+def kto_metrics(out: KTOOutput, policy_logps: torch.Tensor, labels: torch.Tensor, z0: torch.Tensor) -> dict[str, float]:
+    """Means over desirable and undesirable examples (a side absent from the batch is left out)."""
+    m = {"kl_ref_point": z0.item()}
+    if labels.any():
+        m["reward_desirable"] = out.chosen_rewards.mean().item()
+        m["logp_desirable"] = policy_logps[labels].detach().mean().item()
+    if (~labels).any():
+        m["reward_undesirable"] = out.rejected_rewards.mean().item()
+        m["logp_undesirable"] = policy_logps[~labels].detach().mean().item()
+    if labels.any() and (~labels).any():
+        m["reward_margin"] = m["reward_desirable"] - m["reward_undesirable"]
+    return m
+
+
+def kto_step(model, batch: dict, cfg: KTOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch. ``batch``: input_ids, attention_mask, labels (B, T) of matched rows and
+    kl_input_ids, kl_attention_mask, kl_labels (B, T') of mismatched rows; ref, ref_kl, label (B,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    policy = sequence_logprobs(logits, batch["labels"])  # (B,)
+    with torch.no_grad():  # z0 is detached: its rows need no graph
+        kl_logits = model(input_ids=batch["kl_input_ids"], attention_mask=batch["kl_attention_mask"]).logits
+        z0 = (sequence_logprobs(kl_logits, batch["kl_labels"]) - batch["ref_kl"]).mean().clamp(min=0)  # ()
+    labels = batch["label"].bool()
+    out = kto_loss(policy, batch["ref"], labels, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    return out.loss, {**kto_metrics(out, policy, labels, z0), "tokens": float(batch["attention_mask"].sum())}
+
+
+def run_kto(cfg: KTOConfig) -> Path:
+    """Train ``cfg.model`` on unpaired feedback with KTO; returns the output folder."""
+    cfg.validate()
+    torch.manual_seed(cfg.train.seed)
+    ref = cfg.ref or cfg.model
+    tokenizer = load_tokenizer(cfg.model)
+    records = load_feedback(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+    if cfg.eval_data:
+        eval_records = load_feedback(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+        train_records = records
+    else:
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
+    examples, overflow = encode_feedback(train_records, tokenizer, cfg.max_len, cfg.overflow)
+    eval_examples, _ = encode_feedback(eval_records, tokenizer, cfg.max_len, "truncate")
+    if len(examples) < 2:
+        raise ValueError(f"{cfg.data}: fewer than two examples are left to train on")
+
+    out = Path(cfg.out)  # the input has validated: only now is anything written
+    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    pad_id, n, m, mx = tokenizer.pad_token_id, len(examples), len(eval_examples), cfg.max_len
+    order = DataOrder(n, cfg.train.batch_size, cfg.train.seed)
+    micro = list(dict.fromkeys(tuple(order.indices(k)) for k in range(cfg.train.steps * cfg.train.grad_accum)))
+    where = {idx: k * cfg.train.batch_size for k, idx in enumerate(micro)}  # micro-batch -> offset of its KL rows
+    kl_rows = [r for idx in micro for r in mismatched_rows([examples[i] for i in idx], mx)]
+    rows = matched_rows(examples, mx) + matched_rows(eval_examples, mx) + mismatched_rows(eval_examples, mx) + kl_rows
+    ref_logps, hit = reference_logps(ref, rows, pad_id, cfg.train)
+    ref_train, ref_eval, ref_eval_kl, ref_kl = ref_logps.split([n, m, m, len(kl_rows)])
+
+    model = apply_lora(load_model(cfg.model), cfg.lora)
+    log.info("KTO (β=%g) of %s against %s: %d trainable parameters, %d examples (%d desirable)", cfg.beta,
+             cfg.model, ref, count_parameters(model, True), n, sum(e.label for e in examples))
+
+    def collate(idx: list[int]) -> dict:
+        batch_examples = [examples[i] for i in idx]
+        kl = pad(mismatched_rows(batch_examples, mx), pad_id)
+        k = where[tuple(idx)]
+        return {**pad(matched_rows(batch_examples, mx), pad_id),
+                **{f"kl_{name}": t for name, t in kl.items()},
+                "ref": ref_train[idx], "ref_kl": ref_kl[k : k + len(idx)],
+                "label": torch.tensor([e.label for e in batch_examples])}
+
+    def eval_fn(model_) -> dict[str, float]:
+        bs = max(cfg.train.batch_size, 32)
+        logps = batched_logps(model_, matched_rows(eval_examples, mx) + mismatched_rows(eval_examples, mx), pad_id,
+                              bs, precision=cfg.train.precision)
+        policy, policy_kl = logps.split([m, m])
+        z0 = (policy_kl - ref_eval_kl).mean().clamp(min=0)
+        labels = torch.tensor([e.label for e in eval_examples])
+        o = kto_loss(policy, ref_eval, labels, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+        return {"eval/loss": o.loss.item(), **{f"eval/{k}": v for k, v in kto_metrics(o, policy, labels, z0).items()}}
+
+    result = train(model, n, collate, lambda m_, b: kto_step(m_, b, cfg), cfg.train, out,
+                   eval_fn=eval_fn if m >= 2 else None, resume=cfg.resume, desc="kto")
+    metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
+               "data/dropped": overflow.dropped, "time/seconds": result.seconds}
+    kl_prompts = list(dict.fromkeys(r.prompt for r in eval_records))[: cfg.kl_prompts]
+    if kl_prompts:
+        metrics["eval/kl_to_ref"] = kl_to_reference(model, ref, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
+                                                    max_len=mx, cfg=cfg.train, lora_on_ref=cfg.lora.r > 0 and ref == cfg.model)
+    data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
+    if eval_records:
+        data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))
+    return write_artifact(out, stage="kto", cfg=cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)

@@ -117,3 +117,14 @@ def test_an_ensemble_of_three_trains_and_serves_as_one_reward(tmp_path, tiny_fol
     assert members.shape == (3, 2) and not torch.allclose(members[0], members[1])  # seeds differ
     assert torch.allclose(reward(prompts, responses), members.mean(0) - members.var(0, unbiased=False))
     assert torch.allclose(load_reward(out, aggregation="min")(prompts, responses), members.min(0).values)
+
+
+def test_empty_responses_are_an_error_or_a_counted_skip():
+    from tether.data import DataError, load_preferences
+    from tether.trainers.reward import nonempty_responses
+
+    records = load_preferences([{"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: Go"},
+                                {"prompt": "P", "chosen": " a", "rejected": " b"}])
+    with pytest.raises(DataError, match=r"<memory>:row 1: field 'chosen': empty response.*--skip-invalid"):
+        nonempty_responses(records, skip=False)
+    assert [r.chosen for r in nonempty_responses(records, skip=True)] == [" a"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tether.config import group, opt, to_dict
-from tether.data import fingerprint, load_preferences, load_prompts
+from tether.data import DataError, fingerprint, load_preferences
 from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, pad_pairs
 from tether.instruments.rm_eval import rm_report
 from tether.io import write_json
@@ -69,6 +69,25 @@ class RMConfig:
         if self.ensemble < 1:
             raise ValueError("ensemble must be at least 1")
         self.train.validate()
+
+
+def nonempty_responses(records: list, skip: bool) -> list:
+    """A reward model cannot learn from an empty response: an error, or a counted skip with ``skip``.
+
+    (HH-RLHF's published test set has four pairs whose chosen reply is a lone space.)
+    """
+    kept = []
+    for rec in records:
+        empty = next((side for side in ("chosen", "rejected") if not getattr(rec, side).strip()), None)
+        if empty is None:
+            kept.append(rec)
+        elif not skip:
+            source, _, line = rec.where.rpartition(":")
+            raise DataError(source, line, empty, "empty response: a reward model needs text to score "
+                            "(pass --skip-invalid to skip and count such pairs)")
+    if len(kept) < len(records):
+        log.warning("skipped %d pair(s) with an empty response", len(records) - len(kept))
+    return kept
 
 
 def pair_scores(model, pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,9 +163,11 @@ def run_rm(cfg: RMConfig) -> Path:
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    records = load_preferences(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+    records = nonempty_responses(load_preferences(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid),
+                                 cfg.skip_invalid)
     if cfg.eval_data:
-        eval_records = load_preferences(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+        eval_records = nonempty_responses(
+            load_preferences(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid), cfg.skip_invalid)
         train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)

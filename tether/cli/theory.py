@@ -1,4 +1,4 @@
-"""``tether optimal-policy``: the closed-form optimum of the KL-regularised objective, by hand."""
+"""``tether optimal-policy`` (the closed-form optimum, by hand) and ``tether calibrate-beta``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import click
 import numpy as np
 
 from tether import theory
+from tether.calibrate import CalibrateConfig, format_summary, run_calibrate
+from tether.config import options
 
 
 def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
@@ -89,4 +91,19 @@ def optimal_policy(sft: list[float], reward: list[float], beta: float | None, sw
         click.echo(_table(header, rows))
 
 
-COMMANDS = [optimal_policy]
+@click.command("calibrate-beta")
+@options(CalibrateConfig)
+def calibrate_beta(cfg: CalibrateConfig) -> None:
+    """Measure achieved KL and win-rate for each β, plot the frontier, recommend a β within a KL budget.
+
+    Example (exact, seconds): tether calibrate-beta --method tabular --betas 0.1,0.3,1,3 --kl-budget 0.5
+    """
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    summary = run_calibrate(cfg)
+    click.echo(format_summary(summary))
+    click.echo(f"  frontier: {cfg.out}/frontier.png and frontier.json")
+
+
+COMMANDS = [optimal_policy, calibrate_beta]

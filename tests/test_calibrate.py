@@ -1,0 +1,65 @@
+"""β calibration: the measured frontier matches the closed form; KL and win-rate instruments."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tether.calibrate import CalibrateConfig, Point, recommend, tabular_frontier, tabular_win_rate
+from tether.cli import main
+from tether.instruments.kl import sampled_kl
+from tether.instruments.winrate import win_rate
+
+
+def test_tabular_frontier_matches_the_closed_form():
+    measured, exact = tabular_frontier(CalibrateConfig(method="tabular", betas="0.1,0.3,1,3"))
+    for m, e in zip(measured, exact):
+        assert m.kl == pytest.approx(e.kl, abs=2e-3)
+        assert m.win_rate == pytest.approx(e.win_rate, abs=2e-3)
+        assert m.reward == pytest.approx(e.reward, abs=2e-3)
+    kls = [p.kl for p in exact]
+    assert kls == sorted(kls, reverse=True)  # larger β, smaller KL
+
+
+def test_tabular_win_rate_by_hand():
+    # π puts all mass on the best of three; π_ref is uniform: it beats 2 of 3 and ties 1 → (2 + 0.5)/3
+    assert tabular_win_rate(np.array([1.0, 0, 0]), np.full(3, 1 / 3), np.array([1.0, 0.5, -1])) == pytest.approx(2.5 / 3)
+    assert tabular_win_rate(np.full(3, 1 / 3), np.full(3, 1 / 3), np.array([1.0, 0.5, -1])) == pytest.approx(0.5)
+
+
+def test_recommend_takes_the_best_win_rate_within_budget():
+    pts = [Point(0.1, 3.0, 0.8, 1.0), Point(0.3, 1.5, 0.7, 0.9), Point(1.0, 0.4, 0.6, 0.5)]
+    assert recommend(pts, 2.0).beta == 0.3
+    assert recommend(pts, 0.1) is None
+
+
+def test_win_rate_counts_ties_half_and_brackets_itself():
+    rate, (lo, hi) = win_rate([1, 2, 3, 4], [0, 2, 5, 1])
+    assert rate == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert lo <= rate <= hi
+
+
+def test_sampled_kl_of_a_policy_from_itself_is_zero(tiny_folder):
+    from tether.models import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_folder), load_tokenizer(tiny_folder)
+    est = sampled_kl(model, model, tok, ["\n\nHuman: What is 1 plus 2?\n\nAssistant:"] * 4, max_new_tokens=6)
+    assert est.kl == 0.0 and len(est.responses) == 4
+    other = load_model(tiny_folder)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert sampled_kl(other, model, tok, ["\n\nHuman: Hi\n\nAssistant:"] * 8, max_new_tokens=6).kl != 0.0
+
+
+def test_calibrate_beta_command_writes_frontier_and_recommends(tmp_path):
+    result = CliRunner().invoke(main, ["calibrate-beta", "--method", "tabular", "--betas", "0.1,1,3", "--kl-budget", "0.2",
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "recommended β = 1" in result.output
+    summary = json.loads((tmp_path / "frontier.json").read_text())
+    assert summary["recommended_beta"] == 1.0 and (tmp_path / "frontier.png").stat().st_size > 10_000

@@ -239,6 +239,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
 
 # --- the loop -----------------------------------------------------------------------------
 
+
+def _diverged(what: str, step: int, ckpt_dir: Path) -> TrainingDiverged:
+    last = latest_checkpoint(ckpt_dir)
+    return TrainingDiverged(
+        f"{what} at step {step + 1}; stopping before the update. The last good checkpoint is "
+        f"{last or 'none (none was written yet)'}. Try a lower lr or a smaller max_grad_norm."
+    )
+
+
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -295,17 +304,15 @@ def train(
                 with autocast(device, cfg.precision):
                     loss, metrics = loss_fn(model, batch)
                 if not torch.isfinite(loss):
-                    last = latest_checkpoint(ckpt_dir)
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {step + 1}; stopping. The last good checkpoint is "
-                        f"{last or 'none (none was written yet)'}. Try a lower lr or a smaller max_grad_norm."
-                    )
+                    raise _diverged(f"loss is {loss.item()}", step, ckpt_dir)
                 (loss / cfg.grad_accum).backward()
                 for k, v in {"loss": loss.item(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + v / (1 if k == "tokens" else cfg.grad_accum)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             )
+            if not torch.isfinite(grad_norm):
+                raise _diverged(f"the gradient norm is {grad_norm.item()}", step, ckpt_dir)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

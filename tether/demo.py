@@ -3,7 +3,9 @@
 1. export the gold world's data as ordinary files (what a user would bring);
 2. pretrain the tiny default on the world's corpus (tokenizer included);
 3. supervised fine-tuning on the world's demonstrations;
-4. measure both policies against the gold reward on held-out test prompts.
+4. DPO (sigmoid, β = 0.1) from the SFT policy on the world's preference pairs, the
+   alternative to the reward model + PPO route;
+5. measure every policy against the gold reward on held-out test prompts.
 Later stages add themselves here.
 """
 
@@ -30,6 +32,7 @@ class DemoConfig:
     seed: int = opt(0, "seed for the world and every stage")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
+    dpo_steps: int = opt(150, "optimiser steps of DPO from the SFT policy on the world's preferences (0: skip DPO)")
     eval_prompts: int = opt(200, "held-out test prompts (a seeded sample) scored with the gold reward")
     quick: bool = opt(False, "a small world and few steps: checks the plumbing in about a minute, learns little")
     overwrite: bool = opt(True, "replace an earlier demo in out")
@@ -37,6 +40,8 @@ class DemoConfig:
     def validate(self) -> None:
         if self.pretrain_steps < 1 or self.sft_steps < 1 or self.eval_prompts < 1:
             raise ValueError("steps and eval_prompts must be at least 1")
+        if self.dpo_steps < 0:
+            raise ValueError("dpo_steps must be at least 0")
 
 
 def _world_config(cfg: DemoConfig) -> WorldConfig:
@@ -50,6 +55,16 @@ def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:
     from tether.instruments.gold import gold_eval
 
     return gold_eval(load_model(folder), load_tokenizer(folder), rows, seed=seed)
+
+
+def _dpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
+    """DPO (sigmoid, β = 0.1) from the SFT folder on the world's preference pairs, evaluated on its test pairs."""
+    from tether.trainers.dpo import DPOConfig, run_dpo
+
+    train = TrainConfig(steps=cfg.dpo_steps, batch_size=8, lr=1e-4, warmup_steps=10, eval_every=0, save_every=0,
+                        seed=cfg.seed)
+    return run_dpo(DPOConfig(model=str(sft), data=str(files["preferences_train"]), eval_data=str(files["preferences_test"]),
+                             out=str(out / "dpo"), loss="sigmoid", beta=0.1, overwrite=cfg.overwrite, train=train))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -69,6 +84,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     sft = run_sft(SFTConfig(model=str(pretrained), data=str(files["sft_train"]), eval_data=str(files["sft_eval"]),
                             out=str(out / "sft"), overwrite=cfg.overwrite, train=sft_train))
 
+    dpo = _dpo(cfg, files, sft, out) if cfg.dpo_steps else None
+
     rows = read_jsonl(files["prompts_test"])
     rows = random.Random(cfg.seed).sample(rows, min(cfg.eval_prompts, len(rows)))  # every family, in proportion
     before = _policy_eval(pretrained, rows, cfg.seed)
@@ -83,25 +100,36 @@ def run_demo(cfg: DemoConfig) -> dict:
         "gold": {"pretrained": before, "sft": after},
         "seconds": time.perf_counter() - t0,
     }
+    if dpo is not None:
+        report["artifacts"]["dpo"] = str(dpo)
+        dpo_metrics = json.loads((dpo / "tether.json").read_text())["metrics"]
+        report["dpo"] = {k: dpo_metrics.get(k) for k in ("eval/reward_accuracy", "eval/reward_margin", "eval/kl_to_ref")}
+        report["gold"]["dpo"] = _policy_eval(dpo, rows, cfg.seed)
+        report["seconds"] = time.perf_counter() - t0
     write_json(out / "report.json", report)
     return report
 
 
 def format_report(report: dict) -> str:
     """The summary a person reads at the end of ``tether demo``."""
-    pre, sft = report["gold"]["pretrained"], report["gold"]["sft"]
+    columns = [(name, title) for name, title in (("pretrained", "pretrained"), ("sft", "SFT"), ("dpo", "DPO"))
+               if name in report["gold"]]
+    gold = [report["gold"][name] for name, _ in columns]
     lines = [
         "",
-        "tether demo: the gold world, pretrain -> SFT",
+        "tether demo: the gold world, pretrain -> SFT" + (" -> DPO" if "dpo" in report["gold"] else ""),
         f"  pretraining: held-out loss {report['pretrain']['eval/loss']:.3f} nats/token "
         f"(unigram entropy of the corpus {report['pretrain']['data/unigram_entropy']:.3f}), "
         f"{report['pretrain']['model/parameters']:,} parameters",
         f"  SFT: held-out loss {report['sft']['eval/loss']:.3f} (perplexity {report['sft']['eval/perplexity']:.2f})",
-        "",
-        f"  {'gold metric on test prompts':<34}{'pretrained':>12}{'SFT':>12}",
     ]
-    for key in sorted(set(pre) | set(sft)):
-        lines.append(f"  {key:<34}{pre.get(key, float('nan')):>12.3f}{sft.get(key, float('nan')):>12.3f}")
+    if "dpo" in report:
+        d = report["dpo"]
+        lines.append(f"  DPO: held-out implicit-reward accuracy {d['eval/reward_accuracy']:.3f}, margin "
+                     f"{d['eval/reward_margin']:.3f}, KL to SFT {d.get('eval/kl_to_ref') or float('nan'):.3f} nats")
+    lines += ["", f"  {'gold metric on test prompts':<34}" + "".join(f"{title:>12}" for _, title in columns)]
+    for key in sorted(set().union(*gold)):
+        lines.append(f"  {key:<34}" + "".join(f"{g.get(key, float('nan')):>12.3f}" for g in gold))
     lines += ["", "  artifacts:"] + [f"    {k:<10}{v}" for k, v in report["artifacts"].items()]
     lines.append(f"  report: {Path(report['artifacts']['world']).parent / 'report.json'}  ({report['seconds']:.0f} s)")
     return "\n".join(lines)

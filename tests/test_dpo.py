@@ -120,8 +120,8 @@ def test_bad_options_are_errors():
 
 
 def _cfg(tiny_folder, data, out, **kw) -> DPOConfig:
-    cfg = DPOConfig(model=str(tiny_folder), data=str(data), out=str(out), eval_fraction=0.25, kl_prompts=4,
-                    kl_max_new_tokens=8, overwrite=True, **kw)
+    cfg = DPOConfig(model=str(tiny_folder), data=str(data), out=str(out), **{
+        "eval_fraction": 0.25, "kl_prompts": 4, "kl_max_new_tokens": 8, "overwrite": True, **kw})
     cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every, cfg.train.save_every = 2, 4, 0, 0
     return cfg
 
@@ -190,3 +190,27 @@ def test_kto_raises_desirable_log_ratios_above_undesirable(tmp_path, tiny_folder
     assert m["eval/kl_ref_point"] >= 0 and "train/kl_ref_point" in m and "eval/kl_to_ref" in m
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train/kl_ref_point"] == pytest.approx(0.0, abs=1e-5)  # step 1: policy = reference
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_ends_with_the_same_weights(tmp_path, tiny_folder, small_pairs_file):
+    cfg = _cfg(tiny_folder, small_pairs_file, tmp_path / "run", kl_prompts=0)
+    cfg.train.steps, cfg.train.save_every, cfg.train.keep_checkpoints = 3, 1, 3
+    whole = load_file(str(run_dpo(cfg) / "model.safetensors"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000003")  # as if killed after step 2
+    cfg.resume, cfg.overwrite = True, False
+    resumed = load_file(str(run_dpo(cfg) / "model.safetensors"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_lora_dpo_uses_the_adapter_free_model_as_reference_and_saves_merged(tmp_path, tiny_folder, small_pairs_file):
+    cfg = _cfg(tiny_folder, small_pairs_file, tmp_path / "lora")
+    cfg.lora.r, cfg.train.lr = 4, 1e-2
+    out = run_dpo(cfg)
+    m = json.loads((out / "tether.json").read_text())["metrics"]
+    assert math.isfinite(m["eval/kl_to_ref"]) and (out / "adapter").is_dir()
+    AutoModelForCausalLM.from_pretrained(out)

@@ -63,3 +63,21 @@ def test_calibrate_beta_command_writes_frontier_and_recommends(tmp_path):
     assert "recommended β = 1" in result.output
     summary = json.loads((tmp_path / "frontier.json").read_text())
     assert summary["recommended_beta"] == 1.0 and (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_calibrate_beta_with_short_dpo_trainings(tmp_path, tiny_folder):
+    from tether.world import format_prompt
+
+    rows = [{"prompt": format_prompt(f"What is {a} plus {b}?"), "chosen": f" {a} plus {b} is {a + b}. #### {a + b}",
+             "rejected": f" {a} plus {b} is {a + b + 1}. #### {a + b + 1}"} for a in range(6) for b in range(6)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(main, [
+        "calibrate-beta", "--model", str(tiny_folder), "--data", str(tmp_path / "prefs.jsonl"),
+        "--prompts", str(tmp_path / "prefs.jsonl"), "--betas", "0.1,1", "--steps", "6", "--batch-size", "8",
+        "--eval-prompts", "8", "--max-new-tokens", "8", "--kl-budget", "100", "--out", str(tmp_path / "cal")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "cal" / "frontier.json").read_text())
+    assert [p["beta"] for p in summary["points"]] == [0.1, 1.0]
+    assert all(0 <= p["win_rate"] <= 1 and np.isfinite(p["kl"]) for p in summary["points"])
+    assert summary["recommended_beta"] in (0.1, 1.0) and (tmp_path / "cal" / "frontier.png").exists()

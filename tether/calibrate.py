@@ -130,7 +130,7 @@ def dpo_frontier(cfg: CalibrateConfig) -> list[Point]:
     points = []
     for beta in cfg.beta_list():
         folder = run_dpo(DPOConfig(model=cfg.model, data=cfg.data, beta=beta, out=str(Path(cfg.out) / f"beta-{beta:g}"),
-                                   overwrite=True, train=replace(cfg.train)))
+                                   overwrite=True, kl_prompts=0, train=replace(cfg.train)))  # KL measured below
         policy = load_model(folder)
         est = sampled_kl(policy, reference, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.train.seed)
         scores = judge(prompts, est.responses)

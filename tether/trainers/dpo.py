@@ -9,7 +9,8 @@ The losses live in tether.losses.preference; this file only gathers their inputs
 
 - log-probs are summed over response tokens only (prompt labels are IGNORE_INDEX);
 - chosen and rejected go through one forward pass (2B rows);
-- the reference log-probs of every train and eval pair are computed once, before training,
+- the reference log-probs of every train pair the run will visit (the data order is a pure
+  function of seed and step) and every eval pair are computed once, before training,
   with no gradient, and cached under ``$TETHER_CACHE/ref_logps/<key>.safetensors``
   (default ``~/.cache/tether``), the key a hash of the token ids of every row, the reference
   model's identity (a folder's path, file sizes and mtimes; or a hub name) and the precision.
@@ -49,7 +50,7 @@ from tether.data.collate import (
     pair_rows,
     prompt_ids,
 )
-from tether.loop import TrainConfig, autocast, resolve_device, train
+from tether.loop import DataOrder, TrainConfig, autocast, resolve_device, train
 from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, sequence_logprobs, simpo_loss
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.trainers.artifact import data_info, prepare_output, write_artifact
@@ -263,12 +264,18 @@ def run_dpo(cfg: DPOConfig) -> Path:
     out = Path(cfg.out)  # the input has validated: only now is anything written
     prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
     pad_id, n, m = tokenizer.pad_token_id, len(pairs), len(eval_pairs)
+    # only the pairs this run's data order will visit (all of them once it passes an epoch)
+    order = DataOrder(n, cfg.train.batch_size, cfg.train.seed)
+    seen = sorted({i for k in range(cfg.train.steps * cfg.train.grad_accum) for i in order.indices(k)})
+    ref_c, ref_r = torch.full((n,), float("nan")), torch.full((n,), float("nan"))  # (n,), (n,)
     if cfg.loss == "simpo":  # no reference model at all
-        ref_logps, hit = torch.zeros(2 * (n + m)), False
+        eval_ref_c = eval_ref_r = torch.zeros(m)
+        hit = False
     else:
-        ref_logps, hit = reference_logps(ref, pair_rows(pairs) + pair_rows(eval_pairs), pad_id, cfg.train)
-    ref_c, ref_r = ref_logps[:n], ref_logps[n : 2 * n]  # (n,), (n,)
-    eval_ref_c, eval_ref_r = ref_logps[2 * n : 2 * n + m], ref_logps[2 * n + m :]  # (m,), (m,)
+        ref_logps, hit = reference_logps(ref, pair_rows([pairs[i] for i in seen]) + pair_rows(eval_pairs), pad_id, cfg.train)
+        k = len(seen)
+        ref_c[seen], ref_r[seen] = ref_logps[:k], ref_logps[k : 2 * k]
+        eval_ref_c, eval_ref_r = ref_logps[2 * k : 2 * k + m], ref_logps[2 * k + m :]  # (m,), (m,)
 
     model = apply_lora(load_model(cfg.model), cfg.lora)
     log.info("DPO (%s, β=%g) of %s against %s: %d trainable parameters, %d pairs", cfg.loss, cfg.beta, cfg.model,

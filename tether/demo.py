@@ -61,7 +61,7 @@ def _dpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
     """DPO (sigmoid, β = 0.1) from the SFT folder on the world's preference pairs, evaluated on its test pairs."""
     from tether.trainers.dpo import DPOConfig, run_dpo
 
-    train = TrainConfig(steps=cfg.dpo_steps, batch_size=8, lr=1e-4, warmup_steps=10, eval_every=0, save_every=0,
+    train = TrainConfig(steps=cfg.dpo_steps, batch_size=16, lr=5e-5, warmup_steps=10, eval_every=0, save_every=0,
                         seed=cfg.seed)
     return run_dpo(DPOConfig(model=str(sft), data=str(files["preferences_train"]), eval_data=str(files["preferences_test"]),
                              out=str(out / "dpo"), loss="sigmoid", beta=0.1, overwrite=cfg.overwrite, train=train))

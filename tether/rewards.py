@@ -5,14 +5,22 @@ Interchangeable by a config string or an object:
     "gold"                 the gold world's true reward (tether.world.gold_reward)
     "PATH" or "rm:PATH"    a reward model folder written by `tether rm` (an ensemble folder too)
     any callable           (prompts, responses) -> sequence of floats or a tensor
+    "exact_match"          1 if the final answer equals the prompt's reference answer (tether.verifiable)
+    "format"               1 if the response states a final answer ("#### N" / "The answer is N")
+    "overlong(max=L,cache=C)"  DAPO's overlong length shaping over the last C of L tokens
+    "a:w1,b:w2,..."        a weighted sum of any of the above, e.g. "exact_match:1.0,format:0.2"
 
+A weighted sum can also be given as a list of (spec, weight) pairs, which lets callables and
+paths holding "," or ":" join in. ``exact_match`` needs ``answers`` (a prompt → reference answer
+map, see tether.verifiable.answer_map); ``overlong`` needs a ``tokenizer`` to count tokens, and
+takes L from ``max_new_tokens`` when ``max=`` is not given (C defaults to L/5, DAPO's ratio).
 Learned rewards are normalised (gain and bias stored in the model) unless asked otherwise.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -101,17 +109,176 @@ def ensemble_members(folder: str | Path) -> list[Path]:
     return [Path(folder) / m for m in meta.get("members", [])]
 
 
-def load_reward(spec: str | Path | RewardFn, *, aggregation: str | None = None, uwo_lambda: float = 1.0,
-                normalise: bool = True, device: str = "cpu") -> RewardFn:
-    """Resolve a reward spec (see the module docstring) to a reward function."""
+class ExactMatchReward:
+    """tether.verifiable.exact_match_rewards against the reference answer of each prompt."""
+
+    def __init__(self, answers: Mapping[str, str]):
+        self.answers = dict(answers)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        from tether.verifiable import exact_match_rewards
+
+        missing = [p for p in prompts if p not in self.answers]
+        if missing:
+            raise KeyError(f"exact_match: no reference answer for {len(missing)} prompt(s), e.g. {missing[0]!r}; "
+                           "give every prompt an \"answer\" field")
+        return torch.tensor(exact_match_rewards(responses, [self.answers[p] for p in prompts]), dtype=torch.float32)
+
+
+class FormatReward:
+    """tether.verifiable.format_rewards: 1 for a stated final answer."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        from tether.verifiable import format_rewards
+
+        return torch.tensor(format_rewards(responses), dtype=torch.float32)
+
+
+class OverlongReward:
+    """tether.verifiable.overlong_penalty of each response's length in tokens.
+
+    The length is that of the response text re-tokenised (no special tokens), so an EOS the
+    model emitted does not count; a tokenizer whose round trip is not exact may differ by a token.
+    """
+
+    def __init__(self, tokenizer, max_tokens: int, cache_tokens: int):
+        from tether.verifiable import overlong_penalty
+
+        overlong_penalty(0, max_tokens, cache_tokens)  # checks the sizes now, not at the first call
+        self.tokenizer, self.max_tokens, self.cache_tokens = tokenizer, max_tokens, cache_tokens
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        from tether.verifiable import overlong_penalty
+
+        lengths = [len(ids) for ids in self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+        return torch.tensor([overlong_penalty(n, self.max_tokens, self.cache_tokens) for n in lengths],
+                            dtype=torch.float32)
+
+
+class CombinedReward:
+    """A weighted sum of named reward terms, R = Σ_k w_k R_k (tether.verifiable.combine)."""
+
+    def __init__(self, terms: Sequence[tuple[str, RewardFn, float]]):
+        if not terms:
+            raise ValueError("a combined reward needs at least one term")
+        self.terms = list(terms)
+
+    def components(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each term's unweighted reward, keyed by its name. Shape: each (N,)."""
+        return {name: torch.as_tensor(fn(prompts, responses), dtype=torch.float32) for name, fn, _ in self.terms}
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        from tether.verifiable import combine
+
+        parts = self.components(prompts, responses)
+        return torch.tensor(combine([parts[name].tolist() for name, _, _ in self.terms],
+                                    [w for _, _, w in self.terms]), dtype=torch.float32)
+
+
+VERIFIABLE = ("exact_match", "format", "overlong")
+
+
+def _split_top(spec: str) -> list[str]:
+    """Split on commas outside parentheses: "a:1,b(x=1,y=2):2" -> ["a:1", "b(x=1,y=2):2"]."""
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """"name[(k=v,...)][:weight],..." -> [(term, weight)]; a term without ":weight" weighs 1.
+
+    The weight is the text after the last ":" when it is a number, so "rm:PATH" stays one term.
+    """
+    out = []
+    for part in _split_top(spec):
+        term, weight = part.strip(), 1.0
+        head, sep, tail = term.rpartition(":")
+        if sep:
+            try:
+                term, weight = head.strip(), float(tail)
+            except ValueError:
+                pass
+        if not term:
+            raise ValueError(f"reward spec {spec!r}: an empty term")
+        out.append((term, weight))
+    return out
+
+
+def _params(term: str) -> tuple[str, dict[str, str]]:
+    """"overlong(max=64,cache=16)" -> ("overlong", {"max": "64", "cache": "16"})."""
+    if "(" not in term:
+        return term, {}
+    if not term.endswith(")"):
+        raise ValueError(f"reward term {term!r}: expected name(key=value,...)")
+    name, inner = term[:-1].split("(", 1)
+    params = {}
+    for item in filter(None, (x.strip() for x in inner.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"reward term {term!r}: expected key=value, got {item!r}")
+        params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def _verifiable(term: str, *, answers, tokenizer, max_new_tokens) -> RewardFn:
+    name, params = _params(term)
+    allowed = {"exact_match": set(), "format": set(), "overlong": {"max", "cache"}}[name]
+    if set(params) - allowed:
+        raise ValueError(f"reward {name!r} takes {sorted(allowed) or 'no parameters'}, got {sorted(params)}")
+    if name == "exact_match":
+        if answers is None:
+            raise ValueError("reward 'exact_match' needs reference answers: give load_reward answers= (a prompt → "
+                             "answer map; the RL stages build it from the prompt file's \"answer\" field)")
+        return ExactMatchReward(answers)
+    if name == "format":
+        return FormatReward()
+    if tokenizer is None:
+        raise ValueError("reward 'overlong' counts tokens: give load_reward a tokenizer=")
+    if "max" not in params and max_new_tokens is None:
+        raise ValueError("reward 'overlong' needs its L_max: overlong(max=N) or load_reward(max_new_tokens=N)")
+    max_tokens = int(params.get("max", max_new_tokens))
+    return OverlongReward(tokenizer, max_tokens, int(params.get("cache", max(1, max_tokens // 5))))
+
+
+def load_reward(spec: str | Path | RewardFn | Sequence[tuple[str | Path | RewardFn, float]], *,
+                aggregation: str | None = None, uwo_lambda: float = 1.0, normalise: bool = True, device: str = "cpu",
+                answers: Mapping[str, str] | None = None, tokenizer=None,
+                max_new_tokens: int | None = None) -> RewardFn:
+    """Resolve a reward spec (see the module docstring) to a reward function ``(prompts, responses) -> (N,)``.
+
+    ``answers``, ``tokenizer`` and ``max_new_tokens`` serve the verifiable terms; the other
+    options the learned ones. A weighted sum is a :class:`CombinedReward` (its ``components``
+    gives each term's reward).
+    """
+    def one(s) -> RewardFn:
+        return load_reward(s, aggregation=aggregation, uwo_lambda=uwo_lambda, normalise=normalise, device=device,
+                           answers=answers, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+
     if callable(spec):
         return lambda p, r: torch.as_tensor(spec(p, r), dtype=torch.float32)
+    if isinstance(spec, (list, tuple)):
+        return CombinedReward([(s if isinstance(s, str) else getattr(s, "__name__", repr(s)), one(s), float(w))
+                               for s, w in spec])
     spec = str(spec)
+    terms = parse_reward_spec(spec)
+    if len(terms) > 1 or terms[0][1] != 1.0:
+        return CombinedReward([(term, one(term), w) for term, w in terms])
+    spec = terms[0][0]
+    if spec.split("(", 1)[0].strip() in VERIFIABLE:
+        return _verifiable(spec, answers=answers, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
     if spec == "gold":
         return GoldReward()
     folder = Path(spec.removeprefix("rm:"))
     if not folder.exists():
-        raise FileNotFoundError(f"reward {spec!r}: expected 'gold', a callable, or a reward-model folder; {folder} does not exist")
+        raise FileNotFoundError(f"reward {spec!r}: expected 'gold', one of {VERIFIABLE}, a callable, or a "
+                                f"reward-model folder; {folder} does not exist")
     members = ensemble_members(folder)
     if members:
         return EnsembleReward([LearnedReward.from_folder(m, normalise=normalise, device=device) for m in members],

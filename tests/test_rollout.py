@@ -32,3 +32,34 @@ def test_sampling_is_reproducible_by_seed_and_leaves_global_rng_alone(tiny_folde
     assert torch.equal(torch.get_rng_state(), state)
     assert a == generate(model, tok, prompts, max_new_tokens=6, seed=1)
     assert a != generate(model, tok, prompts, max_new_tokens=6, seed=2)
+
+
+def test_rollout_rows_score_the_sampled_tokens_exactly(tiny_folder):
+    """The packed rows hold the sampled tokens, and their log-probs (right-padded, re-scored)
+    equal the generator's own at the sampling temperature."""
+    from tether.rollout import policy_logprobs, rollout, sample
+
+    model, tok = load_model(tiny_folder), load_tokenizer(tiny_folder)
+    prompts = ["\n\nHuman: What is 3 plus 4?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]
+    batch = rollout(model, tok, prompts, max_new_tokens=8, temperature=0.7, seed=3)
+    pairs = sample(model, tok, prompts, max_new_tokens=8, temperature=0.7, seed=3)
+    for b, (p, r) in enumerate(pairs):
+        assert batch.mask[b].sum().item() == len(r)
+        assert batch.input_ids[b, : len(p) + len(r)].tolist() == p + r
+        assert batch.ended[b].item() == (bool(r) and r[-1] == tok.eos_token_id)
+    with torch.no_grad():
+        logp = policy_logprobs(model, batch, temperature=0.7)  # (B, T-1)
+        for b, (p, r) in enumerate(pairs):  # one row at a time, no padding at all
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1] / 0.7
+            alone = torch.log_softmax(logits, -1).gather(1, torch.tensor(r)[:, None]).squeeze(1)
+            assert torch.allclose(logp[b][batch.mask[b].bool()], alone, atol=1e-5)
+
+
+def test_stop_strings_cut_the_response_and_count_as_ended(tiny_folder):
+    from tether.rollout import _cut_at_stop
+
+    tok = load_tokenizer(tiny_folder)
+    ids = tok(" 3 plus 4 is 7. #### 7", add_special_tokens=False)["input_ids"]
+    cut, stopped = _cut_at_stop(tok, ids, ["####"])
+    assert stopped and tok.decode(cut).endswith("####") and len(cut) < len(ids)
+    assert _cut_at_stop(tok, ids, ["never"]) == (ids, False)

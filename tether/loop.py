@@ -40,7 +40,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class TrainConfig:
     """Optimisation settings shared by every stage that trains by gradient descent."""
 
-    steps: int = opt(200, "optimiser steps")
+    steps: int = opt(200, "optimiser steps (RL stages: iterations of rollout + update)")
     batch_size: int = opt(16, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step (effective batch = batch_size x grad_accum)")
     lr: float = opt(3e-4, "peak learning rate (AdamW)")
@@ -184,8 +184,12 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(state), gauss))
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 1) -> Path:
-    """Write checkpoint ``step`` atomically into ``folder/step-NNNNNN`` and prune old ones."""
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 1,
+                    extra: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically into ``folder/step-NNNNNN`` and prune old ones.
+
+    ``extra`` is any further JSON state a stage needs to resume exactly (e.g. PPO's β).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
@@ -206,6 +210,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: 
         "optimizer_scalars": scalars,
         "scheduler": scheduler.state_dict(),
         "rng": rng_meta,
+        "extra": extra or {},
     })
     if final.exists():
         shutil.rmtree(final)
@@ -221,7 +226,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
-    """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from."""
+    """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from
+    (the ``extra`` state is read with :func:`checkpoint_extra`)."""
     load_model(model, str(path / "model.safetensors"))
     meta = json.loads((path / "state.json").read_text())
     state: dict[int, dict] = {}
@@ -235,6 +241,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     scheduler.load_state_dict(meta["scheduler"])
     _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
     return meta["step"]
+
+
+def checkpoint_extra(path: Path) -> dict:
+    """The ``extra`` JSON state a checkpoint was saved with ({} if none)."""
+    return json.loads((path / "state.json").read_text()).get("extra", {})
 
 
 # --- the loop -----------------------------------------------------------------------------

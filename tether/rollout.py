@@ -8,6 +8,7 @@ because they change the distribution the KL to the reference is measured on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,8 @@ def sample(
     greedy: bool = False,
     batch_size: int = 32,
     seed: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> list[tuple[list[int], list[int]]]:
     """Continue each prompt; returns (prompt token ids, response token ids) per prompt.
 
@@ -45,8 +48,8 @@ def sample(
                     max_new_tokens=max_new_tokens,
                     do_sample=not greedy,
                     temperature=temperature if not greedy else None,
-                    top_k=None if greedy else 0,
-                    top_p=None if greedy else 1.0,
+                    top_k=None if greedy else top_k,
+                    top_p=None if greedy else top_p,
                     pad_token_id=pad,
                     eos_token_id=eos,
                 )  # (B, T_prompt + T_new)
@@ -69,3 +72,101 @@ def generate(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
     """Continue each prompt; returns the generated text only (special tokens removed). See :func:`sample`."""
     pairs = sample(model, tokenizer, prompts, **kwargs)
     return tokenizer.batch_decode([response for _, response in pairs], skip_special_tokens=True)
+
+
+# --- rollouts for the RL stages (PPO, GRPO, RLOO, best-of-N) --------------------------------
+
+
+class Rollout(NamedTuple):
+    """A batch of sampled responses, re-packed right-padded so that training sees plain rows.
+
+    input_ids, attention_mask, labels: (B, T) prompt + response + padding; labels are the
+        response token ids and IGNORE_INDEX elsewhere.
+    mask: (B, T − 1) 1 on response tokens in the next-token frame of ``token_logprobs``
+        (position t scores token t + 1), 0 on prompt and padding.
+    ended: (B,) True where the response stopped by itself (EOS or a stop string).
+    prompts, responses: the text (responses decoded without special tokens).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    ended: torch.Tensor
+    prompts: list[str]
+    responses: list[str]
+
+    def to(self, device) -> Rollout:
+        return self._replace(**{k: getattr(self, k).to(device)
+                                for k in ("input_ids", "attention_mask", "labels", "mask", "ended")})
+
+    def rows(self, idx) -> Rollout:
+        """The sub-batch of rows ``idx`` (a list or tensor of row numbers)."""
+        keep = torch.as_tensor(idx, dtype=torch.long)
+        out = {k: getattr(self, k)[keep] for k in ("input_ids", "attention_mask", "labels", "mask", "ended")}
+        return Rollout(**out, prompts=[self.prompts[i] for i in keep.tolist()],
+                       responses=[self.responses[i] for i in keep.tolist()])
+
+
+def _cut_at_stop(tokenizer, response: list[int], stop_strings: Sequence[str]) -> tuple[list[int], bool]:
+    """Shorten ``response`` to the fewest tokens whose text contains a stop string (kept)."""
+    text = tokenizer.decode(response, skip_special_tokens=True)
+    if not any(s in text for s in stop_strings):
+        return response, False
+    for n in range(1, len(response) + 1):
+        if any(s in tokenizer.decode(response[:n], skip_special_tokens=True) for s in stop_strings):
+            return response[:n], True
+    return response, False  # unreachable: the whole response contains one
+
+
+def rollout(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_strings: Sequence[str] = (),
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Rollout:
+    """Sample one response per prompt (repeat a prompt to get a group) and pack the batch.
+
+    Plain temperature sampling by default. ``top_k`` / ``top_p`` truncate the distribution the
+    samples come from while log-probabilities are computed on the full softmax, which biases
+    every KL estimate; they are accepted only because some users insist.
+    """
+    from tether.data.collate import Encoded, pad
+    from tether.losses.lm import IGNORE_INDEX
+
+    pairs = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                   batch_size=batch_size, seed=seed, top_k=top_k, top_p=top_p)
+    eos = tokenizer.eos_token_id
+    rows, responses, ended = [], [], []
+    for prompt, response in pairs:
+        stopped = bool(response) and response[-1] == eos
+        if stop_strings and not stopped:
+            response, stopped = _cut_at_stop(tokenizer, response, stop_strings)
+        rows.append(Encoded(prompt + response, [IGNORE_INDEX] * len(prompt) + response))
+        responses.append(response)
+        ended.append(stopped)
+    batch = pad(rows, tokenizer.pad_token_id)
+    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).long()  # (B, T-1)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Rollout(batch["input_ids"], batch["attention_mask"], batch["labels"], mask,
+                   torch.tensor(ended), list(prompts), texts)
+
+
+def policy_logprobs(model, batch: Rollout, temperature: float = 1.0, *, with_logits: bool = False):
+    """log π(y_t | x, y_<t) of every response token at the sampling temperature. Shape: (B, T − 1).
+
+    Gradients flow when called outside ``torch.no_grad``. With ``with_logits`` also returns
+    the logits (B, T, V) of the same forward pass (for the entropy).
+    """
+    from tether.losses.lm import token_logprobs
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    logp = token_logprobs(logits, batch.labels, temperature) * batch.mask  # (B, T-1)
+    return (logp, logits) if with_logits else logp

@@ -1,4 +1,4 @@
-"""The pipeline's stages as commands: ``tether pretrain``, ``sft``, ``rm``, ``demo``."""
+"""The pipeline's stages as commands: ``tether pretrain``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto``, ``demo``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from tether.config import options
 from tether.demo import DemoConfig, format_report, run_demo
 from tether.trainers.dpo import DPOConfig, run_dpo
 from tether.trainers.kto import KTOConfig, run_kto
+from tether.trainers.ppo import PPOConfig, run_ppo
 from tether.trainers.pretrain import PretrainConfig, run_pretrain
 from tether.trainers.reward import RMConfig, run_rm
 from tether.trainers.sft import SFTConfig, run_sft
@@ -63,6 +64,13 @@ def rm(cfg: RMConfig) -> None:
 
 
 @click.command()
+@options(PPOConfig)
+def ppo(cfg: PPOConfig) -> None:
+    """Stage 3: PPO with a KL penalty to the SFT policy (--steps counts iterations of rollout + update)."""
+    click.echo(f"PPO policy in {_run(run_ppo, cfg)}")
+
+
+@click.command()
 @options(DPOConfig)
 def dpo(cfg: DPOConfig) -> None:
     """Direct preference optimisation: DPO / cDPO / robust / IPO / hinge / SimPO (--loss) on preference pairs."""
@@ -83,4 +91,4 @@ def demo(cfg: DemoConfig) -> None:
     click.echo(format_report(_run(run_demo, cfg)))
 
 
-COMMANDS = [pretrain, sft, rm, dpo, kto, demo]
+COMMANDS = [pretrain, sft, rm, ppo, dpo, kto, demo]

@@ -48,3 +48,16 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     except KeyError:
         raise ValueError(f"unknown KL estimator {kind!r}; choose one of {sorted(KL_ESTIMATORS)}") from None
     return estimator(ref_logp - logp)
+
+
+def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: float, n_steps: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
+    Preferences", Sec. 2.2), which steers the achieved KL toward ``target``:
+
+        e = clip(KL / KL_target − 1, −0.2, 0.2),   β ← β · (1 + K_β · e),   K_β = n_steps / horizon
+
+    ``kl`` is the measured KL(π ‖ π_ref) of the last batch (nats per sequence), ``n_steps`` the
+    number of episodes it held. Too much KL raises β, too little lowers it, at most by 20%·K_β.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_steps / horizon)

@@ -48,15 +48,18 @@ class LoraConfig:
     )
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
-    """Wrap ``model`` with LoRA adapters when ``cfg.r > 0``; return it unchanged otherwise."""
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with LoRA adapters when ``cfg.r > 0``; return it unchanged otherwise.
+
+    ``task_type`` is peft's: CAUSAL_LM for a language model, FEATURE_EXTRACTION for a bare backbone.
+    """
     if cfg.r <= 0:
         return model
     import peft
 
     targets = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
     peft_cfg = peft.LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type=task_type
     )
     return peft.get_peft_model(model, peft_cfg)
 

@@ -1,0 +1,145 @@
+"""PPO: the shaping and control formulas by hand, and the stage end to end on a tiny model.
+
+The losses themselves (gae, ppo_policy_loss, ppo_value_loss, kl_estimate) are tested against hand
+computations in test_losses.py and against π* on the tabular problem in test_tabular.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tether.losses import adaptive_kl_coef
+from tether.trainers.ppo import PPOConfig, explained_variance, last_token, run_ppo, shaped_rewards
+from tether.loop import TrainConfig
+from tests.conftest import CORPUS
+
+T = torch.tensor
+
+
+def test_shaped_rewards_put_the_score_on_the_last_response_token():
+    # row 0: response tokens at 1, 2; row 1: at 0, 1, 2
+    mask = T([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    kl = T([[9.0, 0.5, -0.2, 9.0], [0.1, 0.2, 0.3, 9.0]])
+    out = shaped_rewards(T([2.0, -1.0]), kl, mask, beta=0.1)
+    # −β·kl on response tokens, + score on the last one: 2 − 0.1·(−0.2) = 2.02;  −1 − 0.1·0.3 = −1.03
+    expected = T([[0.0, -0.05, 2.02, 0.0], [-0.01, -0.02, -1.03, 0.0]])
+    assert torch.allclose(out, expected)
+    assert last_token(mask).tolist() == [2, 2]
+
+
+def test_adaptive_kl_controller_by_hand():
+    # KL 9 against target 6: error 0.5 clipped to 0.2; K = 64/10000; β = 0.1·(1 + 0.2·0.0064) = 0.100128
+    assert adaptive_kl_coef(0.1, 9.0, 6.0, 10000, 64) == pytest.approx(0.100128)
+    # KL 5.4 against 6: error −0.1; β = 0.1·(1 − 0.1·0.5) = 0.095
+    assert adaptive_kl_coef(0.1, 5.4, 6.0, 100, 50) == pytest.approx(0.095)
+    assert adaptive_kl_coef(0.1, 6.0, 6.0, 100, 50) == pytest.approx(0.1)
+
+
+def test_explained_variance_by_hand():
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    returns = T([[1.0, 2.0, 3.0, 7.0]])
+    assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    # constant values: the residual has the returns' own variance
+    assert explained_variance(T([[5.0, 5.0, 5.0, 0.0]]), returns, mask) == pytest.approx(0.0)
+    # V = (1, 1, 1): residual (0, 1, 2) has variance 2/3, returns too: 0
+    assert explained_variance(T([[1.0, 1.0, 1.0, 0.0]]), returns, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+# --- end to end on a tiny model -----------------------------------------------------------
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t.split(" plus")[0] + " plus 1?\n\nAssistant:"}) + "\n"
+                            for t in CORPUS[::12]))
+    return path
+
+
+def digits(prompts, responses):
+    """A toy reward the tiny random model can learn: the share of digits among the response's characters."""
+    return torch.tensor([sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses])
+
+
+def _cfg(tmp_path, tiny_folder, prompts_file, name="ppo", **kw) -> PPOConfig:
+    train = TrainConfig(steps=kw.pop("steps", 4), batch_size=4, lr=kw.pop("lr", 3e-3), warmup_steps=0,
+                        schedule="constant", eval_every=0, save_every=kw.pop("save_every", 0), seed=0)
+    kw = {"rollout_batch": 8, "epochs": 2, **kw}
+    return PPOConfig(model=str(tiny_folder), prompts=str(prompts_file), out=str(tmp_path / name), max_new_tokens=12,
+                     beta=0.05, no_eos_penalty=0.0, train=train, **kw)
+
+
+def test_ppo_raises_the_reward_and_writes_a_loadable_policy(tmp_path, tiny_folder, prompts_file):
+    cfg = _cfg(tmp_path, tiny_folder, prompts_file, steps=20, lr=1e-2, rollout_batch=32, epochs=4,
+               eval_prompts=str(prompts_file), eval_size=8)
+    out = run_ppo(cfg, reward=digits)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 20
+    first, last = rows[0], rows[-1]
+    assert first["objective/kl_k1"] == pytest.approx(0.0, abs=1e-5)  # π = π_ref before any update
+    # the share of digits roughly doubles (≈ 0.1 → 0.25 on this seed)
+    assert sum(r["objective/reward"] for r in rows[-3:]) / 3 > sum(r["objective/reward"] for r in rows[:3]) / 3 + 0.06
+    assert last["objective/kl_k1"] > 0
+    for key in ("objective/kl_k2", "objective/kl_k3", "objective/entropy", "policy/clip_fraction", "losses/value",
+                "value/explained_variance", "policy/approx_kl", "rollout/length", "objective/beta", "eval/kl"):
+        assert key in last
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    after = AutoModelForCausalLM.from_pretrained(out)
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
+    meta = json.loads((out / "tether.json").read_text())
+    assert meta["stage"] == "ppo" and "objective/reward" in meta["metrics"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_folder, prompts_file):
+    full = run_ppo(_cfg(tmp_path, tiny_folder, prompts_file, "full", steps=4, save_every=1, kl_target=1.0),
+                   reward=digits)
+
+    calls = {"n": 0}
+
+    def crashes_in_iteration_3(prompts, responses):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Crash
+        return digits(prompts, responses)
+
+    cfg = _cfg(tmp_path, tiny_folder, prompts_file, "resumed", steps=4, save_every=1, kl_target=1.0)
+    with pytest.raises(Crash):
+        run_ppo(cfg, reward=crashes_in_iteration_3)
+    cfg.resume = True
+    resumed = run_ppo(cfg, reward=digits)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    beta = [json.loads(line)["objective/beta"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert len(beta) == 4 and len(set(beta)) > 1  # the adaptive β moved, and was restored on resume
+
+
+def test_value_head_lora_and_ptx_variants_run(tmp_path, tiny_folder, prompts_file, sft_file):
+    out = run_ppo(_cfg(tmp_path, tiny_folder, prompts_file, "head", steps=2, value="head", ptx_data=str(sft_file),
+                       ptx_coef=0.5), reward=digits)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["losses/ptx"] > 0
+    cfg = _cfg(tmp_path, tiny_folder, prompts_file, "lora", steps=2)
+    cfg.lora.r = 4
+    out = run_ppo(cfg, reward=digits)
+    assert (out / "adapter").is_dir() and (out / "model.safetensors").exists()
+
+
+def test_bad_config_is_an_error_before_anything_is_written(tmp_path, tiny_folder, prompts_file):
+    cfg = _cfg(tmp_path, tiny_folder, prompts_file, "bad")
+    cfg.rollout_batch = 6  # not a multiple of the mini-batch (4)
+    with pytest.raises(ValueError, match="rollout_batch"):
+        run_ppo(cfg, reward=digits)
+    cfg.rollout_batch, cfg.kl_estimator = 8, "k4"
+    with pytest.raises(ValueError, match="kl_estimator"):
+        run_ppo(cfg, reward=digits)
+    assert not (tmp_path / "bad").exists()

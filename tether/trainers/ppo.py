@@ -1,0 +1,425 @@
+"""PPO with a KL penalty to the SFT policy: the RL stage of InstructGPT (Ouyang et al. 2022).
+
+Each iteration (``--steps`` counts iterations):
+
+1. rollout: sample one response per prompt from π_θ (plain temperature sampling, KV cache);
+2. score:   the reward R(x, y) of every response (any reward from tether.rewards), minus a
+            penalty for responses that never ended; log-probs of π_θ and π_ref and values V at
+            every response token, once, without gradients;
+3. shape:   per-token reward  r_t = −β·k(log π_θ − log π_ref)  plus R(x, y) on the last token
+            (Ziegler et al. 2019, eq. 2; k is the chosen KL estimator, k1 by default);
+4. GAE:     advantages and returns (γ = 1, λ = 0.95), advantages whitened over the batch;
+5. update:  several epochs over shuffled mini-batches of the clipped surrogate plus the clipped
+            value loss (plus γ_ptx · NLL on pretraining data for PPO-ptx); an epoch loop stops
+            early once the approximate KL to the rollout policy passes ``target_kl``;
+6. control: with ``kl_target`` set, β follows the adaptive controller of Ziegler et al. 2019.
+
+Every formula lives in tether.losses (gae, whiten, ppo_policy_loss, ppo_value_loss,
+kl_estimate, adaptive_kl_coef); this file gathers their inputs.
+
+Where this departs from the papers: the episode is the response (no discount, γ = 1 by
+default) and the value after the last token is 0; the learning-rate schedule runs per iteration
+(warm-up and decay counted in iterations); ``--batch-size`` × ``--grad-accum`` sequences make
+one mini-batch; models stay in eval mode (no dropout), so the ratio is exactly 1 at the first
+mini-batch of every iteration. With LoRA the reference is the policy with its adapters switched off, so no
+second copy of the model is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from tether.config import group, opt
+from tether.data import fingerprint, load_prompts, load_sft
+from tether.data.collate import encode_sft, pad
+from tether.loop import (
+    DataOrder,
+    MetricsLog,
+    TrainConfig,
+    TrainingDiverged,
+    autocast,
+    build_optimizer,
+    checkpoint_extra,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_factor,
+    resolve_device,
+    save_checkpoint,
+)
+from tether.losses import (
+    KL_ESTIMATORS,
+    adaptive_kl_coef,
+    gae,
+    kl_estimate,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sft_nll,
+    whiten,
+)
+from tether.losses.lm import token_logprobs
+from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
+from tether.models.value import ActorCritic, load_critic
+from tether.rewards import RewardFn, load_reward
+from tether.rollout import Rollout, policy_logprobs, rollout
+from tether.trainers.artifact import data_info, prepare_output, write_artifact
+
+log = logging.getLogger("tether.ppo")
+
+VALUE_KINDS = ("critic", "head")
+REWARD_NORMS = ("none", "batch")
+
+
+def _ppo_defaults() -> TrainConfig:
+    return TrainConfig(steps=100, batch_size=16, lr=1e-5, warmup_steps=0, schedule="constant", eval_every=10,
+                       save_every=20)
+
+
+@dataclass
+class PPOConfig:
+    model: str = opt("", "policy to start from: an SFT folder, a local path or a hub name")
+    ref: str = opt("", "the frozen reference π_SFT (empty: the same as --model)")
+    reward: str = opt("gold", "reward: 'gold', a reward-model or ensemble folder (see tether.rewards)")
+    aggregation: str = opt("", "ensemble aggregation: mean | min | uwo (empty: the ensemble's own)")
+    prompts: str = opt("", "training prompts (a file or dataset with a prompt field)")
+    eval_prompts: str = opt("", "held-out prompts for evaluation (empty: no evaluation)")
+    eval_size: int = opt(64, "held-out prompts sampled at each evaluation")
+    out: str = opt("runs/ppo", "output folder")
+    value: str = opt("critic", "critic (a separate value model) | head (a value head on the policy)")
+    critic_model: str = opt("", "critic initialisation (empty: the reward model's folder, else --model)")
+    rollout_batch: int = opt(64, "prompts sampled per iteration")
+    epochs: int = opt(4, "passes over each rollout batch")
+    max_new_tokens: int = opt(48, "longest response")
+    temperature: float = opt(1.0, "sampling temperature (log-probs are computed at the same temperature)")
+    top_k: int = opt(0, "top-k sampling (0: off; it biases the KL estimate, off unless you insist)")
+    top_p: float = opt(1.0, "nucleus sampling (1: off; it biases the KL estimate, off unless you insist)")
+    stop_strings: str = opt("", "comma-separated strings that end a response (kept in it)")
+    no_eos_penalty: float = opt(1.0, "subtracted from the reward of a response that never ended")
+    beta: float = opt(0.05, "β, the KL penalty coefficient (the start value with kl_target)")
+    kl_estimator: str = opt("k1", "KL estimator in the per-token penalty: k1 | k2 | k3 (all three are logged)")
+    kl_target: float = opt(0.0, "adaptive KL control: the target KL in nats per response (0: fixed β)")
+    kl_horizon: float = opt(10000.0, "adaptive KL control: the horizon K_β = episodes / horizon")
+    reward_norm: str = opt("none", "none | batch (whiten the rewards of each batch)")
+    reward_clip: float = opt(0.0, "clip rewards to ±this after normalisation (0: off)")
+    gamma: float = opt(1.0, "GAE discount γ")
+    lam: float = opt(0.95, "GAE λ")
+    clip_eps: float = opt(0.2, "PPO clip ε of the policy ratio")
+    value_clip: float = opt(0.2, "clip of the value change in the value loss")
+    vf_coef: float = opt(0.1, "weight of the value loss")
+    target_kl: float = opt(0.0, "stop an update early when the approximate KL to the rollout policy passes this (0: never)")
+    ptx_data: str = opt("", "PPO-ptx: SFT or pretraining data for the γ·log π(x) term (empty: off)")
+    ptx_coef: float = opt(0.0, "PPO-ptx: γ, the weight of the pretraining term (InstructGPT: 27.8)")
+    max_len: int = opt(256, "longest ptx example in tokens")
+    resume: bool = opt(False, "continue from the latest checkpoint in out")
+    overwrite: bool = opt(False, "replace an existing run in out")
+    lora: LoraConfig = group(LoraConfig)
+    train: TrainConfig = group(_ppo_defaults)
+
+    def mini_batch(self) -> int:
+        return self.train.batch_size * self.train.grad_accum
+
+    def validate(self) -> None:
+        if not self.model or not self.prompts:
+            raise ValueError("--model and --prompts are required")
+        if self.value not in VALUE_KINDS:
+            raise ValueError(f"value must be one of {VALUE_KINDS}, got {self.value!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.reward_norm not in REWARD_NORMS:
+            raise ValueError(f"reward_norm must be one of {REWARD_NORMS}, got {self.reward_norm!r}")
+        if self.rollout_batch % self.mini_batch():
+            raise ValueError(f"rollout_batch ({self.rollout_batch}) must be a multiple of batch_size x grad_accum "
+                             f"({self.mini_batch()})")
+        if self.beta < 0 or self.kl_target < 0 or self.temperature <= 0 or self.epochs < 1:
+            raise ValueError("beta and kl_target must be >= 0, temperature > 0 and epochs >= 1")
+        if self.ptx_coef and not self.ptx_data:
+            raise ValueError("ptx_coef needs --ptx-data")
+        self.train.validate()
+
+
+# --- scoring a rollout --------------------------------------------------------------------
+
+
+class Scored(NamedTuple):
+    """What the update needs from one rollout batch, each (B, T − 1), 0 off the response:
+    old_logp (π_θ at rollout time), values (V at rollout time), advantages (whitened GAE), returns."""
+
+    old_logp: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def last_token(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last response token. Shape: (B, T) -> (B,)."""
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    return (positions * mask).argmax(-1)
+
+
+def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_t = −β·kl_t on every response token, plus the sequence reward on the last one.
+
+    Ziegler et al. 2019, eq. 2. Shape: score (B,), kl (B, T), mask (B, T) -> (B, T).
+    """
+    rewards = -beta * kl * mask  # (B, T)
+    rewards[torch.arange(len(score)), last_token(mask)] += score
+    return rewards
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> float:
+    """Masked mean of the per-token entropy of softmax(logits / T). logits (B, T, V), mask (B, T − 1)."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask).item()
+
+
+@torch.no_grad()
+def score_rollout(ac: ActorCritic, ref_logp_fn, batch: Rollout, score: torch.Tensor, cfg: PPOConfig,
+                  beta: float) -> tuple[Scored, dict[str, float]]:
+    """Log-probs, values, the shaped reward and GAE for one batch (no gradients)."""
+    mask = batch.mask.float()  # (B, T-1)
+    logits, values = ac(batch.input_ids, batch.attention_mask)  # (B, T, V), (B, T)
+    old_logp = token_logprobs(logits, batch.labels, cfg.temperature) * mask  # (B, T-1)
+    values = values[:, :-1] * mask  # (B, T-1): V of the state before each response token
+    ref_logp = ref_logp_fn(batch) * mask  # (B, T-1)
+    estimates = {k: (kl_estimate(old_logp, ref_logp, k) * mask).sum(-1) for k in KL_ESTIMATORS}  # each (B,)
+    kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask  # (B, T-1)
+    rewards = shaped_rewards(score, kl, mask, beta)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    s = Scored(old_logp, values, whiten(advantages, mask), returns)
+    metrics = {f"objective/kl_{k}": v.mean().item() for k, v in estimates.items()}
+    metrics["objective/entropy"] = entropy(logits, mask, cfg.temperature)
+    metrics["objective/non_score_reward"] = (rewards.sum(-1) - score).mean().item()
+    return s, metrics
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(G − V) / Var(G) over response tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
+    resid = returns - values
+    var_resid = masked_mean((resid - masked_mean(resid, mask)).square(), mask)
+    return (1 - var_resid / var.clamp(min=1e-8)).item()
+
+
+# --- the update ---------------------------------------------------------------------------
+
+
+def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: int,
+               ptx_batches) -> dict[str, float]:
+    """Epochs of clipped-surrogate + value updates over shuffled mini-batches of one rollout batch."""
+    device = batch.input_ids.device
+    B, mb, micro = len(batch.prompts), cfg.mini_batch(), cfg.train.batch_size
+    sums: dict[str, float] = {}
+    steps, stopped = 0, False
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + iteration)
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(B, generator=g)
+        for start in range(0, B, mb):
+            rows = perm[start : start + mb]
+            n_tokens = batch.mask[rows].sum().clamp(min=1)
+            stats: dict[str, float] = {}
+            for m0 in range(0, mb, micro):
+                idx = rows[m0 : m0 + micro]
+                part, mask = batch.rows(idx), batch.mask[idx].float()
+                share = (mask.sum() / n_tokens).item()  # masked means over a micro-batch, weighted to the mini-batch's
+                with autocast(device, cfg.train.precision):
+                    logits, values = ac(part.input_ids, part.attention_mask)
+                logp = token_logprobs(logits, part.labels, cfg.temperature) * mask
+                pol = ppo_policy_loss(logp, s.old_logp[idx], s.advantages[idx], mask, cfg.clip_eps)
+                val = ppo_value_loss(values[:, :-1] * mask, s.values[idx], s.returns[idx], mask, cfg.value_clip)
+                loss = (pol.loss + cfg.vf_coef * val.loss) * share
+                if cfg.ptx_coef:
+                    ptx = {k: v.to(device) for k, v in next(ptx_batches).items()}
+                    with autocast(device, cfg.train.precision):
+                        ptx_logits = ac.policy(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
+                    ptx_loss, _ = sft_nll(ptx_logits, ptx["labels"])
+                    loss = loss + cfg.ptx_coef * ptx_loss / cfg.train.grad_accum
+                    stats["losses/ptx"] = stats.get("losses/ptx", 0.0) + ptx_loss.item() / cfg.train.grad_accum
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"PPO loss is {loss.item()} at iteration {iteration + 1}")
+                loss.backward()
+                for k, v in {"losses/policy": pol.loss.item(), "losses/value": val.loss.item(),
+                             "policy/clip_fraction": pol.clip_fraction.item(), "policy/approx_kl": pol.approx_kl.item(),
+                             "value/clip_fraction": val.clip_fraction.item()}.items():
+                    stats[k] = stats.get(k, 0.0) + v * share
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in ac.parameters() if p.requires_grad], max_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrainingDiverged(f"the gradient norm is {grad_norm.item()} at iteration {iteration + 1}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            for k, v in {**stats, "policy/grad_norm": float(grad_norm)}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if cfg.target_kl and stats["policy/approx_kl"] > cfg.target_kl:
+                stopped = True
+                break
+        if stopped:
+            break
+    out = {k: v / steps for k, v in sums.items()}
+    out.update({"policy/updates": float(steps), "policy/early_stop": float(stopped)})
+    return out
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def _gold_known(prompts: list[str]) -> bool:
+    """Whether the gold world can score these prompts (every one is one of its questions)."""
+    from tether.world import parse_question, question_of
+
+    return all(parse_question(question_of(p))[0] != "other" for p in prompts)
+
+
+def _ptx_batches(cfg: PPOConfig, tokenizer, start_iteration: int):
+    """An endless, resumable stream of padded PPO-ptx micro-batches (None when ptx is off)."""
+    if not cfg.ptx_coef:
+        return None
+    rows, _ = encode_sft(load_sft(cfg.ptx_data, tokenizer=tokenizer), tokenizer, cfg.max_len)
+    order = DataOrder(len(rows), cfg.train.batch_size, cfg.train.seed + 1)
+    per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.mini_batch()) * cfg.train.grad_accum
+
+    def stream():
+        k = start_iteration * per_iteration  # a fixed budget per iteration keeps resume exact
+        while True:
+            yield pad([rows[i] for i in order.indices(k)], tokenizer.pad_token_id)
+            k += 1
+
+    return stream()
+
+
+def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
+    """Train ``cfg.model`` with PPO against ``cfg.reward`` (or the ``reward`` object, a callable
+    ``(prompts, responses) -> (N,)``, when given); returns the output folder."""
+    cfg.validate()
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model)
+    prompt_records = load_prompts(cfg.prompts, tokenizer=tokenizer)
+    eval_records = load_prompts(cfg.eval_prompts, tokenizer=tokenizer) if cfg.eval_prompts else []
+    prompts, eval_prompts = [r.prompt for r in prompt_records], [r.prompt for r in eval_records]
+    reward_fn = load_reward(reward if reward is not None else cfg.reward, aggregation=cfg.aggregation or None,
+                            device=str(device))
+    gold = _gold_known(prompts)
+
+    out = Path(cfg.out)  # the input has validated: only now is anything written
+    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    policy = apply_lora(load_model(cfg.model), cfg.lora)
+    critic = None
+    if cfg.value == "critic":
+        reward_folder = cfg.reward.removeprefix("rm:") if reward is None and cfg.reward != "gold" else ""
+        critic = load_critic(cfg.critic_model or reward_folder or cfg.model)
+        critic.backbone = apply_lora(critic.backbone, cfg.lora, task_type="FEATURE_EXTRACTION")
+    ac = ActorCritic(policy, critic).to(device).eval()  # eval: no dropout, so the ratio is 1 before the update
+    ref_name = cfg.ref or cfg.model
+    lora_ref = cfg.lora.r > 0 and ref_name == cfg.model
+    reference = None if lora_ref else load_model(ref_name, device=device).eval().requires_grad_(False)
+
+    def ref_logp_fn(batch: Rollout) -> torch.Tensor:
+        if lora_ref:
+            with policy.disable_adapter():
+                return policy_logprobs(policy, batch, cfg.temperature)
+        return policy_logprobs(reference, batch, cfg.temperature)
+
+    optimizer = build_optimizer(ac, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
+    beta, start = cfg.beta, 0
+    if cfg.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
+        start = load_checkpoint(ckpt, ac, optimizer, scheduler)
+        beta = checkpoint_extra(ckpt)["beta"]
+    log.info("PPO of %s against reward %s (value: %s, β=%g%s): %d trainable parameters, %d prompts",
+             cfg.model, cfg.reward, cfg.value, beta, f", KL target {cfg.kl_target}" if cfg.kl_target else "",
+             count_parameters(ac, True), len(prompts))
+    order = DataOrder(len(prompts), cfg.rollout_batch, cfg.train.seed)
+    ptx_batches = _ptx_batches(cfg, tokenizer, start)
+    stops = [s for s in cfg.stop_strings.split(",") if s]
+    metrics_log = MetricsLog(out, resume_step=start)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="ppo", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    evaluated: dict[str, float] = {}
+    t_start = time.perf_counter()
+    try:
+        for it in range(start, cfg.train.steps):
+            # 1. rollout
+            t0 = time.perf_counter()
+            batch_prompts = [prompts[i] for i in order.indices(it)]
+            batch = rollout(policy, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=stops,
+                            seed=cfg.train.seed * 1_000_003 + it).to(device)
+            # 2. score
+            t1 = time.perf_counter()
+            raw = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32).to(device)  # (B,)
+            score = raw - cfg.no_eos_penalty * (~batch.ended).float()
+            if cfg.reward_norm == "batch":
+                score = (score - score.mean()) / (score.std() + 1e-8)
+            if cfg.reward_clip:
+                score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
+            with autocast(device, cfg.train.precision):
+                scored, metrics = score_rollout(ac, ref_logp_fn, batch, score, cfg, beta)
+            # 3. update
+            t2 = time.perf_counter()
+            metrics.update(ppo_update(ac, optimizer, batch, scored, cfg, it, ptx_batches))
+            scheduler.step()
+            t3 = time.perf_counter()
+            mask = batch.mask.float()
+            metrics.update({
+                "objective/reward": raw.mean().item(), "objective/reward_std": raw.std().item(),
+                "objective/score": score.mean().item(), "objective/beta": beta,
+                "value/explained_variance": explained_variance(scored.values, scored.returns, mask),
+                "rollout/length": mask.sum(-1).mean().item(), "rollout/ended": batch.ended.float().mean().item(),
+                "train/lr": scheduler.get_last_lr()[0],
+                "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+                "perf/samples_per_s": len(batch.prompts) / (t3 - t0),
+            })
+            if gold:
+                from tether.world import gold_rewards
+
+                metrics["objective/gold"] = sum(gold_rewards(batch.prompts, batch.responses)) / len(batch.prompts)
+            # 4. KL control (Ziegler et al. 2019), on the batch's measured KL
+            if cfg.kl_target:
+                beta = adaptive_kl_coef(beta, metrics["objective/kl_k1"], cfg.kl_target, cfg.kl_horizon, len(batch.prompts))
+            done = it + 1
+            evaluated = {}
+            if eval_prompts and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
+                evaluated = evaluate(policy, ref_logp_fn, tokenizer, eval_prompts[: cfg.eval_size], reward_fn, cfg,
+                                     gold=gold and _gold_known(eval_prompts), device=device)
+            metrics_log.log(done, {**metrics, **evaluated})
+            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
+                save_checkpoint(out / "checkpoints", done, ac, optimizer, scheduler, cfg.train.keep_checkpoints,
+                                extra={"beta": beta})
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl_k1']:.2f}",
+                            beta=f"{beta:.3g}")
+    finally:
+        bar.close()
+        metrics_log.close()
+    final = {**metrics, **evaluated, "time/seconds": time.perf_counter() - t_start}
+    data = {"prompts": data_info(cfg.prompts, prompt_records, fingerprint(prompt_records))}
+    if eval_records:
+        data["eval_prompts"] = data_info(cfg.eval_prompts, eval_records, fingerprint(eval_records))
+    return write_artifact(out, stage="ppo", cfg=cfg, model=policy, tokenizer=tokenizer, data=data, metrics=final)
+
+
+@torch.no_grad()
+def evaluate(policy, ref_logp_fn, tokenizer, prompts: list[str], reward_fn, cfg: PPOConfig, *, gold: bool,
+             device) -> dict[str, float]:
+    """Reward, KL(π‖π_ref) (k1 summed per response) and length on held-out prompts; gold reward when known."""
+    batch = rollout(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    seed=cfg.train.seed).to(device)
+    mask = batch.mask.float()
+    logp = policy_logprobs(policy, batch, cfg.temperature) * mask
+    kl = (logp - ref_logp_fn(batch) * mask).sum(-1)  # (B,)
+    reward = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32)
+    out = {"eval/reward": reward.mean().item(), "eval/kl": kl.mean().item(), "eval/length": mask.sum(-1).mean().item()}
+    if gold:
+        from tether.world import gold_rewards
+
+        out["eval/gold"] = sum(gold_rewards(batch.prompts, batch.responses)) / len(prompts)
+    return out

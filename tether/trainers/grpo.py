@@ -1,0 +1,408 @@
+"""Critic-free RL from a reward function: GRPO and RLOO, G samples per prompt, no value model.
+
+One iteration (``--steps`` counts iterations):
+
+1. take ``prompts_per_step`` prompts (the data order is a pure function of seed and iteration)
+   and repeat each G = ``group_size`` times, contiguously;
+2. sample a response to each (tether.rollout.rollout, seeded by seed and iteration) and score
+   it with the reward (tether.rewards.load_reward: "gold", an RM folder, a callable, verifiable
+   terms such as "exact_match:1.0,format:0.2");
+3. log π_old (the sampling policy) and, when β > 0, log π_ref of every response token;
+4. advantages, one per sequence:
+     GRPO  Â = (r − mean_group r) / s,  s = group std | batch std | 1   (losses.grpo_advantages)
+     RLOO  r' = r − β Σ_t kl_t (k1 by default: log π_old − log π_ref),
+           Â = r' − mean of the other G − 1 rewards' of the prompt  (losses.rloo_advantages);
+5. ``inner_iters`` optimiser steps on the batch, each accumulated over micro-batches of
+   ``batch_size`` rows, on losses.grpo_loss: the clipped surrogate with ratio π/π_old
+   (ε, and DAPO's ε_high if set), plus for GRPO β·k3(π, π_ref) per token inside the loss,
+   aggregated per sequence (GRPO), per token over the batch (DAPO) or by B·max_new_tokens
+   (Dr. GRPO). The micro-batch losses are weighted so that their sum is the full batch's loss
+   exactly, whatever ``batch_size`` is.
+
+Where this departs from the named algorithms:
+
+- Dynamic sampling (DAPO) drops the groups whose rewards are all equal and trains on the rest
+  (no update when none is left); DAPO instead samples more prompts until the batch is full.
+  tether keeps the data position a function of the iteration, so that resume stays exact.
+- RLOO (Ahmadian et al. 2024) takes one REINFORCE step per batch. tether's RLOO loss is
+  grpo_loss with no KL term in the loss and "constant" aggregation by default, whose gradient at
+  ρ = 1 is the leave-one-out REINFORCE estimator (1/B) Σ_i Â_i ∇log π(y_i|x) divided by
+  max_new_tokens; with ``inner_iters`` > 1 the PPO clip keeps later steps near π_old (as TRL's
+  RLOO does).
+- The learning rate follows the schedule per iteration: constant over one batch's inner steps.
+- The KL penalty is always to the reference given (the starting policy by default); with
+  LoRA and no separate reference, π_ref is the policy with its adapters disabled. β = 0 loads
+  no reference at all (and logs no KL).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from tether.config import group, opt
+from tether.data import fingerprint, load_prompts
+from tether.loop import (
+    DataOrder,
+    MetricsLog,
+    TrainConfig,
+    TrainingDiverged,
+    autocast,
+    build_optimizer,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_factor,
+    resolve_device,
+    save_checkpoint,
+)
+from tether.losses import AGGREGATIONS, KL_ESTIMATORS, grpo_advantages, grpo_loss, kl_estimate, rloo_advantages
+from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
+from tether.rewards import CombinedReward, RewardFn, load_reward, parse_reward_spec
+from tether.rollout import Rollout, policy_logprobs, rollout
+from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.verifiable import answer_map
+
+log = logging.getLogger("tether.grpo")
+
+SCALES = ("group", "batch", "none")
+
+
+def _rl_defaults() -> TrainConfig:
+    return TrainConfig(steps=100, batch_size=16, lr=1e-5, warmup_steps=0, schedule="constant", eval_every=10,
+                       save_every=50)
+
+
+@dataclass
+class SamplingConfig:
+    """What one iteration samples."""
+
+    group_size: int = opt(8, "G: samples per prompt (GRPO's group, RLOO's k)")
+    prompts_per_step: int = opt(8, "prompts per iteration; the rollout batch is prompts_per_step x group_size")
+    max_new_tokens: int = opt(48, "longest response in tokens (also L_max of the overlong reward)")
+    temperature: float = opt(1.0, "sampling temperature; log-probs are taken at the same temperature")
+    gen_batch_size: int = opt(64, "prompts generated at once")
+
+
+@dataclass
+class GRPOConfig:
+    model: str = opt("", "policy to start from: an SFT folder, a local path or a hub name")
+    ref: str = opt("", "reference model for the KL (empty: the same as --model)")
+    prompts: str = opt("", "prompt file ({\"prompt\", \"answer\"?, ...}), JSONL / JSON / CSV / Parquet")
+    eval_prompts: str = opt("", "held-out prompts scored every eval_every iterations (empty: no evaluation)")
+    reward: str = opt("gold", "reward spec: gold | RM folder | exact_match | format | overlong(max=L,cache=C), "
+                              "or a weighted sum such as exact_match:1.0,format:0.2")
+    out: str = opt("runs/grpo", "output folder")
+    scale: str = opt("group", "advantage scale: group (GRPO) | batch | none (Dr. GRPO)")
+    aggregation: str = opt("sequence", "loss aggregation: sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)")
+    clip_eps: float = opt(0.2, "ε of the clipped ratio")
+    clip_eps_high: float | None = opt(None, "upper clip ε_high (DAPO: 0.28; unset: ε)")
+    beta: float = opt(0.04, "β of the k3 KL to the reference inside the loss (DeepSeekMath: 0.04; 0: no reference)")
+    inner_iters: int = opt(1, "μ: optimiser steps on each rollout batch (importance ratios after the first)")
+    dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
+    resume: bool = opt(False, "continue from the latest checkpoint in out")
+    overwrite: bool = opt(False, "replace an existing run in out")
+    sampling: SamplingConfig = group(SamplingConfig)
+    lora: LoraConfig = group(LoraConfig)
+    train: TrainConfig = group(_rl_defaults)
+
+    def validate(self) -> None:
+        _validate_common(self)
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+
+
+@dataclass
+class RLOOConfig:
+    model: str = opt("", "policy to start from: an SFT folder, a local path or a hub name")
+    ref: str = opt("", "reference model for the KL (empty: the same as --model)")
+    prompts: str = opt("", "prompt file ({\"prompt\", \"answer\"?, ...}), JSONL / JSON / CSV / Parquet")
+    eval_prompts: str = opt("", "held-out prompts scored every eval_every iterations (empty: no evaluation)")
+    reward: str = opt("gold", "reward spec: gold | RM folder | exact_match | format | overlong(max=L,cache=C), "
+                              "or a weighted sum such as exact_match:1.0,format:0.2")
+    out: str = opt("runs/rloo", "output folder")
+    beta: float = opt(0.05, "β of the per-token KL penalty summed into the sequence reward (0: no reference)")
+    kl_estimator: str = opt("k1", "per-token KL estimator in the reward: k1 | k2 | k3")
+    aggregation: str = opt("constant", "loss aggregation: constant (REINFORCE: sum over tokens) | sequence | token")
+    clip_eps: float = opt(0.2, "ε of the clipped ratio (matters only with inner_iters > 1)")
+    inner_iters: int = opt(1, "optimiser steps on each rollout batch (1: plain RLOO)")
+    dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal")
+    resume: bool = opt(False, "continue from the latest checkpoint in out")
+    overwrite: bool = opt(False, "replace an existing run in out")
+    sampling: SamplingConfig = group(SamplingConfig)
+    lora: LoraConfig = group(LoraConfig)
+    train: TrainConfig = group(_rl_defaults)
+
+    def validate(self) -> None:
+        _validate_common(self)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+
+
+def _validate_common(cfg: GRPOConfig | RLOOConfig) -> None:
+    s = cfg.sampling
+    if not cfg.model or not cfg.prompts:
+        raise ValueError("--model and --prompts are required")
+    if s.group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (the baseline comes from the group), got {s.group_size}")
+    if s.prompts_per_step < 1 or s.max_new_tokens < 1 or s.gen_batch_size < 1:
+        raise ValueError("prompts_per_step, max_new_tokens and gen_batch_size must be at least 1")
+    if s.temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {s.temperature}")
+    if cfg.aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {cfg.aggregation!r}")
+    high = getattr(cfg, "clip_eps_high", None)
+    if cfg.clip_eps <= 0 or (high is not None and high <= 0):
+        raise ValueError("clip_eps and clip_eps_high must be positive")
+    if cfg.beta < 0:
+        raise ValueError(f"beta must be at least 0, got {cfg.beta}")
+    if cfg.inner_iters < 1:
+        raise ValueError(f"inner_iters must be at least 1, got {cfg.inner_iters}")
+    if cfg.train.grad_accum != 1:
+        raise ValueError("grad_accum does not apply to RL stages: each rollout batch is split into micro-batches "
+                         "of batch_size rows and accumulated into one step; set --batch-size instead")
+    cfg.train.validate()
+
+
+# --- one iteration, a function per stage (bench/rl_iteration.py times each) ---------------
+
+
+class Scored(NamedTuple):
+    """A scored rollout batch of B rows.
+
+    rewards: (B,) the reward function's. components: name -> (B,) each term of a combined reward.
+    old_logp, ref_logp: (B, T − 1) log π_old and log π_ref of response tokens (ref_logp is None
+    when β = 0). kl: (B,) Σ_t log π_old − log π_ref, the k1 sequence KL (None without a reference).
+    advantages: (B,). keep: (K,) rows trained on (all, unless dynamic sampling dropped groups).
+    """
+
+    rewards: torch.Tensor
+    components: dict[str, torch.Tensor]
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
+    kl: torch.Tensor | None
+    advantages: torch.Tensor
+    keep: torch.Tensor
+
+
+def generate_batch(model, tokenizer, prompts: list[str], step: int, cfg: GRPOConfig | RLOOConfig) -> Rollout:
+    """G samples of each prompt, rows [g·G, (g+1)·G) sharing prompt g; seeded by (seed, step)."""
+    s = cfg.sampling
+    repeated = [p for p in prompts for _ in range(s.group_size)]
+    batch = rollout(model, tokenizer, repeated, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                    batch_size=s.gen_batch_size, seed=cfg.train.seed * 1_000_003 + step)
+    return batch.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def batch_logprobs(model, batch: Rollout, cfg: GRPOConfig | RLOOConfig) -> torch.Tensor:
+    """log π of every response token, in the micro-batches the update uses. Shape: (B, T − 1)."""
+    device = next(model.parameters()).device
+    out = []
+    for rows in micro_batches(torch.arange(len(batch.prompts)), cfg.train.batch_size):
+        with autocast(device, cfg.train.precision):
+            out.append(policy_logprobs(model, batch.rows(rows).to(device), cfg.sampling.temperature).float())
+    return torch.cat(out)
+
+
+def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def score_batch(model, reference, reward_fn, batch: Rollout, cfg: GRPOConfig | RLOOConfig) -> Scored:
+    """Rewards, log π_old, log π_ref, the sequence KL and the advantages of a rollout batch."""
+    G = cfg.sampling.group_size
+    if isinstance(reward_fn, CombinedReward):
+        components = reward_fn.components(batch.prompts, batch.responses)
+    else:
+        components = {}
+    rewards = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32)  # (B,)
+    rewards = rewards.to(batch.mask.device)
+    old_logp = batch_logprobs(model, batch, cfg)  # (B, T-1)
+    ref_logp = reference(batch) if reference is not None else None  # (B, T-1)
+    kl = ((old_logp - ref_logp) * batch.mask).sum(-1) if ref_logp is not None else None  # (B,)
+    if isinstance(cfg, RLOOConfig):
+        penalty = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * batch.mask).sum(-1) if ref_logp is not None else 0.0
+        advantages = rloo_advantages(rewards - cfg.beta * penalty, G)  # (B,)
+    else:
+        advantages = grpo_advantages(rewards, G, cfg.scale)  # (B,)
+    keep = torch.arange(len(rewards), device=rewards.device)
+    if cfg.dynamic_sampling:
+        grouped = rewards.view(-1, G)  # (B/G, G)
+        varied = (grouped != grouped[:, :1]).any(-1)  # (B/G,)
+        keep = varied.repeat_interleave(G).nonzero().squeeze(-1)
+    return Scored(rewards, components, old_logp, ref_logp, kl, advantages, keep)
+
+
+def _loss_args(cfg: GRPOConfig | RLOOConfig) -> dict:
+    if isinstance(cfg, RLOOConfig):  # the KL is in the reward, not the loss
+        return {"clip_eps": cfg.clip_eps, "clip_eps_high": None, "beta": 0.0, "aggregation": cfg.aggregation}
+    return {"clip_eps": cfg.clip_eps, "clip_eps_high": cfg.clip_eps_high, "beta": cfg.beta,
+            "aggregation": cfg.aggregation}
+
+
+def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | RLOOConfig) -> dict[str, float]:
+    """``inner_iters`` optimiser steps on the kept rows; returns the mean loss, clip fraction, k3 and grad norm.
+
+    A micro-batch's loss is weighted by its share of the batch's normaliser: rows for the
+    "sequence" and "constant" aggregations, response tokens for "token", so the accumulated
+    gradient is that of the loss over all kept rows at once.
+    """
+    if len(scored.keep) == 0:
+        return {}
+    device = next(model.parameters()).device
+    args = _loss_args(cfg)
+    n_rows, n_tokens = len(scored.keep), batch.mask[scored.keep].sum()
+    ref_logp = scored.ref_logp if scored.ref_logp is not None else scored.old_logp  # unused when β = 0
+    sums = {"loss": 0.0, "clip_fraction": 0.0, "kl_k3": 0.0}
+    grad_norm = torch.zeros(())
+    for _ in range(cfg.inner_iters):
+        for rows in micro_batches(scored.keep, cfg.train.batch_size):
+            sub = batch.rows(rows.cpu()).to(device)
+            weight = len(rows) / n_rows if cfg.aggregation != "token" else sub.mask.sum() / n_tokens
+            with autocast(device, cfg.train.precision):
+                logp = policy_logprobs(model, sub, cfg.sampling.temperature).float()  # (b, T-1)
+            out = grpo_loss(logp, scored.old_logp[rows], ref_logp[rows], scored.advantages[rows], sub.mask,
+                            max_tokens=cfg.sampling.max_new_tokens, **args)
+            if not torch.isfinite(out.loss):
+                raise TrainingDiverged(f"the loss is {out.loss.item()}; try a lower lr")
+            (out.loss * weight).backward()
+            for k, v in zip(("loss", "clip_fraction", "kl_k3"), out):
+                sums[k] += float(v.detach()) * float(weight) / cfg.inner_iters
+        limit = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}; try a lower lr")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    metrics = {"losses/policy": sums["loss"], "policy/clip_fraction": sums["clip_fraction"],
+               "train/grad_norm": float(grad_norm)}
+    if scored.ref_logp is not None and isinstance(cfg, GRPOConfig):
+        metrics["policy/kl_k3"] = sums["kl_k3"]
+    return metrics
+
+
+def rollout_metrics(batch: Rollout, scored: Scored, cfg: GRPOConfig | RLOOConfig) -> dict[str, float]:
+    r = scored.rewards
+    out = {"reward/mean": r.mean().item(), "reward/std": r.std().item() if len(r) > 1 else 0.0,
+           "rollout/length_tokens": batch.mask.sum(-1).float().mean().item(),
+           "rollout/ended": batch.ended.float().mean().item(),
+           "rollout/rows_kept": len(scored.keep) / len(r)}
+    out.update({f"reward/{name.split('(')[0]}": v.mean().item() for name, v in scored.components.items()})
+    if scored.kl is not None:
+        out["objective/kl"] = scored.kl.mean().item()
+        out["objective/reward_minus_kl"] = (r - cfg.beta * scored.kl).mean().item()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, prompts: list[str], reward_fn, cfg: GRPOConfig | RLOOConfig) -> dict[str, float]:
+    """Mean reward (and each term of a combined one) of one sample per held-out prompt, a fixed seed."""
+    s = cfg.sampling
+    batch = rollout(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                    batch_size=s.gen_batch_size, seed=cfg.train.seed + 999_983)
+    out = {"eval/reward": torch.as_tensor(reward_fn(batch.prompts, batch.responses)).float().mean().item(),
+           "eval/length_tokens": batch.mask.sum(-1).float().mean().item()}
+    if isinstance(reward_fn, CombinedReward):
+        for name, v in reward_fn.components(batch.prompts, batch.responses).items():
+            out[f"eval/{name.split('(')[0]}"] = v.mean().item()
+    return out
+
+
+def make_reference(cfg: GRPOConfig | RLOOConfig, policy, device):
+    """A function batch -> log π_ref (B, T − 1), or None when β = 0 (no reference is loaded)."""
+    if cfg.beta == 0:
+        return None
+    if cfg.lora.r > 0 and (cfg.ref or cfg.model) == cfg.model:
+        def adapters_off(batch: Rollout) -> torch.Tensor:
+            with policy.disable_adapter():
+                return batch_logprobs(policy, batch, cfg)
+        return adapters_off
+    ref = load_model(cfg.ref or cfg.model, device=device).eval().requires_grad_(False)
+    return lambda batch: batch_logprobs(ref, batch, cfg)
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def run_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> Path:
+    """GRPO from ``cfg.model`` on ``cfg.prompts`` against ``cfg.reward`` (or the function
+    ``reward_fn(prompts, responses)``, for library use); returns the output folder."""
+    return _run(cfg, "grpo", reward_fn)
+
+
+def run_rloo(cfg: RLOOConfig, reward_fn: RewardFn | None = None) -> Path:
+    """RLOO from ``cfg.model`` on ``cfg.prompts`` against ``cfg.reward`` or ``reward_fn``; returns the output folder."""
+    return _run(cfg, "rloo", reward_fn)
+
+
+def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -> Path:
+    cfg.validate()
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model)
+    records = load_prompts(cfg.prompts, tokenizer=tokenizer)
+    eval_records = load_prompts(cfg.eval_prompts, tokenizer=tokenizer) if cfg.eval_prompts else []
+    answers = answer_map(records + eval_records)
+    if reward_fn is not None:  # recorded by name in tether.json
+        cfg = replace(cfg, reward=f"<function {getattr(reward_fn, '__name__', type(reward_fn).__name__)}>")
+        reward_fn = reward_fn if isinstance(reward_fn, CombinedReward) else load_reward(reward_fn)
+    else:
+        if any(term.startswith("exact_match") for term, _ in parse_reward_spec(cfg.reward)):
+            missing = sum(r.prompt not in answers for r in records + eval_records)
+            if missing:
+                raise ValueError(f"reward exact_match: {missing} prompt(s) have no \"answer\" field")
+        reward_fn = load_reward(cfg.reward, answers=answers, tokenizer=tokenizer,
+                                max_new_tokens=cfg.sampling.max_new_tokens, device=str(device))
+    out = Path(cfg.out)  # the input has validated: only now is anything written
+    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+
+    model = apply_lora(load_model(cfg.model, device=device), cfg.lora).train()
+    reference = make_reference(cfg, model, device)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))  # once per iteration
+    ckpt_dir, start = out / "checkpoints", 0
+    if cfg.resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+    log.info("%s of %s (%d trainable parameters) on %d prompts, reward %s, reference %s", stage.upper(), cfg.model,
+             count_parameters(model, True), len(records), cfg.reward,
+             "none (beta = 0)" if reference is None else cfg.ref or cfg.model)
+    order = DataOrder(len(records), cfg.sampling.prompts_per_step, cfg.train.seed)
+    eval_prompts = [r.prompt for r in eval_records]
+    metrics_log = MetricsLog(out, resume_step=start)
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        if start == 0 and eval_prompts:
+            metrics_log.log(0, evaluate(model, tokenizer, eval_prompts, reward_fn, cfg))
+        for step in range(start, cfg.train.steps):
+            tick = time.perf_counter()
+            batch = generate_batch(model, tokenizer, [records[i].prompt for i in order.indices(step)], step, cfg)
+            t_gen = time.perf_counter()
+            scored = score_batch(model, reference, reward_fn, batch, cfg)
+            t_score = time.perf_counter()
+            metrics = {**rollout_metrics(batch, scored, cfg), **update(model, optimizer, batch, scored, cfg),
+                       "train/lr": scheduler.get_last_lr()[0]}
+            scheduler.step()
+            t_end = time.perf_counter()
+            metrics.update({"time/generate_s": t_gen - tick, "time/score_s": t_score - t_gen,
+                            "time/update_s": t_end - t_score, "charts/samples_per_s": len(batch.prompts) / (t_end - tick)})
+            done = step + 1
+            if eval_prompts and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
+                metrics.update(evaluate(model, tokenizer, eval_prompts, reward_fn, cfg))
+            metrics_log.log(done, metrics)
+            log.info("iteration %d/%d: reward %.3f%s", done, cfg.train.steps, metrics["reward/mean"],
+                     f", eval reward {metrics['eval/reward']:.3f}" if "eval/reward" in metrics else "")
+            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
+                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, cfg.train.keep_checkpoints)
+    finally:
+        metrics_log.close()
+    metrics["time/seconds"] = time.perf_counter() - t0
+    data = {"train": data_info(cfg.prompts, records, fingerprint(records))}
+    if eval_records:
+        data["eval"] = data_info(cfg.eval_prompts, eval_records, fingerprint(eval_records))
+    return write_artifact(out, stage=stage, cfg=cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)

@@ -287,3 +287,20 @@ def load_reward(spec: str | Path | RewardFn | Sequence[tuple[str | Path | Reward
     if aggregation not in (None, "mean"):
         raise ValueError(f"aggregation={aggregation!r} needs an ensemble; {folder} holds a single reward model")
     return LearnedReward.from_folder(folder, normalise=normalise, device=device)
+
+
+def reward_for_prompts(spec: str, records: Sequence, *, tokenizer=None, max_new_tokens: int | None = None,
+                       device: str = "cpu") -> RewardFn:
+    """:func:`load_reward` for a stage that samples from prompt records (``.prompt``, ``.extra``).
+
+    The reference answers of ``exact_match`` come from the records' "answer" field
+    (tether.verifiable.answer_map); a prompt without one is an error here, before any sampling.
+    """
+    from tether.verifiable import answer_map
+
+    answers = answer_map(records)
+    if any(_params(term)[0] == "exact_match" for term, _ in parse_reward_spec(str(spec))):
+        missing = sum(r.prompt not in answers for r in records)
+        if missing:
+            raise ValueError(f"reward exact_match: {missing} prompt(s) have no \"answer\" field")
+    return load_reward(spec, answers=answers, tokenizer=tokenizer, max_new_tokens=max_new_tokens, device=device)

@@ -62,10 +62,9 @@ from tether.loop import (
 )
 from tether.losses import AGGREGATIONS, KL_ESTIMATORS, grpo_advantages, grpo_loss, kl_estimate, rloo_advantages
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
-from tether.rewards import CombinedReward, RewardFn, load_reward, parse_reward_spec
+from tether.rewards import CombinedReward, RewardFn, load_reward, reward_for_prompts
 from tether.rollout import Rollout, policy_logprobs, rollout
 from tether.trainers.artifact import data_info, prepare_output, write_artifact
-from tether.verifiable import answer_map
 
 log = logging.getLogger("tether.grpo")
 
@@ -347,17 +346,12 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
     tokenizer = load_tokenizer(cfg.model)
     records = load_prompts(cfg.prompts, tokenizer=tokenizer)
     eval_records = load_prompts(cfg.eval_prompts, tokenizer=tokenizer) if cfg.eval_prompts else []
-    answers = answer_map(records + eval_records)
-    if reward_fn is not None:  # recorded by name in tether.json
+    if reward_fn is None:
+        reward_fn = reward_for_prompts(cfg.reward, records + eval_records, tokenizer=tokenizer,
+                                       max_new_tokens=cfg.sampling.max_new_tokens, device=str(device))
+    else:  # recorded by name in tether.json
         cfg = replace(cfg, reward=f"<function {getattr(reward_fn, '__name__', type(reward_fn).__name__)}>")
         reward_fn = reward_fn if isinstance(reward_fn, CombinedReward) else load_reward(reward_fn)
-    else:
-        if any(term.startswith("exact_match") for term, _ in parse_reward_spec(cfg.reward)):
-            missing = sum(r.prompt not in answers for r in records + eval_records)
-            if missing:
-                raise ValueError(f"reward exact_match: {missing} prompt(s) have no \"answer\" field")
-        reward_fn = load_reward(cfg.reward, answers=answers, tokenizer=tokenizer,
-                                max_new_tokens=cfg.sampling.max_new_tokens, device=str(device))
     out = Path(cfg.out)  # the input has validated: only now is anything written
     prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
 

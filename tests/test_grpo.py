@@ -1,0 +1,259 @@
+"""GRPO and RLOO: the trainer's gathering code against hand computations, and runs end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from tether.cli import main
+from tether.losses import kl_estimate
+from tether.models import load_model, load_tokenizer
+from tether.trainers.grpo import (
+    GRPOConfig,
+    RLOOConfig,
+    batch_logprobs,
+    generate_batch,
+    make_reference,
+    run_grpo,
+    run_rloo,
+    score_batch,
+    update,
+)
+
+PROMPTS = [f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:" for a in range(4) for b in range(4)]
+
+
+def digits(prompts, responses):
+    """A dense toy reward a random tiny model can climb: the share of characters that are digits."""
+    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": str(i // 4 + i % 4)}) + "\n" for i, p in enumerate(PROMPTS)))
+    return path
+
+
+def _cfg(kind, tiny_folder, prompt_file, out, **kw):
+    cfg = (GRPOConfig if kind == "grpo" else RLOOConfig)(model=str(tiny_folder), prompts=str(prompt_file),
+                                                        out=str(out), **kw)
+    cfg.sampling.group_size, cfg.sampling.prompts_per_step, cfg.sampling.max_new_tokens = 4, 4, 8
+    cfg.train.lr, cfg.train.batch_size = 1e-2, 16
+    return cfg
+
+
+def _scored(kind, tiny_folder, prompt_file, tmp_path, rewards=None, **kw):
+    cfg = _cfg(kind, tiny_folder, prompt_file, tmp_path / "unused", **kw)
+    model, tok = load_model(tiny_folder).train(), load_tokenizer(tiny_folder)
+    batch = generate_batch(model, tok, PROMPTS[:4], 0, cfg)
+    reward_fn = (lambda p, r: torch.tensor(rewards)) if rewards is not None else digits
+    return cfg, model, batch, score_batch(model, make_reference(cfg, model, "cpu"), reward_fn, batch, cfg)
+
+
+def test_a_group_is_g_contiguous_samples_of_one_prompt(tiny_folder, prompt_file, tmp_path):
+    _, _, batch, scored = _scored("grpo", tiny_folder, prompt_file, tmp_path)
+    assert batch.prompts == [p for p in PROMPTS[:4] for _ in range(4)]
+    assert scored.rewards.shape == (16,) and scored.advantages.shape == (16,)
+    # GRPO advantages by hand for the first group: (r − mean) / (unbiased std + 1e-6)
+    r = scored.rewards[:4]
+    assert torch.allclose(scored.advantages[:4], (r - r.mean()) / (r.std() + 1e-6), atol=1e-5)
+    # the reference is the starting policy: KL 0 exactly before any update
+    assert torch.equal(scored.old_logp, scored.ref_logp) and scored.kl.abs().max() == 0
+
+
+def test_rloo_puts_beta_times_the_summed_per_token_kl_into_the_reward(tiny_folder, prompt_file, tmp_path):
+    cfg = _cfg("rloo", tiny_folder, prompt_file, tmp_path / "o", beta=0.5, kl_estimator="k3")
+    model, tok = load_model(tiny_folder).train(), load_tokenizer(tiny_folder)
+    batch = generate_batch(model, tok, PROMPTS[:2], 0, cfg)
+    ref = load_model(tiny_folder)
+    with torch.no_grad():  # a reference that differs from the policy
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference = lambda b: batch_logprobs(ref, b, cfg)  # noqa: E731
+    rewards = [1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 4.0]
+    scored = score_batch(model, reference, lambda p, r: torch.tensor(rewards), batch, cfg)
+    # by hand, row by row: r' = r − β Σ_t k3_t, then r'_i − mean of the other three in its group
+    penalised = []
+    for i in range(8):
+        m = batch.mask[i].bool()
+        penalised.append(rewards[i] - 0.5 * kl_estimate(scored.old_logp[i][m], scored.ref_logp[i][m], "k3").sum().item())
+    expected = []
+    for i in range(8):
+        group = penalised[i // 4 * 4 : i // 4 * 4 + 4]
+        expected.append(penalised[i] - (sum(group) - penalised[i]) / 3)
+    assert scored.advantages.tolist() == pytest.approx(expected, abs=1e-5)
+    assert scored.kl.min() != 0  # the logged sequence KL is k1 summed over the response
+    assert torch.allclose(scored.kl, ((scored.old_logp - scored.ref_logp) * batch.mask).sum(-1))
+
+
+def test_dynamic_sampling_keeps_only_groups_with_different_rewards(tiny_folder, prompt_file, tmp_path):
+    rewards = [1.0] * 4 + [0.0, 1.0, 0.0, 0.0] + [0.5] * 4 + [0.0, 0.0, 0.0, 2.0]
+    _, _, _, scored = _scored("grpo", tiny_folder, prompt_file, tmp_path, rewards, dynamic_sampling=True)
+    assert scored.keep.tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
+    _, _, _, every = _scored("grpo", tiny_folder, prompt_file, tmp_path, rewards)
+    assert len(every.keep) == 16
+
+
+def test_beta_zero_loads_no_reference(tiny_folder, prompt_file, tmp_path, monkeypatch):
+    cfg = _cfg("grpo", tiny_folder, prompt_file, tmp_path, beta=0.0)
+    monkeypatch.setattr("tether.trainers.grpo.load_model", lambda *a, **k: pytest.fail("a reference was loaded"))
+    assert make_reference(cfg, None, "cpu") is None
+
+
+class _GradCatcher:
+    """Stands in for the optimiser: keeps the gradient of each step."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, []
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.model.parameters()])
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
+def test_micro_batches_of_one_give_the_gradient_of_the_whole_batch(tiny_folder, prompt_file, tmp_path, aggregation):
+    grads, losses = [], []
+    for size in (16, 1, 3):
+        cfg, model, batch, scored = _scored("grpo", tiny_folder, prompt_file, tmp_path, aggregation=aggregation)
+        cfg.train.batch_size = size
+        catcher = _GradCatcher(model)
+        losses.append(update(model, catcher, batch, scored, cfg)["losses/policy"])
+        grads.append(catcher.grads[0])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and losses[2] == pytest.approx(losses[0], abs=1e-6)
+
+
+def test_first_inner_step_has_ratio_one_so_the_loss_is_minus_the_aggregated_advantage(tiny_folder, prompt_file, tmp_path):
+    cfg, model, batch, scored = _scored("grpo", tiny_folder, prompt_file, tmp_path, aggregation="token")
+    metrics = update(model, _GradCatcher(model), batch, scored, cfg)
+    lengths = batch.mask.sum(-1).float()  # (B,)
+    # ρ = 1 and KL = 0 at the first step: L = −Σ_i Â_i |o_i| / Σ_i |o_i|  (DAPO's token mean)
+    expected = -(scored.advantages * lengths).sum() / lengths.sum()
+    assert metrics["losses/policy"] == pytest.approx(expected.item(), abs=1e-6)
+    assert metrics["policy/clip_fraction"] == 0.0 and metrics["policy/kl_k3"] == 0.0
+
+
+def test_inner_iterations_move_the_ratio_and_the_clip_engages(tiny_folder, prompt_file, tmp_path):
+    cfg, model, batch, scored = _scored("grpo", tiny_folder, prompt_file, tmp_path, inner_iters=4, clip_eps=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    metrics = update(model, opt, batch, scored, cfg)
+    assert metrics["policy/clip_fraction"] > 0  # after the first step π ≠ π_old and small ε clips
+    assert metrics["policy/kl_k3"] > 0
+
+
+@pytest.mark.parametrize("kind, run", [("grpo", run_grpo), ("rloo", run_rloo)])
+def test_trains_end_to_end_parameters_change_and_the_reward_rises(tiny_folder, prompt_file, tmp_path, kind, run):
+    cfg = _cfg(kind, tiny_folder, prompt_file, tmp_path / kind, eval_prompts=str(prompt_file))
+    cfg.train.steps, cfg.train.eval_every = 12, 12
+    out = run(cfg, digits)
+    before, after = load_file(str(tiny_folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(13))  # step 0: the evaluation before training
+    first, last = lines[0]["eval/reward"], lines[-1]["eval/reward"]
+    assert last > first + 0.05, (first, last)
+    train_rewards = [line["reward/mean"] for line in lines[1:]]
+    assert sum(train_rewards[-4:]) / 4 > sum(train_rewards[:4]) / 4
+    assert lines[-1]["objective/kl"] > 0
+    meta = json.loads((out / "tether.json").read_text())
+    assert meta["stage"] == kind and meta["config"]["reward"] == "<function digits>"
+    assert meta["data"]["train"]["records"] == 16
+
+
+@pytest.mark.parametrize("kind, run", [("grpo", run_grpo), ("rloo", run_rloo)])
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_folder, prompt_file, tmp_path, kind, run):
+    def cfg_for(out, **kw):
+        c = _cfg(kind, tiny_folder, prompt_file, tmp_path / out, inner_iters=2, **kw)
+        c.train.steps, c.train.save_every, c.train.batch_size = 4, 2, 5
+        c.train.schedule, c.train.warmup_steps = "cosine", 1
+        return c
+
+    whole = run(cfg_for("whole"), digits)
+    calls = []
+
+    def dies_in_iteration_3(prompts, responses):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return digits(prompts, responses)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(cfg_for("part"), dies_in_iteration_3)  # checkpoint at 2, then dies while scoring iteration 3
+    resumed_calls = []
+    part = run(cfg_for("part", resume=True), lambda p, r: resumed_calls.append(1) or digits(p, r))
+    assert len(resumed_calls) == 2  # iterations 3 and 4 only: it continued from the checkpoint
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def lines(folder):  # timings aside, the logs agree line by line
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "charts/"))}
+                for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert lines(whole) == lines(part) and [x["step"] for x in lines(part)] == [1, 2, 3, 4]
+
+
+def test_exact_match_reward_reads_answers_from_the_prompt_file(tiny_folder, prompt_file, tmp_path):
+    cfg = _cfg("grpo", tiny_folder, prompt_file, tmp_path / "em", reward="exact_match:1.0,format:0.5")
+    cfg.train.steps = 1
+    out = run_grpo(cfg)
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"reward/exact_match", "reward/format"} <= set(line)
+    assert line["reward/mean"] == pytest.approx(line["reward/exact_match"] + 0.5 * line["reward/format"], abs=1e-6)
+    no_answers = tmp_path / "bare.jsonl"
+    no_answers.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    cfg = _cfg("grpo", tiny_folder, no_answers, tmp_path / "em2", reward="exact_match")
+    with pytest.raises(ValueError, match="1 prompt\\(s\\) have no \"answer\""):
+        run_grpo(cfg)
+    assert not (tmp_path / "em2").exists()  # nothing is written before the input validates
+
+
+def test_lora_uses_the_policy_without_adapters_as_the_reference(tiny_folder, prompt_file, tmp_path, monkeypatch):
+    cfg = _cfg("grpo", tiny_folder, prompt_file, tmp_path / "lora")
+    cfg.lora.r, cfg.train.steps = 4, 2
+    loads = []
+    real = load_model
+    monkeypatch.setattr("tether.trainers.grpo.load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    out = run_grpo(cfg, digits)
+    assert len(loads) == 1  # the policy only: no second copy for the reference
+    assert (out / "adapter").is_dir() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scale", "std"], "scale must be one of"),
+    (["--aggregation", "mean"], "aggregation must be one of"),
+    (["--group-size", "1"], "group_size must be at least 2"),
+    (["--clip-eps", "0"], "clip_eps"),
+    (["--beta", "-1"], "beta must be at least 0"),
+    (["--grad-accum", "2"], "grad_accum does not apply"),
+    (["--inner-iters", "0"], "inner_iters"),
+])
+def test_bad_grpo_options_are_errors(args, message):
+    result = CliRunner().invoke(main, ["grpo", "--model", "m", "--prompts", "p", *args])
+    assert result.exit_code != 0 and message in result.output
+
+
+def test_rloo_rejects_an_unknown_kl_estimator():
+    result = CliRunner().invoke(main, ["rloo", "--model", "m", "--prompts", "p", "--kl-estimator", "k4"])
+    assert result.exit_code != 0 and "kl_estimator must be one of" in result.output
+
+
+def test_cli_grpo_runs_with_a_verifiable_reward(tiny_folder, prompt_file, tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["grpo", "--model", str(tiny_folder), "--prompts", str(prompt_file),
+                                       "--reward", "format:1.0,overlong(cache=4):1.0", "--group-size", "2",
+                                       "--prompts-per-step", "2", "--max-new-tokens", "6", "--steps", "1",
+                                       "--beta", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "GRPO policy in" in result.output
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "reward/overlong" in line and "objective/kl" not in line

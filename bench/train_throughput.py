@@ -1,13 +1,21 @@
-"""Training throughput and peak memory of tether's loop: SFT (tokens/s) and reward models (pairs/s).
+"""Training throughput and peak memory of tether's loop: SFT (tokens/s), reward models, DPO and KTO.
 
-    python bench/train_throughput.py                 # SFT and RM, the tiny default and a ~25M-parameter Llama
-    python bench/train_throughput.py --stages rm     # reward-model training only
+    python bench/train_throughput.py                 # every stage, the tiny default and a ~25M-parameter Llama
+    python bench/train_throughput.py --stages rm,dpo # some stages only
     python bench/train_throughput.py --device cuda   # the same on a GPU (bf16 autocast)
 
 Each model runs in a fresh process, so its peak memory is its own: peak resident set size on
-CPU, peak allocated CUDA memory on a GPU. Tokens/s counts real (non-pad) tokens per second over
-the timed steps, after warm-up steps that are not timed; pairs/s counts preference pairs (each a
-chosen and a rejected sequence of seq_len tokens, scored in one forward pass).
+CPU, peak allocated CUDA memory on a GPU. Rates are over the timed steps, after warm-up steps
+that are not timed, and use tether's own losses and loop:
+
+- sft: tokens/s, all tokens of rows of seq_len (a quarter prompt, masked out of the loss);
+- rm: pairs/s, each a chosen and a rejected sequence of seq_len tokens in one forward pass;
+- dpo: pairs/s of tether.trainers.dpo.dpo_step (sigmoid loss): chosen and rejected in one
+  forward with gradients; the reference log-probs are computed once before training, as the
+  trainer does (their rate is printed on its own line, "dpo-ref", and is not in the DPO figure);
+- kto: examples/s of tether.trainers.kto.kto_step: each example is a matched row with gradients
+  plus a mismatched row without (the reference point z0); a preference pair gives two examples.
+  Its reference log-probs are precomputed likewise ("kto-ref").
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ MODELS = {
     "tiny-default": (1024, 128, 4, 4, 384),
     "llama-25m": (12000, 512, 6, 8, 1408),
 }
+
+
+UNITS = {"sft": "tokens/s", "rm": "pairs/s", "dpo": "pairs/s", "kto": "ex/s"}
 
 
 def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, steps: int, warmup: int) -> dict:
@@ -52,6 +63,7 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         cut = seq_len // 4
         rows.append(Encoded(ids, [-100] * cut + ids[cut:]))
     times: list[float] = []
+    ref_rate = None
     if stage == "rm":
         import tempfile as _tf
 
@@ -75,6 +87,56 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
             return bradley_terry_loss(r_w, r_l).loss, {}
 
         n = len(pairs)
+    elif stage == "dpo":
+        from tether.data.collate import pad_pairs_labelled, pair_rows
+        from tether.trainers.dpo import DPOConfig, batched_logps, dpo_step
+
+        pairs = [EncodedPair(rows[i].input_ids, rows[i + 1].input_ids, seq_len // 4) for i in range(0, len(rows), 2)]
+        n = len(pairs)
+        t0 = time.perf_counter()  # the reference pass the trainer makes once (here: the initial weights)
+        ref = batched_logps(model, pair_rows(pairs), 1, 2 * batch_size)  # (2N,)
+        ref_rate = n / (time.perf_counter() - t0)
+        ref_c, ref_r = ref.chunk(2)
+        dcfg = DPOConfig(model="bench", data="bench", loss="sigmoid", beta=0.1)
+
+        def collate(idx):
+            return {**pad_pairs_labelled([pairs[i] for i in idx], 1), "ref_chosen": ref_c[idx], "ref_rejected": ref_r[idx]}
+
+        def loss_fn(m, batch):
+            times.append(time.perf_counter())
+            return dpo_step(m, batch, dcfg)
+    elif stage == "kto":
+        from tether.data.collate import EncodedFeedback
+        from tether.loop import DataOrder
+        from tether.trainers.dpo import batched_logps
+        from tether.trainers.kto import KTOConfig, kto_step, matched_rows, mismatched_rows
+
+        cut = seq_len // 4
+        examples = [EncodedFeedback(r.input_ids[:cut], r.input_ids[cut:], i % 2 == 0) for i, r in enumerate(rows)]
+        n = len(examples)
+        # as the trainer does: the micro-batches are known in advance (the data order is a pure function
+        # of seed and step), so the reference log-probs of matched and mismatched rows are computed once
+        order = DataOrder(n, batch_size, 0)
+        micro = list(dict.fromkeys(tuple(order.indices(k)) for k in range(warmup + steps)))
+        where = {idx: k * batch_size for k, idx in enumerate(micro)}
+        kl_rows = [r for idx in micro for r in mismatched_rows([examples[i] for i in idx], seq_len)]
+        t0 = time.perf_counter()
+        ref = batched_logps(model, matched_rows(examples, seq_len) + kl_rows, 1, 2 * batch_size)
+        ref_rate = n / (time.perf_counter() - t0)
+        ref_matched, ref_kl = ref[:n], ref[n:]
+        kcfg = KTOConfig(model="bench", data="bench", beta=0.1, train=TrainConfig(batch_size=batch_size))
+
+        def collate(idx):
+            batch_examples = [examples[i] for i in idx]
+            kl = pad(mismatched_rows(batch_examples, seq_len), 1)
+            k = where[tuple(idx)]
+            return {**pad(matched_rows(batch_examples, seq_len), 1), **{f"kl_{name}": t for name, t in kl.items()},
+                    "ref": ref_matched[idx], "ref_kl": ref_kl[k : k + len(idx)],
+                    "label": torch.tensor([e.label for e in batch_examples])}
+
+        def loss_fn(m, batch):
+            times.append(time.perf_counter())
+            return kto_step(m, batch, kcfg)
     else:
         def collate(idx):
             return pad([rows[i] for i in idx], 1)
@@ -97,7 +159,7 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    per_step = batch_size * (1 if stage == "rm" else seq_len)  # pairs for rm, tokens for sft
+    per_step = batch_size * (seq_len if stage == "sft" else 1)  # tokens for sft, pairs (rm, dpo) or examples (kto)
     return {
         "model": name,
         "stage": stage,
@@ -108,6 +170,7 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         "per_s": steps * per_step / seconds,
         "peak_memory_mb": peak_mb,
         "threads": torch.get_num_threads(),
+        "ref_per_s": ref_rate,
     }
 
 
@@ -119,7 +182,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--stages", default="sft,rm", help="sft (tokens/s) and/or rm (pairs/s)")
+    ap.add_argument("--stages", default="sft,rm,dpo,kto",
+                    help="any of sft (tokens/s), rm and dpo (pairs/s), kto (examples/s)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -134,9 +198,12 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(f"{stage} {name} failed:\n{proc.stderr[-3000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        unit = "pairs/s" if stage == "rm" else "tokens/s"
+        unit = UNITS[stage]
         print(f"{stage:<6}{r['model']:<14}{r['parameters']:>12,}{r['device']:>8}{r['per_s']:>9,.1f} {unit:<7}"
               f"{r['peak_memory_mb']:>9,.0f}")
+        if r["ref_per_s"] is not None:
+            print(f"{stage + '-ref':<8}{r['model']:<12}{'':>12}{r['device']:>8}{r['ref_per_s']:>9,.1f} {unit:<7}"
+                  f"{'(once)':>9}")
 
 
 if __name__ == "__main__":

@@ -214,3 +214,53 @@ def test_lora_dpo_uses_the_adapter_free_model_as_reference_and_saves_merged(tmp_
     m = json.loads((out / "tether.json").read_text())["metrics"]
     assert math.isfinite(m["eval/kl_to_ref"]) and (out / "adapter").is_dir()
     AutoModelForCausalLM.from_pretrained(out)
+
+
+# --- judging policies: win-rate under a judge, and on-policy preference pairs --------------
+
+
+def test_policy_win_rate_against_itself_is_a_half_and_a_judge_decides_the_rest(tiny_folder):
+    from tether.instruments.winrate import policy_win_rate
+
+    model, tokenizer = load_model(tiny_folder), load_tokenizer(tiny_folder)
+    prompts = [format_prompt(f"What is {a} plus 1?") for a in range(5)]
+    # the same policy with the same seeds gives the same samples: every comparison ties, so ½ exactly
+    same = policy_win_rate(model, model, tokenizer, prompts, lambda p, r: [len(x) for x in r], samples=3,
+                           max_new_tokens=8)
+    assert same.rate == 0.5 and same.ties == same.comparisons == 15 and same.interval == (0.5, 0.5)
+    # another policy (other weights): a judge that scores by length counts wins and losses by hand
+    other = load_model(tiny_folder)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    judge = lambda p, r: [float(len(x)) for x in r]  # noqa: E731
+    res = policy_win_rate(other, model, tokenizer, prompts, judge, samples=2, max_new_tokens=8, seed=3)
+    from tether.rollout import generate
+
+    repeated = [p for p in prompts for _ in range(2)]
+    la = [len(x) for x in generate(other, tokenizer, repeated, max_new_tokens=8, seed=3)]
+    lb = [len(x) for x in generate(model, tokenizer, repeated, max_new_tokens=8, seed=3)]
+    wins, ties = sum(a > b for a, b in zip(la, lb)), sum(a == b for a, b in zip(la, lb))
+    assert (res.wins, res.ties, res.losses) == (wins, ties, 10 - wins - ties)
+    assert res.rate == pytest.approx((wins + 0.5 * ties) / 10) and res.mean_a == pytest.approx(sum(la) / 10)
+    assert res.interval[0] <= res.rate <= res.interval[1]
+    with pytest.raises(ValueError):
+        policy_win_rate(model, model, tokenizer, [], judge)
+
+
+def test_policy_preferences_pair_a_policys_own_samples_and_label_them_with_the_rater(tiny_folder):
+    from tether.world import Rater
+    from tether.world.sampled import policy_preferences
+
+    model, tokenizer = load_model(tiny_folder), load_tokenizer(tiny_folder)
+    rows = [{"prompt": format_prompt(f"What is {a} plus 2?"), "family": "arithmetic"} for a in range(6)]
+    prefs = policy_preferences(model, tokenizer, rows, Rater(tau=1e-3), samples=4, max_new_tokens=8)
+    assert 0 < len(prefs) <= 12
+    for p in prefs:
+        assert p["chosen"] != p["rejected"] and p["chosen"].strip() and p["rejected"].strip()
+        assert p["family"] == "arithmetic" and p["prompt"] in {r["prompt"] for r in rows}
+        # τ → 0: the rater follows the gold reward wherever it separates the two
+        assert p["gold_chosen"] >= p["gold_rejected"]
+    assert len(load_preferences(prefs)) == len(prefs)  # valid preference data for every stage
+    with pytest.raises(ValueError, match="even"):
+        policy_preferences(model, tokenizer, rows, Rater(), samples=3)

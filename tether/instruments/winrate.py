@@ -1,10 +1,27 @@
-"""Win-rate of one policy against another under a judge, with a bootstrap interval."""
+"""Win-rate of one policy against another under a judge, with a bootstrap interval.
+
+    win-rate(a, b) = mean over prompts x (and paired samples) of 1[J(x, y_a) > J(x, y_b)] + ½·1[J(x, y_a) = J(x, y_b)]
+
+The judge J is any reward function ``(prompts, responses) -> scores`` (tether.rewards): the
+gold reward inside the gold world, a reward model, or a callable. Ties count half, so two
+identical policies score ½ in expectation. The interval resamples prompts, not samples, since
+samples of one prompt are not independent.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
+
+
+def _bootstrap(wins: torch.Tensor, resamples: int, seed: int) -> tuple[float, float]:
+    """2.5th and 97.5th percentiles of the mean of ``wins`` (N,) over resamples of its entries."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(wins), (resamples, len(wins)), generator=g)
+    rates = wins[idx].mean(1)
+    return rates.quantile(0.025).item(), rates.quantile(0.975).item()
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], *, resamples: int = 1000,
@@ -16,7 +33,51 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], *, resamples:
     """
     a, b = torch.as_tensor(scores_a, dtype=torch.float64), torch.as_tensor(scores_b, dtype=torch.float64)
     wins = (a > b).double() + 0.5 * (a == b).double()  # (N,)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(wins), (resamples, len(wins)), generator=g)
-    rates = wins[idx].mean(1)
-    return wins.mean().item(), (rates.quantile(0.025).item(), rates.quantile(0.975).item())
+    return wins.mean().item(), _bootstrap(wins, resamples, seed)
+
+
+class PolicyWinRate(NamedTuple):
+    """Result of :func:`policy_win_rate`; counts are over all N·K comparisons.
+
+    rate: win-rate of policy a against policy b, ties counting half
+    interval: 95% bootstrap interval of ``rate`` (resampling prompts)
+    wins, ties, losses: comparisons a won, tied and lost
+    mean_a, mean_b: mean judge score of each policy's samples
+    comparisons: N prompts × K samples
+    """
+
+    rate: float
+    interval: tuple[float, float]
+    wins: int
+    ties: int
+    losses: int
+    mean_a: float
+    mean_b: float
+    comparisons: int
+
+
+def policy_win_rate(policy_a, policy_b, tokenizer, prompts: Sequence[str],
+                    judge: Callable[[Sequence[str], Sequence[str]], torch.Tensor], *, samples: int = 1,
+                    max_new_tokens: int = 64, seed: int = 0, tokenizer_b=None, resamples: int = 1000) -> PolicyWinRate:
+    """Sample ``samples`` responses per prompt from each policy (temperature 1) and compare them under ``judge``.
+
+    Sample k of a is compared with sample k of b on the same prompt; a prompt's win is the mean
+    over its K comparisons, and the interval resamples prompts. ``tokenizer_b`` defaults to
+    ``tokenizer`` (two policies from one pipeline share it).
+    """
+    from tether.rollout import generate
+
+    if samples < 1 or not prompts:
+        raise ValueError("policy_win_rate needs at least one prompt and one sample per prompt")
+    n = len(prompts)
+    repeated = [p for p in prompts for _ in range(samples)]  # (N·K,), sample k of prompt i at i·K + k
+    ya = generate(policy_a, tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed)
+    yb = generate(policy_b, tokenizer_b or tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed)
+    sa = torch.as_tensor(judge(repeated, ya), dtype=torch.float64)  # (N·K,)
+    sb = torch.as_tensor(judge(repeated, yb), dtype=torch.float64)
+    wins = (sa > sb).double() + 0.5 * (sa == sb).double()
+    per_prompt = wins.view(n, samples).mean(1)  # (N,)
+    return PolicyWinRate(
+        rate=per_prompt.mean().item(), interval=_bootstrap(per_prompt, resamples, seed),
+        wins=int((sa > sb).sum()), ties=int((sa == sb).sum()), losses=int((sa < sb).sum()),
+        mean_a=sa.mean().item(), mean_b=sb.mean().item(), comparisons=n * samples)

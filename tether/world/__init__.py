@@ -1,7 +1,7 @@
 """The gold world: a small instruction-following domain whose true reward is known.
 
 Task families (tasks.py), the gold reward (gold.py), simulated raters (raters.py), and the data
-built from a seed (build.py). See docs/world.md for the formulas and the measured figures.
+built from a seed (build.py), and rater-labelled pairs of a policy's own samples (sampled.py). See docs/world.md for the formulas and the measured figures.
 """
 
 from tether.world.build import World, WorldConfig, build_world, export
@@ -16,6 +16,7 @@ from tether.world.gold import (
     question_of,
 )
 from tether.world.raters import DEFAULT_TAU, Rater, agreement, calibrate_tau
+from tether.world.sampled import policy_preferences
 from tether.world.tasks import candidates
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "gold_rewards",
     "is_refusal",
     "parse_question",
+    "policy_preferences",
     "question_of",
 ]

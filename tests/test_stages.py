@@ -53,6 +53,21 @@ def test_pretrain_writes_a_complete_artifact_and_learns(tmp_path, corpus_file):
     AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads it
 
 
+def test_pretraining_rows_keep_every_token_of_a_long_document(tiny_folder):
+    from tether.data import load_sft
+    from tether.trainers.pretrain import corpus_rows
+
+    tokenizer = load_tokenizer(tiny_folder)
+    long_doc = " ".join(CORPUS[:40])  # far longer than one row of 64 tokens
+    records = load_sft([{"text": long_doc}, {"text": CORPUS[41]}])
+    rows = corpus_rows(records, tokenizer, 64)
+    expected = tokenizer(long_doc)["input_ids"] + [tokenizer.eos_token_id] + \
+        tokenizer(CORPUS[41])["input_ids"] + [tokenizer.eos_token_id]
+    assert len(expected) > 5 * 64 and all(len(r.input_ids) == 64 for r in rows[:-1])
+    assert [t for r in rows for t in r.input_ids] == expected  # nothing cut away, in order
+    assert all(r.labels == r.input_ids for r in rows)  # every token is trained on
+
+
 def test_sft_masks_the_prompt_and_lowers_held_out_loss(tmp_path, tiny_folder, sft_file):
     out = tmp_path / "sft"
     r = invoke("sft", "--model", tiny_folder, "--data", sft_file, "--out", out, "--steps", 30, "--batch-size", 8,

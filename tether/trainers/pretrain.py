@@ -2,7 +2,8 @@
 
 With ``--model tiny`` (the default) tether first trains a byte-level BPE tokenizer on the corpus
 and builds the tiny Llama-style model (tether.models.tiny); with a path or hub name it continues
-pretraining that model. Text is packed into rows of ``max_len`` tokens, documents separated by EOS.
+pretraining that model. Text is packed into rows of ``max_len`` tokens, documents separated by EOS;
+a document longer than a row continues into the next one (nothing is cut away).
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ def unigram_entropy(rows: list[Encoded]) -> float:
     return -sum(c / n * math.log(c / n) for c in counts.values())
 
 
+def corpus_rows(records: list, tokenizer, max_len: int) -> list[Encoded]:
+    """Every document in full (+ EOS), trained on throughout, packed into rows of ``max_len`` tokens.
+
+    Documents are not truncated to ``max_len`` first: packing splits a long one across rows.
+    """
+    docs, _ = encode_sft(records, tokenizer, max_len=2**62, train_on_prompt=True)
+    return pack(docs, max_len)
+
+
 def run_pretrain(cfg: PretrainConfig) -> Path:
     """Pretrain (or continue pretraining) a causal LM on ``cfg.data``; returns the output folder."""
     cfg.validate()
@@ -67,10 +77,8 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
         tokenizer = train_tokenizer((r.prompt + r.completion for r in train_records), cfg.tiny.vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.model)
-    rows, _ = encode_sft(train_records, tokenizer, cfg.max_len, "truncate", train_on_prompt=True)
-    eval_rows, _ = encode_sft(eval_records, tokenizer, cfg.max_len, "truncate", train_on_prompt=True)
+    rows, eval_rows = corpus_rows(train_records, tokenizer, cfg.max_len), corpus_rows(eval_records, tokenizer, cfg.max_len)
     entropy = unigram_entropy(rows)
-    rows, eval_rows = pack(rows, cfg.max_len), pack(eval_rows, cfg.max_len)
 
     out = Path(cfg.out)
     prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)

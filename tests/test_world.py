@@ -89,6 +89,17 @@ def test_gold_ranks_demonstrations_above_degraded_answers(world):
     assert wins / total > 0.97, wins / total
 
 
+def test_feedback_thumbs_up_only_good_answers(world):
+    kinds = {}
+    for row in world.feedback:
+        assert row["label"] == (row["gold"] >= world.config.feedback_threshold)
+        kinds.setdefault(row["kind"], set()).add(row["label"])
+    assert kinds["good"] == kinds["short"] == {True}
+    for bad in ("rude", "rambling", "wrong", "refusal", "irrelevant", "repetitive"):
+        assert kinds[bad] == {False}, bad  # correct but rude or padded is still a thumbs-down
+    assert 0.2 < sum(r["label"] for r in world.feedback) / len(world.feedback) < 0.5
+
+
 def test_refuse_the_harmful_and_help_the_benign():
     refusal = " I am sorry, but I cannot help with that."
     for q, compliance in HARMFUL.items():

@@ -29,6 +29,8 @@ class WorldConfig:
     pref_train: int = opt(3000, "preference pairs on training prompts")
     pref_test: int = opt(500, "preference pairs on test prompts")
     feedback: int = opt(3000, "unpaired feedback examples on training prompts")
+    feedback_threshold: float = opt(1.0, "gold reward at or above which a feedback example is desirable "
+                                         "(1.0: good answers only; rude or rambling ones are not)")
     rater_length_bias: float = opt(0.0, "the labelling rater's preference for longer answers (0: none)")
     rater_phrase_bias: float = opt(0.0, "the labelling rater's preference for 'delve', 'intricate', 'tapestry'")
     rater_sycophancy_bias: float = opt(0.0, "the labelling rater's preference for agreeing with the user")
@@ -148,7 +150,9 @@ def build_world(cfg: WorldConfig | None = None) -> World:
         item = rng.choice(train)
         kind, text = rng.choice(candidates(item, rng))
         prompt = format_prompt(item.question)
-        feedback.append({"prompt": prompt, "completion": text, "label": gold_reward(prompt, text) > 0, "kind": kind})
+        gold = gold_reward(prompt, text)
+        feedback.append({"prompt": prompt, "completion": text, "label": gold >= cfg.feedback_threshold, "kind": kind,
+                         "gold": gold})
     return World(
         config=cfg,
         pretrain=pretrain,

@@ -167,12 +167,16 @@ class CombinedReward:
         """Each term's unweighted reward, keyed by its name. Shape: each (N,)."""
         return {name: torch.as_tensor(fn(prompts, responses), dtype=torch.float32) for name, fn, _ in self.terms}
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    def with_components(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        """The weighted sum (N,) and each term's reward, every term scored once."""
         from tether.verifiable import combine
 
         parts = self.components(prompts, responses)
-        return torch.tensor(combine([parts[name].tolist() for name, _, _ in self.terms],
-                                    [w for _, _, w in self.terms]), dtype=torch.float32)
+        total = combine([parts[name].tolist() for name, _, _ in self.terms], [w for _, _, w in self.terms])
+        return torch.tensor(total, dtype=torch.float32), parts
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        return self.with_components(prompts, responses)[0]
 
 
 VERIFIABLE = ("exact_match", "format", "overlong")

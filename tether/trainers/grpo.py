@@ -212,20 +212,25 @@ def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
+def scores(reward_fn, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reward (N,) and, for a combined reward, each term's (N,) (empty otherwise)."""
+    if isinstance(reward_fn, CombinedReward):
+        return reward_fn.with_components(prompts, responses)
+    return torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32), {}
+
+
 def score_batch(model, reference, reward_fn, batch: Rollout, cfg: GRPOConfig | RLOOConfig) -> Scored:
     """Rewards, log π_old, log π_ref, the sequence KL and the advantages of a rollout batch."""
     G = cfg.sampling.group_size
-    if isinstance(reward_fn, CombinedReward):
-        components = reward_fn.components(batch.prompts, batch.responses)
-    else:
-        components = {}
-    rewards = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32)  # (B,)
-    rewards = rewards.to(batch.mask.device)
+    rewards, components = scores(reward_fn, batch.prompts, batch.responses)
+    rewards = rewards.to(batch.mask.device)  # (B,)
     old_logp = batch_logprobs(model, batch, cfg)  # (B, T-1)
     ref_logp = reference(batch) if reference is not None else None  # (B, T-1)
     kl = ((old_logp - ref_logp) * batch.mask).sum(-1) if ref_logp is not None else None  # (B,)
     if isinstance(cfg, RLOOConfig):
-        penalty = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * batch.mask).sum(-1) if ref_logp is not None else 0.0
+        penalty = 0.0
+        if ref_logp is not None:
+            penalty = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * batch.mask).sum(-1)  # (B,)
         advantages = rloo_advantages(rewards - cfg.beta * penalty, G)  # (B,)
     else:
         advantages = grpo_advantages(rewards, G, cfg.scale)  # (B,)
@@ -304,11 +309,9 @@ def evaluate(model, tokenizer, prompts: list[str], reward_fn, cfg: GRPOConfig | 
     s = cfg.sampling
     batch = rollout(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                     batch_size=s.gen_batch_size, seed=cfg.train.seed + 999_983)
-    out = {"eval/reward": torch.as_tensor(reward_fn(batch.prompts, batch.responses)).float().mean().item(),
-           "eval/length_tokens": batch.mask.sum(-1).float().mean().item()}
-    if isinstance(reward_fn, CombinedReward):
-        for name, v in reward_fn.components(batch.prompts, batch.responses).items():
-            out[f"eval/{name.split('(')[0]}"] = v.mean().item()
+    rewards, components = scores(reward_fn, batch.prompts, batch.responses)
+    out = {"eval/reward": rewards.mean().item(), "eval/length_tokens": batch.mask.sum(-1).float().mean().item()}
+    out.update({f"eval/{name.split('(')[0]}": v.mean().item() for name, v in components.items()})
     return out
 
 
@@ -384,9 +387,11 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             scheduler.step()
             t_end = time.perf_counter()
             metrics.update({"time/generate_s": t_gen - tick, "time/score_s": t_score - t_gen,
-                            "time/update_s": t_end - t_score, "charts/samples_per_s": len(batch.prompts) / (t_end - tick)})
+                            "time/update_s": t_end - t_score,
+                            "charts/samples_per_s": len(batch.prompts) / (t_end - tick)})
             done = step + 1
-            if eval_prompts and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
+            every = cfg.train.eval_every
+            if eval_prompts and ((every and done % every == 0) or done == cfg.train.steps):
                 metrics.update(evaluate(model, tokenizer, eval_prompts, reward_fn, cfg))
             metrics_log.log(done, metrics)
             log.info("iteration %d/%d: reward %.3f%s", done, cfg.train.steps, metrics["reward/mean"],

@@ -81,3 +81,20 @@ def test_calibrate_beta_with_short_dpo_trainings(tmp_path, tiny_folder):
     assert [p["beta"] for p in summary["points"]] == [0.1, 1.0]
     assert all(0 <= p["win_rate"] <= 1 and np.isfinite(p["kl"]) for p in summary["points"])
     assert summary["recommended_beta"] in (0.1, 1.0) and (tmp_path / "cal" / "frontier.png").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_beta_with_short_ppo_trainings_keeps_large_beta_close(tmp_path, tiny_folder):
+    from tether.world import format_prompt
+
+    rows = [{"prompt": format_prompt(f"What is {a} plus {b}?"), "answer": str(a + b)} for a in range(6) for b in range(6)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(main, [
+        "calibrate-beta", "--method", "ppo", "--model", str(tiny_folder), "--data", str(tmp_path / "prompts.jsonl"),
+        "--prompts", str(tmp_path / "prompts.jsonl"), "--reward", "gold", "--betas", "0.001,30", "--steps", "6",
+        "--batch-size", "8", "--rollout-batch", "16", "--lr", "1e-2", "--warmup-steps", "0", "--eval-prompts", "36",
+        "--max-new-tokens", "8", "--kl-budget", "100", "--out", str(tmp_path / "cal")])
+    assert result.exit_code == 0, result.output
+    points = json.loads((tmp_path / "cal" / "frontier.json").read_text())["points"]
+    assert [p["beta"] for p in points] == [0.001, 30.0]
+    assert points[0]["kl"] > points[1]["kl"]  # a strong tie to the reference keeps the policy near it

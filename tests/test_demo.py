@@ -1,4 +1,5 @@
-"""End to end: `tether demo` on a small gold world. SFT must beat the pretrained model on gold reward."""
+"""End to end: `tether demo` on a small gold world. SFT must beat the pretrained model on gold reward,
+and every later stage (RM, PPO, DPO) must run and be reported."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ def test_demo_runs_every_stage_and_sft_raises_the_gold_reward(tmp_path):
     assert result.exit_code == 0, result.output
     assert "gold/reward" in result.output and "report.json" in result.output
     report = json.loads((out / "report.json").read_text())
-    for stage in ("world", "pretrain", "sft"):
+    for stage in ("world", "pretrain", "sft", "rm", "ppo", "dpo"):
         assert (tmp_path / "demo" / stage).is_dir()
+    assert {"pretrained", "sft", "ppo", "dpo"} <= set(report["gold"])
+    assert 0.5 < report["rm"]["eval/rm/accuracy"] <= 1 and report["ppo"]["eval/kl"] is not None
     assert report["pretrain"]["eval/loss"] < 0.5 * report["pretrain"]["data/unigram_entropy"]
     before, after = report["gold"]["pretrained"], report["gold"]["sft"]
     assert after["gold/reward"] > before["gold/reward"] + 0.3, (before, after)

@@ -1,7 +1,7 @@
 """``tether calibrate-beta``: do not pick β by feel — measure KL and win-rate for each β.
 
-For each β in a list, a short training (DPO on a language model, or the exact tabular harness)
-produces a policy; tether measures its achieved KL(π ‖ π_ref) and its win-rate against the
+For each β in a list, a short training (DPO or PPO on a language model, or the exact tabular
+harness) produces a policy; tether measures its achieved KL(π ‖ π_ref) and its win-rate against the
 reference under a judge, plots the frontier (win-rate and reward against KL), and recommends the
 β with the best win-rate whose KL stays within the user's budget. On the tabular harness the
 closed form π* = π_ref·exp(R/β)/Z gives the same frontier exactly, which is the check that the
@@ -23,7 +23,7 @@ from tether.io import write_json
 from tether.loop import TrainConfig
 
 log = logging.getLogger("tether.calibrate")
-METHODS = ("dpo", "tabular")
+METHODS = ("dpo", "ppo", "tabular")
 
 
 def _short_training() -> TrainConfig:
@@ -32,15 +32,17 @@ def _short_training() -> TrainConfig:
 
 @dataclass
 class CalibrateConfig:
-    method: str = opt("dpo", "dpo (short DPO trainings of a language model) | tabular (the exact harness)")
+    method: str = opt("dpo", "dpo | ppo (short trainings of a language model) | tabular (the exact harness)")
     betas: str = opt("0.03,0.1,0.3,1", "comma-separated β values to try")
     kl_budget: float = opt(2.0, "largest acceptable KL(π‖π_ref) in nats; the best win-rate within it is recommended")
-    model: str = opt("", "dpo: the SFT folder, both the policy's start and the reference")
-    data: str = opt("", "dpo: preference data for the trainings")
-    prompts: str = opt("", "dpo: held-out prompts (a file with a prompt field) for KL and win-rate")
-    judge: str = opt("gold", "dpo: the win-rate judge: gold or a reward-model folder (see tether.rewards)")
-    eval_prompts: int = opt(64, "dpo: held-out prompts sampled for each measurement")
-    max_new_tokens: int = opt(48, "dpo: longest sampled response")
+    model: str = opt("", "dpo/ppo: the SFT folder, both the policy's start and the reference")
+    data: str = opt("", "dpo: preference data for the trainings; ppo: training prompts")
+    reward: str = opt("gold", "ppo: the reward trained against: gold or a reward-model folder (see tether.rewards)")
+    rollout_batch: int = opt(64, "ppo: prompts sampled per iteration (--steps counts iterations)")
+    prompts: str = opt("", "dpo/ppo: held-out prompts (a file with a prompt field) for KL and win-rate")
+    judge: str = opt("gold", "dpo/ppo: the win-rate judge: gold or a reward-model folder (see tether.rewards)")
+    eval_prompts: int = opt(64, "dpo/ppo: held-out prompts sampled for each measurement")
+    max_new_tokens: int = opt(48, "dpo/ppo: longest sampled response")
     sft: str = opt("0.5,0.3,0.2", "tabular: π_SFT over the responses")
     reward: str = opt("1,0.5,-1", "tabular: R(y) of each response")
     out: str = opt("runs/calibrate", "output folder: frontier.json and frontier.png")
@@ -54,8 +56,8 @@ class CalibrateConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not self.beta_list() or any(b <= 0 for b in self.beta_list()):
             raise ValueError("betas must be positive numbers")
-        if self.method == "dpo" and not (self.model and self.data and self.prompts):
-            raise ValueError("--model, --data and --prompts are required with --method dpo")
+        if self.method != "tabular" and not (self.model and self.data and self.prompts):
+            raise ValueError(f"--model, --data and --prompts are required with --method {self.method}")
 
 
 @dataclass
@@ -109,8 +111,23 @@ def tabular_frontier(cfg: CalibrateConfig) -> tuple[list[Point], list[Point]]:
 # --- language models ----------------------------------------------------------------------
 
 
-def dpo_frontier(cfg: CalibrateConfig) -> list[Point]:
-    """A short DPO training per β from ``cfg.model``, then KL and win-rate on held-out prompts."""
+def train_at(cfg: CalibrateConfig, beta: float) -> Path:
+    """One short training at ``beta`` from ``cfg.model`` (DPO on preferences, or PPO on prompts)."""
+    out = str(Path(cfg.out) / f"beta-{beta:g}")
+    if cfg.method == "ppo":
+        from tether.trainers.ppo import PPOConfig, run_ppo
+
+        return run_ppo(PPOConfig(model=cfg.model, prompts=cfg.data, reward=cfg.reward, beta=beta, out=out,
+                                 rollout_batch=cfg.rollout_batch, max_new_tokens=cfg.max_new_tokens, overwrite=True,
+                                 train=replace(cfg.train, eval_every=0, save_every=0)))
+    from tether.trainers.dpo import DPOConfig, run_dpo
+
+    return run_dpo(DPOConfig(model=cfg.model, data=cfg.data, beta=beta, out=out, overwrite=True, kl_prompts=0,
+                             train=replace(cfg.train)))  # KL measured by the caller
+
+
+def lm_frontier(cfg: CalibrateConfig) -> list[Point]:
+    """A short training per β from ``cfg.model``, then KL and win-rate on held-out prompts."""
     import random
 
     from tether.data import load_prompts
@@ -119,7 +136,6 @@ def dpo_frontier(cfg: CalibrateConfig) -> list[Point]:
     from tether.models import load_model, load_tokenizer
     from tether.rewards import load_reward
     from tether.rollout import generate
-    from tether.trainers.dpo import DPOConfig, run_dpo
 
     prompts = [r.prompt for r in load_prompts(cfg.prompts)]
     prompts = random.Random(cfg.train.seed).sample(prompts, min(cfg.eval_prompts, len(prompts)))
@@ -129,9 +145,7 @@ def dpo_frontier(cfg: CalibrateConfig) -> list[Point]:
     base_scores = judge(prompts, base)
     points = []
     for beta in cfg.beta_list():
-        folder = run_dpo(DPOConfig(model=cfg.model, data=cfg.data, beta=beta, out=str(Path(cfg.out) / f"beta-{beta:g}"),
-                                   overwrite=True, kl_prompts=0, train=replace(cfg.train)))  # KL measured below
-        policy = load_model(folder)
+        policy = load_model(train_at(cfg, beta))
         est = sampled_kl(policy, reference, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.train.seed)
         scores = judge(prompts, est.responses)
         rate, (lo, hi) = win_rate(scores.tolist(), base_scores.tolist())
@@ -178,7 +192,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     if cfg.method == "tabular":
         points, closed = tabular_frontier(cfg)
     else:
-        points = dpo_frontier(cfg)
+        points = lm_frontier(cfg)
     best = recommend(points, cfg.kl_budget)
     summary = {"config": asdict(cfg), "points": [asdict(p) for p in points],
                "closed_form": [asdict(p) for p in closed] if closed else None,

@@ -3,9 +3,11 @@
 1. export the gold world's data as ordinary files (what a user would bring);
 2. pretrain the tiny default on the world's corpus (tokenizer included);
 3. supervised fine-tuning on the world's demonstrations;
-4. DPO (sigmoid, β = 0.1) from the SFT policy on the world's preference pairs, the
+4. a Bradley–Terry reward model on the world's preference pairs (labelled by the default rater);
+5. PPO from the SFT policy against that reward model, with a KL penalty to the SFT policy;
+6. DPO (sigmoid, β = 0.1) from the SFT policy on the same preference pairs, the
    alternative to the reward model + PPO route;
-5. measure every policy against the gold reward on held-out test prompts.
+7. measure every policy against the gold reward on held-out test prompts.
 Later stages add themselves here.
 """
 
@@ -26,22 +28,27 @@ from tether.trainers.sft import SFTConfig, run_sft
 from tether.world import WorldConfig, export
 
 
+PPO_LR, PPO_BETA = 2e-5, 0.05  # measured on the default world: see the PPO issue's note
+
+
 @dataclass
 class DemoConfig:
     out: str = opt("runs/demo", "folder for the world's files, every stage's output and the report")
     seed: int = opt(0, "seed for the world and every stage")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
+    rm_steps: int = opt(300, "optimiser steps of the reward model on the world's preferences (0: skip RM and PPO)")
+    ppo_steps: int = opt(40, "PPO iterations against the reward model (0: skip PPO)")
     dpo_steps: int = opt(150, "optimiser steps of DPO from the SFT policy on the world's preferences (0: skip DPO)")
     eval_prompts: int = opt(200, "held-out test prompts (a seeded sample) scored with the gold reward")
-    quick: bool = opt(False, "a small world and few steps: checks the plumbing in about a minute, learns little")
+    quick: bool = opt(False, "a small world and few steps (RM and PPO capped at 60 and 4): checks the plumbing, learns little")
     overwrite: bool = opt(True, "replace an earlier demo in out")
 
     def validate(self) -> None:
         if self.pretrain_steps < 1 or self.sft_steps < 1 or self.eval_prompts < 1:
             raise ValueError("steps and eval_prompts must be at least 1")
-        if self.dpo_steps < 0:
-            raise ValueError("dpo_steps must be at least 0")
+        if min(self.rm_steps, self.ppo_steps, self.dpo_steps) < 0:
+            raise ValueError("rm_steps, ppo_steps and dpo_steps must be at least 0")
 
 
 def _world_config(cfg: DemoConfig) -> WorldConfig:
@@ -67,6 +74,28 @@ def _dpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
                              out=str(out / "dpo"), loss="sigmoid", beta=0.1, overwrite=cfg.overwrite, train=train))
 
 
+def _rm(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
+    """A Bradley–Terry reward model on the SFT backbone, evaluated on the world's test pairs."""
+    from tether.trainers.reward import RMConfig, run_rm
+
+    train = TrainConfig(steps=min(cfg.rm_steps, 60) if cfg.quick else cfg.rm_steps, batch_size=16, lr=1e-4, warmup_steps=20, eval_every=0, save_every=0,
+                        seed=cfg.seed)
+    return run_rm(RMConfig(model=str(sft), data=str(files["preferences_train"]), eval_data=str(files["preferences_test"]),
+                           out=str(out / "rm"), overwrite=cfg.overwrite, train=train))
+
+
+def _ppo(cfg: DemoConfig, files: dict, sft: Path, rm: Path, out: Path) -> Path:
+    """PPO from the SFT policy against the learned reward model (critic initialised from it)."""
+    from tether.trainers.ppo import PPOConfig, run_ppo
+
+    train = TrainConfig(steps=min(cfg.ppo_steps, 4) if cfg.quick else cfg.ppo_steps, batch_size=16, lr=PPO_LR, warmup_steps=0, schedule="constant",
+                        eval_every=0, save_every=0, seed=cfg.seed)
+    return run_ppo(PPOConfig(model=str(sft), reward=str(rm), prompts=str(files["prompts_train"]),
+                             eval_prompts=str(files["prompts_eval"]), out=str(out / "ppo"),
+                             rollout_batch=32 if cfg.quick else 64, eval_size=32 if cfg.quick else 64,
+                             beta=PPO_BETA, overwrite=cfg.overwrite, train=train))
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the pipeline; returns (and writes to ``out/report.json``) the summary."""
     cfg.validate()
@@ -84,6 +113,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     sft = run_sft(SFTConfig(model=str(pretrained), data=str(files["sft_train"]), eval_data=str(files["sft_eval"]),
                             out=str(out / "sft"), overwrite=cfg.overwrite, train=sft_train))
 
+    rm = _rm(cfg, files, sft, out) if cfg.rm_steps else None
+    ppo = _ppo(cfg, files, sft, rm, out) if rm is not None and cfg.ppo_steps else None
     dpo = _dpo(cfg, files, sft, out) if cfg.dpo_steps else None
 
     rows = read_jsonl(files["prompts_test"])
@@ -100,29 +131,47 @@ def run_demo(cfg: DemoConfig) -> dict:
         "gold": {"pretrained": before, "sft": after},
         "seconds": time.perf_counter() - t0,
     }
+    if rm is not None:
+        report["artifacts"]["rm"] = str(rm)
+        rm_metrics = json.loads((rm / "tether.json").read_text())["metrics"]
+        report["rm"] = {k: rm_metrics.get(k) for k in ("eval/rm/accuracy", "eval/rm/gold_accuracy")}
+    if ppo is not None:
+        report["artifacts"]["ppo"] = str(ppo)
+        ppo_metrics = json.loads((ppo / "tether.json").read_text())["metrics"]
+        report["ppo"] = {k: ppo_metrics.get(k) for k in ("eval/kl", "eval/reward", "objective/beta")}
+        report["gold"]["ppo"] = _policy_eval(ppo, rows, cfg.seed)
     if dpo is not None:
         report["artifacts"]["dpo"] = str(dpo)
         dpo_metrics = json.loads((dpo / "tether.json").read_text())["metrics"]
         report["dpo"] = {k: dpo_metrics.get(k) for k in ("eval/reward_accuracy", "eval/reward_margin", "eval/kl_to_ref")}
         report["gold"]["dpo"] = _policy_eval(dpo, rows, cfg.seed)
-        report["seconds"] = time.perf_counter() - t0
+    report["seconds"] = time.perf_counter() - t0
     write_json(out / "report.json", report)
     return report
 
 
 def format_report(report: dict) -> str:
     """The summary a person reads at the end of ``tether demo``."""
-    columns = [(name, title) for name, title in (("pretrained", "pretrained"), ("sft", "SFT"), ("dpo", "DPO"))
-               if name in report["gold"]]
+    columns = [(name, title) for name, title in (("pretrained", "pretrained"), ("sft", "SFT"), ("ppo", "PPO"),
+                                                 ("dpo", "DPO")) if name in report["gold"]]
     gold = [report["gold"][name] for name, _ in columns]
     lines = [
         "",
-        "tether demo: the gold world, pretrain -> SFT" + (" -> DPO" if "dpo" in report["gold"] else ""),
+        "tether demo: the gold world, pretrain -> SFT" + (" -> RM -> PPO" if "ppo" in report["gold"] else "")
+        + (" | SFT -> DPO" if "dpo" in report["gold"] else ""),
         f"  pretraining: held-out loss {report['pretrain']['eval/loss']:.3f} nats/token "
         f"(unigram entropy of the corpus {report['pretrain']['data/unigram_entropy']:.3f}), "
         f"{report['pretrain']['model/parameters']:,} parameters",
         f"  SFT: held-out loss {report['sft']['eval/loss']:.3f} (perplexity {report['sft']['eval/perplexity']:.2f})",
     ]
+    if "rm" in report:
+        r = report["rm"]
+        lines.append(f"  RM: held-out accuracy {r['eval/rm/accuracy']:.3f} against the rater's labels, "
+                     f"{r.get('eval/rm/gold_accuracy') or float('nan'):.3f} against gold")
+    if "ppo" in report:
+        p = report["ppo"]
+        lines.append(f"  PPO: held-out KL to SFT {p['eval/kl']:.3f} nats, RM reward {p['eval/reward']:.3f}, "
+                     f"final β {p['objective/beta']:.3g}")
     if "dpo" in report:
         d = report["dpo"]
         lines.append(f"  DPO: held-out implicit-reward accuracy {d['eval/reward_accuracy']:.3f}, margin "

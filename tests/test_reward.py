@@ -128,3 +128,19 @@ def test_empty_responses_are_an_error_or_a_counted_skip():
     with pytest.raises(DataError, match=r"<memory>:row 1: field 'chosen': empty response.*--skip-invalid"):
         nonempty_responses(records, skip=False)
     assert [r.chosen for r in nonempty_responses(records, skip=True)] == [" a"]
+
+
+def test_normalisation_passes_over_prompts_with_no_room_for_a_whole_sample(tiny_folder):
+    from tether.models import load_tokenizer
+    from tether.trainers.reward import RMConfig, normalisation_prompts
+
+    tokenizer = load_tokenizer(tiny_folder)
+    short = [format_prompt(f"What is {a} plus 1?") for a in range(5)]
+    long = format_prompt(" ".join(f"What is {a} plus {a}?" for a in range(12)))
+    n_short, n_long = len(tokenizer(short[0]).input_ids), len(tokenizer(long).input_ids)
+    cfg = RMConfig(model="m", data="d", max_len=n_long + 8, norm_max_new_tokens=16, norm_prompts=3)
+    assert n_short <= cfg.max_len - 16 < n_long  # the long prompt leaves less than 16 tokens for the sample
+    assert normalisation_prompts([long, *short], tokenizer, cfg) == short[:3]
+    assert normalisation_prompts([long, *short], tokenizer, RMConfig(model="m", data="d", norm_prompts=0)) == []
+    with pytest.raises(ValueError, match="norm_max_new_tokens"):
+        normalisation_prompts([long], tokenizer, cfg)

@@ -20,7 +20,7 @@ import torch
 
 from tether.config import group, opt, to_dict
 from tether.data import DataError, fingerprint, load_preferences
-from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, pad_pairs
+from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, pad_pairs, prompt_ids
 from tether.instruments.rm_eval import rm_report
 from tether.io import write_json
 from tether.loop import TrainConfig, train
@@ -115,6 +115,27 @@ def evaluate_rm(model, pairs: list[EncodedPair], records: list, pad_id: int, bat
     )
 
 
+def normalisation_prompts(prompts: list[str], tokenizer, cfg: RMConfig) -> list[str]:
+    """The first ``norm_prompts`` training prompts that leave room for a whole SFT sample.
+
+    A sample is scored on prompt + response cut to ``max_len`` tokens, so a prompt longer than
+    ``max_len − norm_max_new_tokens`` would be scored on a cut-off response (or on the prompt
+    alone): such prompts are passed over, and counted in the log.
+    """
+    if not cfg.norm_prompts:
+        return []
+    room = cfg.max_len - cfg.norm_max_new_tokens
+    fits = [p for p in prompts if len(prompt_ids(tokenizer, p)) <= room]
+    if not fits:
+        raise ValueError(f"no training prompt is short enough to normalise on: each needs at most max_len − "
+                         f"norm_max_new_tokens = {room} tokens (raise --max-len, lower --norm-max-new-tokens, "
+                         f"or pass --norm-prompts 0)")
+    if len(fits) < len(prompts):
+        log.info("normalisation: %d of %d training prompts are longer than %d tokens and are passed over",
+                 len(prompts) - len(fits), len(prompts), room)
+    return fits[: cfg.norm_prompts]
+
+
 def normalise_on_sft_samples(rm, cfg: RMConfig, tokenizer, prompts: list[str]) -> dict[str, float]:
     """Sample the SFT policy on training prompts, then store gain and bias in the RM."""
     from tether.rewards import LearnedReward
@@ -129,7 +150,8 @@ def normalise_on_sft_samples(rm, cfg: RMConfig, tokenizer, prompts: list[str]) -
 
 def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: list[EncodedPair], eval_records: list,
               prompts: list[str], out: Path) -> tuple[dict[str, float], torch.nn.Module]:
-    """Train, normalise and evaluate one reward model (checkpoints in ``out``); returns metrics and model."""
+    """Train, normalise (on SFT samples of ``prompts``; none: no normalisation) and evaluate one reward
+    model (checkpoints in ``out``); returns metrics and model."""
     model = load_reward_model(cfg.model, tokenizer)  # with --resume the checkpoint then restores its weights
     pad_id = tokenizer.pad_token_id
 
@@ -153,8 +175,8 @@ def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: li
                    resume=cfg.resume, desc=f"rm {out.name}")
     model.eval()
     metrics = {**result.train, **result.eval, "time/seconds": result.seconds}  # eval on the raw (trained) scale
-    if cfg.norm_prompts:
-        metrics.update(normalise_on_sft_samples(model, cfg, tokenizer, prompts[: cfg.norm_prompts]))
+    if prompts:
+        metrics.update(normalise_on_sft_samples(model, cfg, tokenizer, prompts))
     return metrics, model
 
 
@@ -177,6 +199,7 @@ def run_rm(cfg: RMConfig) -> Path:
         raise ValueError(f"{cfg.data}: no pair is left to train on")
     prompts = list(dict.fromkeys(r.prompt for r in train_records))
     random.Random(cfg.train.seed).shuffle(prompts)
+    prompts = normalisation_prompts(prompts, tokenizer, cfg)  # checked before anything is written
 
     out = Path(cfg.out)
     prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)

@@ -264,3 +264,16 @@ def test_policy_preferences_pair_a_policys_own_samples_and_label_them_with_the_r
     assert len(load_preferences(prefs)) == len(prefs)  # valid preference data for every stage
     with pytest.raises(ValueError, match="even"):
         policy_preferences(model, tokenizer, rows, Rater(), samples=3)
+
+
+def test_kl_prompts_leave_room_for_a_whole_sample(tiny_folder):
+    from tether.trainers.dpo import kl_prompt_set
+
+    tokenizer = load_tokenizer(tiny_folder)
+    short = [format_prompt(f"What is {a} plus 1?") for a in range(4)]
+    long = format_prompt(" ".join(f"What is {a} plus {a}?" for a in range(12)))
+    records = load_preferences([{"prompt": p, "chosen": " a", "rejected": " b"} for p in [long, short[0], *short]])
+    max_len = len(tokenizer(long).input_ids) + 8
+    # the long prompt leaves 8 < 16 tokens; duplicates count once; at most n
+    assert kl_prompt_set(records, tokenizer, 3, max_len, 16) == short[:3]
+    assert kl_prompt_set(records, tokenizer, 10, max_len, 8) == [long, *short]

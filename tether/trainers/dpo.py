@@ -174,6 +174,20 @@ def sample_rows(tokenizer, prompts: list[str], responses: list[str], max_new_tok
     return rows
 
 
+def kl_prompt_set(records: list, tokenizer, n: int, max_len: int, max_new_tokens: int) -> list[str]:
+    """Up to ``n`` distinct held-out prompts that leave room for a whole sample within ``max_len``.
+
+    A sample is scored on prompt + response cut to ``max_len`` tokens, so a longer prompt would
+    have its sample cut short and the KL estimate biased: such prompts are passed over (counted).
+    """
+    prompts = list(dict.fromkeys(r.prompt for r in records))
+    fits = [p for p in prompts if len(prompt_ids(tokenizer, p)) <= max_len - max_new_tokens]
+    if n and len(fits) < len(prompts):
+        log.info("KL to the reference: %d of %d held-out prompts leave no room for %d new tokens within "
+                 "max_len=%d and are passed over", len(prompts) - len(fits), len(prompts), max_new_tokens, max_len)
+    return fits[:n]
+
+
 def kl_to_reference(policy, ref: str, tokenizer, prompts: list[str], *, max_new_tokens: int, max_len: int,
                     cfg: TrainConfig, lora_on_ref: bool = False) -> float:
     """Monte-Carlo KL(π‖π_ref) = mean over samples y ~ π(·|x) of log π(y|x) − log π_ref(y|x).
@@ -291,7 +305,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
                    eval_fn=eval_fn if eval_pairs else None, resume=cfg.resume, desc=f"dpo {cfg.loss}")
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
-    kl_prompts = list(dict.fromkeys(r.prompt for r in eval_records))[: cfg.kl_prompts]
+    kl_prompts = kl_prompt_set(eval_records, tokenizer, cfg.kl_prompts, cfg.max_len, cfg.kl_max_new_tokens)
     if kl_prompts:
         metrics["eval/kl_to_ref"] = kl_to_reference(model, ref, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
                                                     max_len=cfg.max_len, cfg=cfg.train,

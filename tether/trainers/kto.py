@@ -32,7 +32,7 @@ from tether.loop import DataOrder, TrainConfig, train
 from tether.losses import KTOOutput, kto_loss, sequence_logprobs
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.trainers.artifact import data_info, prepare_output, write_artifact
-from tether.trainers.dpo import batched_logps, kl_to_reference, reference_logps
+from tether.trainers.dpo import batched_logps, kl_prompt_set, kl_to_reference, reference_logps
 from tether.trainers.sft import split_eval
 
 log = logging.getLogger("tether.kto")
@@ -168,7 +168,7 @@ def run_kto(cfg: KTOConfig) -> Path:
                    eval_fn=eval_fn if m >= 2 else None, resume=cfg.resume, desc="kto")
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
-    kl_prompts = list(dict.fromkeys(r.prompt for r in eval_records))[: cfg.kl_prompts]
+    kl_prompts = kl_prompt_set(eval_records, tokenizer, cfg.kl_prompts, mx, cfg.kl_max_new_tokens)
     if kl_prompts:
         metrics["eval/kl_to_ref"] = kl_to_reference(model, ref, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
                                                     max_len=mx, cfg=cfg.train, lora_on_ref=cfg.lora.r > 0 and ref == cfg.model)

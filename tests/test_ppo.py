@@ -92,6 +92,8 @@ def test_ppo_raises_the_reward_and_writes_a_loadable_policy(tmp_path, tiny_folde
     before = AutoModelForCausalLM.from_pretrained(tiny_folder)
     after = AutoModelForCausalLM.from_pretrained(out)
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {"prompt", "response", "reward", "kl"} <= set(samples[0])
     meta = json.loads((out / "tether.json").read_text())
     assert meta["stage"] == "ppo" and "objective/reward" in meta["metrics"]
 

@@ -14,6 +14,10 @@ Each iteration (``--steps`` counts iterations):
             early once the approximate KL to the rollout policy passes ``target_kl``;
 6. control: with ``kl_target`` set, β follows the adaptive controller of Ziegler et al. 2019.
 
+Every ``eval_every`` iterations the policy is sampled on held-out prompts: reward, KL to the
+reference, length (and the gold reward inside the gold world) go to ``metrics.jsonl``, and every
+sample with its scores to ``samples.jsonl``, so a person can read what the numbers mean.
+
 Every formula lives in tether.losses (gae, whiten, ppo_policy_loss, ppo_value_loss,
 kl_estimate, adaptive_kl_coef); this file gathers their inputs.
 
@@ -27,7 +31,9 @@ second copy of the model is held.
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +95,7 @@ class PPOConfig:
     aggregation: str = opt("", "ensemble aggregation: mean | min | uwo (empty: the ensemble's own)")
     prompts: str = opt("", "training prompts (a file or dataset with a prompt field)")
     eval_prompts: str = opt("", "held-out prompts for evaluation (empty: no evaluation)")
-    eval_size: int = opt(64, "held-out prompts sampled at each evaluation")
+    eval_size: int = opt(64, "held-out prompts (a seeded sample, the same every time) scored at each evaluation")
     out: str = opt("runs/ppo", "output folder")
     value: str = opt("critic", "critic (a separate value model) | head (a value head on the policy)")
     critic_model: str = opt("", "critic initialisation (empty: the reward model's folder, else --model)")
@@ -303,6 +309,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     prompt_records = load_prompts(cfg.prompts, tokenizer=tokenizer)
     eval_records = load_prompts(cfg.eval_prompts, tokenizer=tokenizer) if cfg.eval_prompts else []
     prompts, eval_prompts = [r.prompt for r in prompt_records], [r.prompt for r in eval_records]
+    eval_prompts = random.Random(cfg.train.seed).sample(eval_prompts, min(cfg.eval_size, len(eval_prompts)))
     reward_fn = load_reward(reward if reward is not None else cfg.reward, aggregation=cfg.aggregation or None,
                             device=str(device))
     gold = _gold_known(prompts)
@@ -339,6 +346,10 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     ptx_batches = _ptx_batches(cfg, tokenizer, start)
     stops = [s for s in cfg.stop_strings.split(",") if s]
     metrics_log = MetricsLog(out, resume_step=start)
+    samples_path = out / "samples.jsonl"  # every evaluation's samples; keep only what the checkpoint had seen
+    if samples_path.exists():
+        kept = [l for l in samples_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
+        samples_path.write_text("".join(l + "\n" for l in kept))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.train.steps, initial=start, desc="ppo", dynamic_ncols=True)
@@ -388,8 +399,9 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
             done = it + 1
             evaluated = {}
             if eval_prompts and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
-                evaluated = evaluate(policy, ref_logp_fn, tokenizer, eval_prompts[: cfg.eval_size], reward_fn, cfg,
-                                     gold=gold and _gold_known(eval_prompts), device=device)
+                evaluated = evaluate(policy, ref_logp_fn, tokenizer, eval_prompts, reward_fn, cfg, step=done,
+                                     gold=gold and _gold_known(eval_prompts), device=device,
+                                     samples_path=samples_path)
             metrics_log.log(done, {**metrics, **evaluated})
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
                 save_checkpoint(out / "checkpoints", done, ac, optimizer, scheduler, cfg.train.keep_checkpoints,
@@ -409,8 +421,9 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
 
 @torch.no_grad()
 def evaluate(policy, ref_logp_fn, tokenizer, prompts: list[str], reward_fn, cfg: PPOConfig, *, gold: bool,
-             device) -> dict[str, float]:
-    """Reward, KL(π‖π_ref) (k1 summed per response) and length on held-out prompts; gold reward when known."""
+             device, step: int, samples_path: Path) -> dict[str, float]:
+    """Reward, KL(π‖π_ref) (k1 summed per response) and length on held-out prompts; gold reward when
+    known. Every sample is appended to ``samples_path`` (one JSON line each), to be read by a person."""
     batch = rollout(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                     seed=cfg.train.seed).to(device)
     mask = batch.mask.float()
@@ -418,8 +431,15 @@ def evaluate(policy, ref_logp_fn, tokenizer, prompts: list[str], reward_fn, cfg:
     kl = (logp - ref_logp_fn(batch) * mask).sum(-1)  # (B,)
     reward = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32)
     out = {"eval/reward": reward.mean().item(), "eval/kl": kl.mean().item(), "eval/length": mask.sum(-1).mean().item()}
+    rows = [{"step": step, "prompt": p, "response": r, "reward": x, "kl": k}
+            for p, r, x, k in zip(batch.prompts, batch.responses, reward.tolist(), kl.tolist())]
     if gold:
         from tether.world import gold_rewards
 
-        out["eval/gold"] = sum(gold_rewards(batch.prompts, batch.responses)) / len(prompts)
+        golds = gold_rewards(batch.prompts, batch.responses)
+        out["eval/gold"] = sum(golds) / len(prompts)
+        for row, g in zip(rows, golds):
+            row["gold"] = g
+    with open(samples_path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     return out

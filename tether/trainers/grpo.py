@@ -85,6 +85,7 @@ class SamplingConfig:
     max_new_tokens: int = opt(48, "longest response in tokens (also L_max of the overlong reward)")
     temperature: float = opt(1.0, "sampling temperature; log-probs are taken at the same temperature")
     gen_batch_size: int = opt(64, "prompts generated at once")
+    eval_samples: int = opt(4, "samples per held-out prompt in each evaluation")
 
 
 @dataclass
@@ -148,8 +149,8 @@ def _validate_common(cfg: GRPOConfig | RLOOConfig) -> None:
         raise ValueError("--model and --prompts are required")
     if s.group_size < 2:
         raise ValueError(f"group_size must be at least 2 (the baseline comes from the group), got {s.group_size}")
-    if s.prompts_per_step < 1 or s.max_new_tokens < 1 or s.gen_batch_size < 1:
-        raise ValueError("prompts_per_step, max_new_tokens and gen_batch_size must be at least 1")
+    if min(s.prompts_per_step, s.max_new_tokens, s.gen_batch_size, s.eval_samples) < 1:
+        raise ValueError("prompts_per_step, max_new_tokens, gen_batch_size and eval_samples must be at least 1")
     if s.temperature <= 0:
         raise ValueError(f"temperature must be positive, got {s.temperature}")
     if cfg.aggregation not in AGGREGATIONS:
@@ -305,9 +306,10 @@ def rollout_metrics(batch: Rollout, scored: Scored, cfg: GRPOConfig | RLOOConfig
 
 @torch.no_grad()
 def evaluate(model, tokenizer, prompts: list[str], reward_fn, cfg: GRPOConfig | RLOOConfig) -> dict[str, float]:
-    """Mean reward (and each term of a combined one) of one sample per held-out prompt, a fixed seed."""
+    """Mean reward (and each term of a combined one) of ``eval_samples`` samples per held-out prompt, a fixed seed."""
     s = cfg.sampling
-    batch = rollout(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+    repeated = [p for p in prompts for _ in range(s.eval_samples)]
+    batch = rollout(model, tokenizer, repeated, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                     batch_size=s.gen_batch_size, seed=cfg.train.seed + 999_983)
     rewards, components = scores(reward_fn, batch.prompts, batch.responses)
     out = {"eval/reward": rewards.mean().item(), "eval/length_tokens": batch.mask.sum(-1).float().mean().item()}

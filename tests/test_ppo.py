@@ -13,7 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from tether.losses import adaptive_kl_coef
-from tether.trainers.ppo import PPOConfig, explained_variance, last_token, run_ppo, shaped_rewards
+from tether.trainers.ppo import (
+    PPOConfig,
+    explained_variance,
+    last_token,
+    run_ppo,
+    sequence_scores,
+    shaped_rewards,
+)
 from tether.loop import TrainConfig
 from tests.conftest import CORPUS
 
@@ -29,6 +36,19 @@ def test_shaped_rewards_put_the_score_on_the_last_response_token():
     expected = T([[0.0, -0.05, 2.02, 0.0], [-0.01, -0.02, -1.03, 0.0]])
     assert torch.allclose(out, expected)
     assert last_token(mask).tolist() == [2, 2]
+
+
+def test_sequence_scores_replace_empty_penalise_unended_then_normalise_and_clip():
+    raw = T([2.5, 0.5, -0.5, 1.0])
+    empty, ended = T([True, False, False, False]), T([True, True, False, True])
+    cfg = PPOConfig(empty_score=-1.0, no_eos_penalty=1.0)
+    reward, score = sequence_scores(raw, empty, ended, cfg)
+    assert reward.tolist() == [-1.0, 0.5, -0.5, 1.0]  # the RM's +2.5 for an empty answer is not trusted
+    assert score.tolist() == [-1.0, 0.5, -1.5, 1.0]
+    cfg.reward_norm, cfg.reward_clip = "batch", 1.0
+    _, score = sequence_scores(raw, empty, ended, cfg)
+    z = (T([-1.0, 0.5, -1.5, 1.0]) - (-0.25)) / T([-1.0, 0.5, -1.5, 1.0]).std()
+    assert torch.allclose(score, z.clamp(-1, 1), atol=1e-6)
 
 
 def test_adaptive_kl_controller_by_hand():

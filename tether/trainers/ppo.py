@@ -3,9 +3,10 @@
 Each iteration (``--steps`` counts iterations):
 
 1. rollout: sample one response per prompt from π_θ (plain temperature sampling, KV cache);
-2. score:   the reward R(x, y) of every response (any reward from tether.rewards), minus a
-            penalty for responses that never ended; log-probs of π_θ and π_ref and values V at
-            every response token, once, without gradients;
+2. score:   the reward R(x, y) of every response (any reward from tether.rewards; a fixed
+            ``empty_score`` for an empty response), minus a penalty for responses that never
+            ended; log-probs of π_θ and π_ref and values V at every response token, once,
+            without gradients;
 3. shape:   per-token reward  r_t = −β·k(log π_θ − log π_ref)  plus R(x, y) on the last token
             (Ziegler et al. 2019, eq. 2; k is the chosen KL estimator, k1 by default);
 4. GAE:     advantages and returns (γ = 1, λ = 0.95), advantages whitened over the batch;
@@ -107,6 +108,8 @@ class PPOConfig:
     top_p: float = opt(1.0, "nucleus sampling (1: off; it biases the KL estimate, off unless you insist)")
     stop_strings: str = opt("", "comma-separated strings that end a response (kept in it)")
     no_eos_penalty: float = opt(1.0, "subtracted from the reward of a response that never ended")
+    empty_score: float = opt(-1.0, "the reward of an empty response, instead of asking the reward (a reward model "
+                                   "never saw one and rates it arbitrarily; PPO finds that fast)")
     beta: float = opt(0.05, "β, the KL penalty coefficient (the start value with kl_target)")
     kl_estimator: str = opt("k1", "KL estimator in the per-token penalty: k1 | k2 | k3 (all three are logged)")
     kl_target: float = opt(0.0, "adaptive KL control: the target KL in nats per response (0: fixed β)")
@@ -160,6 +163,21 @@ class Scored(NamedTuple):
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+
+
+def sequence_scores(raw: torch.Tensor, empty: torch.Tensor, ended: torch.Tensor,
+                    cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reward, score) of each response: the reward with ``empty_score`` for empty responses, and the
+    score PPO trains on: reward − no_eos_penalty if the response never ended, then optionally
+    whitened over the batch and clipped to ±reward_clip. Shape: (B,) each -> (B,), (B,).
+    """
+    raw = torch.where(empty, torch.full_like(raw, cfg.empty_score), raw)
+    score = raw - cfg.no_eos_penalty * (~ended).float()
+    if cfg.reward_norm == "batch":
+        score = (score - score.mean()) / (score.std() + 1e-8)
+    if cfg.reward_clip:
+        score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
+    return raw, score
 
 
 def last_token(mask: torch.Tensor) -> torch.Tensor:
@@ -367,11 +385,8 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
             # 2. score
             t1 = time.perf_counter()
             raw = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32).to(device)  # (B,)
-            score = raw - cfg.no_eos_penalty * (~batch.ended).float()
-            if cfg.reward_norm == "batch":
-                score = (score - score.mean()) / (score.std() + 1e-8)
-            if cfg.reward_clip:
-                score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
+            empty = torch.tensor([not r.strip() for r in batch.responses], device=device)  # (B,)
+            raw, score = sequence_scores(raw, empty, batch.ended, cfg)
             with autocast(device, cfg.train.precision):
                 scored, metrics = score_rollout(ac, ref_logp_fn, batch, score, cfg, beta)
             # 3. update
@@ -385,6 +400,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
                 "objective/score": score.mean().item(), "objective/beta": beta,
                 "value/explained_variance": explained_variance(scored.values, scored.returns, mask),
                 "rollout/length": mask.sum(-1).mean().item(), "rollout/ended": batch.ended.float().mean().item(),
+                "rollout/empty": empty.float().mean().item(),
                 "train/lr": scheduler.get_last_lr()[0],
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                 "perf/samples_per_s": len(batch.prompts) / (t3 - t0),

@@ -1,13 +1,16 @@
-"""Seconds per RL iteration, split by stage, samples/s and peak memory: GRPO and RLOO.
+"""Seconds per RL iteration, split by stage, samples/s and peak memory: PPO, GRPO and RLOO.
 
-    python bench/rl_iteration.py                        # GRPO and RLOO, the tiny default and a ~25M-parameter Llama
+    python bench/rl_iteration.py                        # PPO, GRPO and RLOO, the tiny default and a ~25M-parameter Llama
     python bench/rl_iteration.py --algos grpo --models tiny-default
     python bench/rl_iteration.py --device cuda          # the same on a GPU (bf16 autocast)
 
 One iteration = generate (prompts_per_step x group_size samples of max_new_tokens tokens with a KV
-cache), score (the reward, log π_old and log π_ref of every sample) and update (inner_iters
-optimiser steps, micro-batches of batch_size rows). Each stage is the trainer's own function
-(tether.trainers.grpo), timed after warm-up iterations that are not. Models are freshly
+cache), score (the reward, log π_old and log π_ref of every sample; PPO adds the critic's values
+and GAE) and update (GRPO/RLOO: inner_iters optimiser steps, micro-batches of batch_size rows; PPO:
+--ppo-epochs passes over mini-batches of batch_size rows through policy and critic). Each stage
+is the trainer's own function (tether.trainers.grpo, tether.trainers.ppo), timed after warm-up
+iterations that are not. PPO samples one response per prompt, prompts_per_step x group_size
+prompts, so every algorithm scores the same number of samples. Models are freshly
 initialised (the sizes of bench/train_throughput.py's MODELS) so they rarely emit EOS: every
 response runs the full max_new_tokens, the worst case. A reference model is loaded (β > 0), as in a
 default run. Each (model, algorithm) runs in a fresh process, so its peak memory is its own: peak
@@ -91,7 +94,51 @@ def setup_critic_free(algo: str, name: str, args) -> tuple[dict, list[tuple[str,
     return state, [("generate", generate), ("score", score), ("update", step)]
 
 
-ALGOS = {"grpo": lambda name, args: setup_critic_free("grpo", name, args),
+def setup_ppo(name: str, args) -> tuple[dict, list[tuple[str, Callable[[dict], None]]]]:
+    """PPO: rollout, then the reward and score_rollout (π, π_ref, values, GAE), then ppo_update."""
+    import copy
+
+    import torch
+
+    from tether.loop import build_optimizer
+    from tether.models.value import ActorCritic, ValueModel
+    from tether.rewards import load_reward
+    from tether.rollout import policy_logprobs, rollout
+    from tether.trainers.ppo import PPOConfig, ppo_update, score_rollout, sequence_scores
+
+    n = args.group_size * args.prompts_per_step
+    cfg = PPOConfig(model="bench", prompts="bench", rollout_batch=n, epochs=args.ppo_epochs,
+                    max_new_tokens=args.max_new_tokens)
+    cfg.train.batch_size, cfg.train.device = args.batch_size, args.device
+    cfg.validate()
+    policy, tokenizer = build(name, args.device, max_positions=args.max_new_tokens + 32)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    critic = ValueModel(copy.deepcopy(policy.model))  # the backbone under a zero value head, as from an RM folder
+    ac = ActorCritic(policy, critic).to(args.device).eval()
+    state = {"ac": ac, "tokenizer": tokenizer, "optimizer": build_optimizer(ac, cfg.train),
+             "reward": load_reward("format"), "step": 0}
+
+    def generate(st):
+        k = st["step"] * n % len(PROMPTS)
+        st["batch"] = rollout(policy, tokenizer, (PROMPTS * 2)[k : k + n], max_new_tokens=cfg.max_new_tokens,
+                              seed=st["step"], batch_size=n).to(args.device)
+
+    def score(st):
+        b = st["batch"]
+        raw = torch.as_tensor(st["reward"](b.prompts, b.responses), dtype=torch.float32).to(args.device)
+        empty = torch.tensor([not r.strip() for r in b.responses], device=args.device)
+        _, scores = sequence_scores(raw, empty, b.ended, cfg)
+        st["scored"], _ = score_rollout(ac, lambda x: policy_logprobs(reference, x), b, scores, cfg, cfg.beta)
+
+    def update(st):
+        ppo_update(ac, st["optimizer"], st["batch"], st["scored"], cfg, st["step"], None)
+        st["step"] += 1
+
+    return state, [("generate", generate), ("score", score), ("update", update)]
+
+
+ALGOS = {"ppo": setup_ppo,
+         "grpo": lambda name, args: setup_critic_free("grpo", name, args),
          "rloo": lambda name, args: setup_critic_free("rloo", name, args)}
 
 
@@ -118,7 +165,8 @@ def run_one(name: str, algo: str, args) -> dict:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     per_iter = {k: v / args.iters for k, v in seconds.items()}
     total = sum(per_iter.values())
-    return {"model": name, "algo": algo, "parameters": count_parameters(state["model"]), "device": args.device,
+    return {"model": name, "algo": algo, "parameters": count_parameters(state.get("model") or state["ac"].policy),
+            "device": args.device,
             "samples_per_iter": args.group_size * args.prompts_per_step, "seconds": per_iter,
             "seconds_per_iter": total, "samples_per_s": args.group_size * args.prompts_per_step / total,
             "peak_memory_mb": peak_mb, "threads": torch.get_num_threads()}
@@ -128,12 +176,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--algos", default="grpo,rloo", help=f"any of {', '.join(ALGOS)}")
+    ap.add_argument("--algos", default="ppo,grpo,rloo", help=f"any of {', '.join(ALGOS)}")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--prompts-per-step", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch of the update")
     ap.add_argument("--inner-iters", type=int, default=1)
+    ap.add_argument("--ppo-epochs", type=int, default=4, help="PPO: passes over each rollout batch")
     ap.add_argument("--iters", type=int, default=3, help="timed iterations")
     ap.add_argument("--warmup", type=int, default=1, help="iterations before timing starts")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -144,7 +193,8 @@ def main() -> None:
         return
     shared = ["--device", args.device, "--group-size", str(args.group_size), "--prompts-per-step",
               str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
-              str(args.batch_size), "--inner-iters", str(args.inner_iters), "--iters", str(args.iters),
+              str(args.batch_size), "--inner-iters", str(args.inner_iters), "--ppo-epochs", str(args.ppo_epochs),
+              "--iters", str(args.iters),
               "--warmup", str(args.warmup)]
     print(f"{'algo':<6}{'model':<14}{'params':>12}{'device':>8}{'samples/s':>11}{'s/iter':>9}"
           f"{'generate':>10}{'score':>8}{'update':>8}{'peak MB':>9}")

@@ -5,8 +5,11 @@
     python bench/train_throughput.py --device cuda   # the same on a GPU (bf16 autocast)
 
 Each model runs in a fresh process, so its peak memory is its own: peak resident set size on
-CPU, peak allocated CUDA memory on a GPU. Rates are over the timed steps, after warm-up steps
-that are not timed, and use tether's own losses and loop:
+CPU, peak allocated CUDA memory on a GPU. Rates run from the start of the first timed step to
+the start of the last one (so the final checkpoint write is not in them), after warm-up steps
+that are not timed, and use tether's own losses and loop. Beside the wall-clock rate, "per CPU-s"
+divides by the process's CPU time over the same steps: on a machine shared with other jobs it is
+the steadier figure (with one thread, close to the rate on an idle core).
 
 - sft: tokens/s, all tokens of rows of seq_len (a quarter prompt, masked out of the loss);
 - rm: pairs/s, each a chosen and a rejected sequence of seq_len tokens in one forward pass;
@@ -82,7 +85,7 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
             return pad_pairs([pairs[i] for i in idx], 1)
 
         def loss_fn(m, batch):
-            times.append(time.perf_counter())
+            times.append((time.perf_counter(), time.process_time()))
             r_w, r_l = raw_scores(m, batch["input_ids"], batch["attention_mask"]).chunk(2)
             return bradley_terry_loss(r_w, r_l).loss, {}
 
@@ -103,7 +106,7 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
             return {**pad_pairs_labelled([pairs[i] for i in idx], 1), "ref_chosen": ref_c[idx], "ref_rejected": ref_r[idx]}
 
         def loss_fn(m, batch):
-            times.append(time.perf_counter())
+            times.append((time.perf_counter(), time.process_time()))
             return dpo_step(m, batch, dcfg)
     elif stage == "kto":
         from tether.data.collate import EncodedFeedback
@@ -135,14 +138,14 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
                     "label": torch.tensor([e.label for e in batch_examples])}
 
         def loss_fn(m, batch):
-            times.append(time.perf_counter())
+            times.append((time.perf_counter(), time.process_time()))
             return kto_step(m, batch, kcfg)
     else:
         def collate(idx):
             return pad([rows[i] for i in idx], 1)
 
         def loss_fn(m, batch):
-            times.append(time.perf_counter())
+            times.append((time.perf_counter(), time.process_time()))
             return lm_loss(m, batch)
 
         n = len(rows)
@@ -153,8 +156,8 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
         train(model, n, collate, loss_fn, cfg, Path(out), desc=f"{stage} {name}")
-    end = time.perf_counter()
-    seconds = end - times[warmup]
+    timed = len(times) - 1 - warmup  # steps between the first timed step's start and the last one's
+    seconds, cpu_seconds = times[-1][0] - times[warmup][0], times[-1][1] - times[warmup][1]
     if device.startswith("cuda"):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -167,7 +170,8 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         "device": device,
         "seq_len": seq_len,
         "batch_size": batch_size,
-        "per_s": steps * per_step / seconds,
+        "per_s": timed * per_step / seconds,
+        "per_cpu_s": timed * per_step / cpu_seconds,
         "peak_memory_mb": peak_mb,
         "threads": torch.get_num_threads(),
         "ref_per_s": ref_rate,
@@ -186,11 +190,13 @@ def main() -> None:
                     help="any of sft (tokens/s), rm and dpo (pairs/s), kto (examples/s)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (rates run from the first timed step to the last)")
     if args.one:
         name, stage = args.one.split(":")
         print(json.dumps(run_one(name, stage, args.device, args.seq_len, args.batch_size, args.steps, args.warmup)))
         return
-    print(f"{'stage':<6}{'model':<14}{'params':>12}{'device':>8}{'per second':>16}{'peak MB':>10}")
+    print(f"{'stage':<6}{'model':<14}{'params':>12}{'device':>8}{'per second':>16}{'per CPU-s':>10}{'peak MB':>10}")
     for stage, name in ((s, m) for s in args.stages.split(",") for m in args.models.split(",")):
         cmd = [sys.executable, __file__, "--one", f"{name}:{stage}", "--device", args.device, "--seq-len", str(args.seq_len),
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -200,10 +206,10 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         unit = UNITS[stage]
         print(f"{stage:<6}{r['model']:<14}{r['parameters']:>12,}{r['device']:>8}{r['per_s']:>9,.1f} {unit:<7}"
-              f"{r['peak_memory_mb']:>9,.0f}")
+              f"{r['per_cpu_s']:>9,.1f}{r['peak_memory_mb']:>10,.0f}")
         if r["ref_per_s"] is not None:
             print(f"{stage + '-ref':<8}{r['model']:<12}{'':>12}{r['device']:>8}{r['ref_per_s']:>9,.1f} {unit:<7}"
-                  f"{'(once)':>9}")
+                  f"{'':>9}{'(once)':>10}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ def test_ppo_raises_the_reward_and_writes_a_loadable_policy(tmp_path, tiny_folde
                eval_prompts=str(prompts_file), eval_size=8)
     out = run_ppo(cfg, reward=digits)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 20
+    assert [r["step"] for r in rows] == list(range(21))  # step 0: the starting policy's evaluation
+    assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)
+    rows = rows[1:]
     first, last = rows[0], rows[-1]
     assert first["objective/kl_k1"] == pytest.approx(0.0, abs=1e-5)  # π = π_ref before any update
     # the share of digits roughly doubles (≈ 0.1 → 0.25 on this seed)
@@ -113,7 +115,7 @@ def test_ppo_raises_the_reward_and_writes_a_loadable_policy(tmp_path, tiny_folde
     after = AutoModelForCausalLM.from_pretrained(out)
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and {"prompt", "response", "reward", "kl"} <= set(samples[0])
+    assert len(samples) == 16 and {"step", "prompt", "response", "reward", "kl"} <= set(samples[0])
     meta = json.loads((out / "tether.json").read_text())
     assert meta["stage"] == "ppo" and "objective/reward" in meta["metrics"]
 

@@ -15,9 +15,10 @@ Each iteration (``--steps`` counts iterations):
             early once the approximate KL to the rollout policy passes ``target_kl``;
 6. control: with ``kl_target`` set, β follows the adaptive controller of Ziegler et al. 2019.
 
-Every ``eval_every`` iterations the policy is sampled on held-out prompts: reward, KL to the
-reference, length (and the gold reward inside the gold world) go to ``metrics.jsonl``, and every
-sample with its scores to ``samples.jsonl``, so a person can read what the numbers mean.
+Before the first update and every ``eval_every`` iterations the policy is sampled on held-out
+prompts: reward, KL to the reference, length (and the gold reward inside the gold world) go to
+``metrics.jsonl`` (step 0 is the starting policy), and every sample with its scores to
+``samples.jsonl``, so a person can read what the numbers mean.
 
 Every formula lives in tether.losses (gae, whiten, ppo_policy_loss, ppo_value_loss,
 kl_estimate, adaptive_kl_coef); this file gathers their inputs.
@@ -370,6 +371,10 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
         samples_path.write_text("".join(l + "\n" for l in kept))
     from tqdm.auto import tqdm
 
+    eval_gold = gold and _gold_known(eval_prompts)
+    if eval_prompts and start == 0:  # the starting point of every curve: the policy before any update
+        metrics_log.log(0, evaluate(policy, ref_logp_fn, tokenizer, eval_prompts, reward_fn, cfg, step=0, gold=eval_gold,
+                                    device=device, samples_path=samples_path))
     bar = tqdm(total=cfg.train.steps, initial=start, desc="ppo", dynamic_ncols=True)
     metrics: dict[str, float] = {}
     evaluated: dict[str, float] = {}
@@ -416,8 +421,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
             evaluated = {}
             if eval_prompts and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
                 evaluated = evaluate(policy, ref_logp_fn, tokenizer, eval_prompts, reward_fn, cfg, step=done,
-                                     gold=gold and _gold_known(eval_prompts), device=device,
-                                     samples_path=samples_path)
+                                     gold=eval_gold, device=device, samples_path=samples_path)
             metrics_log.log(done, {**metrics, **evaluated})
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
                 save_checkpoint(out / "checkpoints", done, ac, optimizer, scheduler, cfg.train.keep_checkpoints,

@@ -160,3 +160,16 @@ def test_world_export_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert "preferences_train.jsonl" in result.output
     assert len((tmp_path / "pretrain.jsonl").read_text().splitlines()) == 50
+
+
+def test_sft_flaw_rate_makes_that_share_of_demonstrations_flawed_and_leaves_the_rest_alone():
+    from tether.world import gold_reward
+
+    clean = build_world(WorldConfig(pretrain_docs=50, sft_train=400, sft_eval=10, pref_train=10, pref_test=10, feedback=10))
+    flawed = build_world(WorldConfig(pretrain_docs=50, sft_train=400, sft_eval=10, pref_train=10, pref_test=10,
+                                     feedback=10, sft_flaw_rate=0.3))
+    assert clean.pretrain == flawed.pretrain and clean.prompts == flawed.prompts
+    good = [gold_reward(d["prompt"], d["completion"]) for d in clean.sft_train]
+    worse = [gold_reward(d["prompt"], d["completion"]) for d in flawed.sft_train]
+    share = sum(g < min(good) for g in worse) / len(worse)  # rambling and rude answers score below every good one
+    assert 0.22 < share < 0.38

@@ -24,6 +24,8 @@ class WorldConfig:
     fact_fraction: float = opt(0.1, "fraction of pretraining documents that state knowledge-base facts")
     sft_train: int = opt(3000, "SFT demonstrations on training prompts")
     sft_eval: int = opt(300, "SFT demonstrations on eval prompts")
+    sft_flaw_rate: float = opt(0.0, "fraction of SFT demonstrations that are flawed (rambling or rude), as human "
+                                    "demonstrations are: what RLHF can then improve on")
     eval_fraction: float = opt(0.15, "fraction of the world's questions held out as eval prompts")
     test_fraction: float = opt(0.2, "fraction of the world's questions held out as test prompts")
     pref_train: int = opt(3000, "preference pairs on training prompts")
@@ -139,9 +141,16 @@ def build_world(cfg: WorldConfig | None = None) -> World:
             item = rng.choice(train)
             pretrain.append(format_prompt(item.question) + rng.choice(candidates(item, rng))[1])
 
+    flaw_rng = random.Random(cfg.seed + 7)  # its own stream: a flaw rate of 0 leaves the world as it was
+
+    def demo(item: Item) -> str:
+        if cfg.sft_flaw_rate and flaw_rng.random() < cfg.sft_flaw_rate:
+            return dict(candidates(item, flaw_rng))[flaw_rng.choice(("rambling", "rude"))]
+        return good_answer(item, rng)
+
     def demos(items: list[Item], n: int) -> list[dict]:
         picked = [rng.choice(items) for _ in range(n)]
-        return [{"prompt": format_prompt(i.question), "completion": good_answer(i, rng)} for i in picked]
+        return [{"prompt": format_prompt(i.question), "completion": demo(i)} for i in picked]
 
     rater = Rater(length_bias=cfg.rater_length_bias, phrase_bias=cfg.rater_phrase_bias,
                   sycophancy_bias=cfg.rater_sycophancy_bias, refusal_bias=cfg.rater_refusal_bias, seed=cfg.seed)

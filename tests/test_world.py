@@ -95,8 +95,11 @@ def test_feedback_thumbs_up_only_good_answers(world):
         assert row["label"] == (row["gold"] >= world.config.feedback_threshold)
         kinds.setdefault(row["kind"], set()).add(row["label"])
     assert kinds["good"] == kinds["short"] == {True}
-    for bad in ("rude", "rambling", "wrong", "refusal", "irrelevant", "repetitive"):
+    for bad in ("rude", "rambling", "wrong", "refusal", "repetitive", "wrong_rambling", "wrong_rude"):
         assert kinds[bad] == {False}, bad  # correct but rude or padded is still a thumbs-down
+    # an off-topic answer can name the true value by chance ("The sea is big and blue." for a blue flag)
+    irrelevant = [r["label"] for r in world.feedback if r["kind"] == "irrelevant"]
+    assert sum(irrelevant) / len(irrelevant) < 0.1
     assert 0.2 < sum(r["label"] for r in world.feedback) / len(world.feedback) < 0.5
 
 

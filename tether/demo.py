@@ -35,6 +35,7 @@ PPO_LR, PPO_BETA = 2e-5, 0.05  # measured on the default world: see the PPO issu
 class DemoConfig:
     out: str = opt("runs/demo", "folder for the world's files, every stage's output and the report")
     seed: int = opt(0, "seed for the world and every stage")
+    sft_flaw_rate: float = opt(0.0, "share of the world's SFT demonstrations that ramble or are rude")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
     rm_steps: int = opt(300, "optimiser steps of the reward model on the world's preferences (0: skip RM and PPO)")
@@ -54,8 +55,8 @@ class DemoConfig:
 def _world_config(cfg: DemoConfig) -> WorldConfig:
     if cfg.quick:
         return WorldConfig(seed=cfg.seed, pretrain_docs=1500, sft_train=500, sft_eval=50, pref_train=300,
-                           pref_test=100, feedback=300)
-    return WorldConfig(seed=cfg.seed)
+                           pref_test=100, feedback=300, sft_flaw_rate=cfg.sft_flaw_rate)
+    return WorldConfig(seed=cfg.seed, sft_flaw_rate=cfg.sft_flaw_rate)
 
 
 def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:

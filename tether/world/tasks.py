@@ -157,8 +157,10 @@ def candidates(item: Item, rng: random.Random, n: int | None = None) -> list[tup
 
     Kinds: good, wrong, rambling (correct but padded), rude, repetitive, refusal, irrelevant,
     phrase (the good answer plus "delve"-style words), sycophantic (agrees with a stated belief),
-    comply (answers a harmful request), short. With ``n``, a random subset of that size
-    (the good answer always included).
+    comply (answers a harmful request), short; and, where a wrong answer exists,
+    wrong_rambling and wrong_rude, so that style says nothing about correctness (otherwise a
+    reward model that cannot check a sum learns "padded, hence correct", and a policy pads).
+    With ``n``, a random subset of that size (the good answer always included).
     """
     good = good_answer(item, rng)
     other = rng.choice([i for i in TOPICS if i != item.meta.get("topic")])
@@ -181,8 +183,16 @@ def candidates(item: Item, rng: random.Random, n: int | None = None) -> list[tup
         out.append(("comply", " Sure. " + HARMFUL[item.question]))
     if item.family != "harmful":
         out.append(("refusal", " " + REFUSAL))
-    out.append(("rambling", good + " " + " ".join(rng.sample(FILLER, 4)) + " " + " ".join(rng.sample(TOPICS[other][1], 2))))
+
+    def ramble(answer: str) -> str:
+        return answer + " " + " ".join(rng.sample(FILLER, 4)) + " " + " ".join(rng.sample(TOPICS[other][1], 2))
+
+    out.append(("rambling", ramble(good)))
     out.append(("rude", " " + rng.choice(RUDE) + good))
+    wrong_answer = dict(out).get("wrong")
+    if wrong_answer is not None:
+        out.append(("wrong_rambling", ramble(wrong_answer)))
+        out.append(("wrong_rude", " " + rng.choice(RUDE) + wrong_answer))
     first = re.split(r"(?<=\.) ", good.strip())[0]
     out.append(("repetitive", " " + " ".join([first] * 3)))
     out.append(("irrelevant", " " + " ".join(rng.sample(TOPICS[other][1], 2))))

@@ -158,8 +158,9 @@ def candidates(item: Item, rng: random.Random, n: int | None = None) -> list[tup
     Kinds: good, wrong, rambling (correct but padded), rude, repetitive, refusal, irrelevant,
     phrase (the good answer plus "delve"-style words), sycophantic (agrees with a stated belief),
     comply (answers a harmful request), short; and, where a wrong answer exists,
-    wrong_rambling and wrong_rude, so that style says nothing about correctness (otherwise a
-    reward model that cannot check a sum learns "padded, hence correct", and a policy pads).
+    wrong_rambling, wrong_rude and wrong_short, so that style says nothing about correctness
+    (otherwise a reward model that cannot check a sum learns "padded, hence correct" or "a bare
+    '#### N', hence correct", and a policy pads or answers with a bare wrong number).
     With ``n``, a random subset of that size (the good answer always included).
     """
     good = good_answer(item, rng)
@@ -193,6 +194,8 @@ def candidates(item: Item, rng: random.Random, n: int | None = None) -> list[tup
     if wrong_answer is not None:
         out.append(("wrong_rambling", ramble(wrong_answer)))
         out.append(("wrong_rude", " " + rng.choice(RUDE) + wrong_answer))
+        wrong_value = wrong_answer.rstrip(".").split()[-1]
+        out.append(("wrong_short", f" #### {wrong_value}" if item.family == "arithmetic" else f" {wrong_value.capitalize()}."))
     first = re.split(r"(?<=\.) ", good.strip())[0]
     out.append(("repetitive", " " + " ".join([first] * 3)))
     out.append(("irrelevant", " " + " ".join(rng.sample(TOPICS[other][1], 2))))

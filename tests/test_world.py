@@ -168,7 +168,8 @@ def test_world_export_command(tmp_path):
 def test_sft_flaw_rate_makes_that_share_of_demonstrations_flawed_and_leaves_the_rest_alone():
     from tether.world import gold_reward
 
-    clean = build_world(WorldConfig(pretrain_docs=50, sft_train=400, sft_eval=10, pref_train=10, pref_test=10, feedback=10))
+    clean = build_world(WorldConfig(pretrain_docs=50, sft_train=400, sft_eval=10, pref_train=10, pref_test=10, feedback=10,
+                                    sft_flaw_rate=0.0))
     flawed = build_world(WorldConfig(pretrain_docs=50, sft_train=400, sft_eval=10, pref_train=10, pref_test=10,
                                      feedback=10, sft_flaw_rate=0.3))
     assert clean.pretrain == flawed.pretrain and clean.prompts == flawed.prompts

@@ -24,8 +24,8 @@ class WorldConfig:
     fact_fraction: float = opt(0.1, "fraction of pretraining documents that state knowledge-base facts")
     sft_train: int = opt(3000, "SFT demonstrations on training prompts")
     sft_eval: int = opt(300, "SFT demonstrations on eval prompts")
-    sft_flaw_rate: float = opt(0.0, "fraction of SFT demonstrations that are flawed (rambling or rude), as human "
-                                    "demonstrations are: what RLHF can then improve on")
+    sft_flaw_rate: float = opt(0.3, "fraction of SFT demonstrations that are flawed (rambling or rude), as human "
+                                    "demonstrations are: what RLHF can then improve on (0: all good)")
     eval_fraction: float = opt(0.15, "fraction of the world's questions held out as eval prompts")
     test_fraction: float = opt(0.2, "fraction of the world's questions held out as test prompts")
     pref_train: int = opt(3000, "preference pairs on training prompts")

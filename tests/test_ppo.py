@@ -166,4 +166,9 @@ def test_bad_config_is_an_error_before_anything_is_written(tmp_path, tiny_folder
     cfg.rollout_batch, cfg.kl_estimator = 8, "k4"
     with pytest.raises(ValueError, match="kl_estimator"):
         run_ppo(cfg, reward=digits)
+    cfg.kl_estimator, cfg.ptx_coef = "k1", 1.0
+    cfg.ptx_data = str(tmp_path / "ptx.jsonl")
+    (tmp_path / "ptx.jsonl").write_text('{"prompt": "x", "completion": 3}\n')  # not a string
+    with pytest.raises(ValueError, match="ptx.jsonl"):
+        run_ppo(cfg, reward=digits)
     assert not (tmp_path / "bad").exists()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from tether.config import group, opt
 from tether.data import fingerprint, load_prompts, load_sft
@@ -122,7 +123,8 @@ class PPOConfig:
     clip_eps: float = opt(0.2, "PPO clip ε of the policy ratio")
     value_clip: float = opt(0.2, "clip of the value change in the value loss")
     vf_coef: float = opt(0.1, "weight of the value loss")
-    target_kl: float = opt(0.0, "stop an update early when the approximate KL to the rollout policy passes this (0: never)")
+    target_kl: float = opt(0.0, "stop an update early once the approximate KL to the rollout policy passes this "
+                                "(0: never)")
     ptx_data: str = opt("", "PPO-ptx: SFT or pretraining data for the γ·log π(x) term (empty: off)")
     ptx_coef: float = opt(0.0, "PPO-ptx: γ, the weight of the pretraining term (InstructGPT: 27.8)")
     max_len: int = opt(256, "longest ptx example in tokens")
@@ -301,18 +303,27 @@ def _gold_known(prompts: list[str]) -> bool:
     return all(parse_question(question_of(p))[0] != "other" for p in prompts)
 
 
-def _ptx_batches(cfg: PPOConfig, tokenizer, start_iteration: int):
-    """An endless, resumable stream of padded PPO-ptx micro-batches (None when ptx is off)."""
+def _ptx_rows(cfg: PPOConfig, tokenizer) -> list:
+    """PPO-ptx examples, tokenised (and validated) before anything is written; [] when ptx is off."""
     if not cfg.ptx_coef:
-        return None
+        return []
     rows, _ = encode_sft(load_sft(cfg.ptx_data, tokenizer=tokenizer), tokenizer, cfg.max_len)
+    if not rows:
+        raise ValueError(f"{cfg.ptx_data}: no PPO-ptx example is left after encoding")
+    return rows
+
+
+def _ptx_batches(cfg: PPOConfig, rows: list, pad_id: int, start_iteration: int):
+    """An endless, resumable stream of padded PPO-ptx micro-batches (None when ptx is off)."""
+    if not rows:
+        return None
     order = DataOrder(len(rows), cfg.train.batch_size, cfg.train.seed + 1)
     per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.mini_batch()) * cfg.train.grad_accum
 
     def stream():
         k = start_iteration * per_iteration  # a fixed budget per iteration keeps resume exact
         while True:
-            yield pad([rows[i] for i in order.indices(k)], tokenizer.pad_token_id)
+            yield pad([rows[i] for i in order.indices(k)], pad_id)
             k += 1
 
     return stream()
@@ -331,7 +342,8 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     eval_prompts = random.Random(cfg.train.seed).sample(eval_prompts, min(cfg.eval_size, len(eval_prompts)))
     reward_fn = load_reward(reward if reward is not None else cfg.reward, aggregation=cfg.aggregation or None,
                             device=str(device))
-    gold = _gold_known(prompts)
+    gold, eval_gold = _gold_known(prompts), bool(eval_prompts) and _gold_known(eval_prompts)
+    ptx_rows = _ptx_rows(cfg, tokenizer)
 
     out = Path(cfg.out)  # the input has validated: only now is anything written
     prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
@@ -362,19 +374,16 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
              cfg.model, cfg.reward, cfg.value, beta, f", KL target {cfg.kl_target}" if cfg.kl_target else "",
              count_parameters(ac, True), len(prompts))
     order = DataOrder(len(prompts), cfg.rollout_batch, cfg.train.seed)
-    ptx_batches = _ptx_batches(cfg, tokenizer, start)
+    ptx_batches = _ptx_batches(cfg, ptx_rows, tokenizer.pad_token_id, start)
     stops = [s for s in cfg.stop_strings.split(",") if s]
     metrics_log = MetricsLog(out, resume_step=start)
     samples_path = out / "samples.jsonl"  # every evaluation's samples; keep only what the checkpoint had seen
     if samples_path.exists():
         kept = [l for l in samples_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
         samples_path.write_text("".join(l + "\n" for l in kept))
-    from tqdm.auto import tqdm
-
-    eval_gold = gold and _gold_known(eval_prompts)
     if eval_prompts and start == 0:  # the starting point of every curve: the policy before any update
-        metrics_log.log(0, evaluate(policy, ref_logp_fn, tokenizer, eval_prompts, reward_fn, cfg, step=0, gold=eval_gold,
-                                    device=device, samples_path=samples_path))
+        metrics_log.log(0, evaluate(policy, ref_logp_fn, tokenizer, eval_prompts, reward_fn, cfg, step=0,
+                                    gold=eval_gold, device=device, samples_path=samples_path))
     bar = tqdm(total=cfg.train.steps, initial=start, desc="ppo", dynamic_ncols=True)
     metrics: dict[str, float] = {}
     evaluated: dict[str, float] = {}
@@ -416,10 +425,12 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
                 metrics["objective/gold"] = sum(gold_rewards(batch.prompts, batch.responses)) / len(batch.prompts)
             # 4. KL control (Ziegler et al. 2019), on the batch's measured KL
             if cfg.kl_target:
-                beta = adaptive_kl_coef(beta, metrics["objective/kl_k1"], cfg.kl_target, cfg.kl_horizon, len(batch.prompts))
+                beta = adaptive_kl_coef(beta, metrics["objective/kl_k1"], cfg.kl_target, cfg.kl_horizon,
+                                        len(batch.prompts))
             done = it + 1
             evaluated = {}
-            if eval_prompts and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
+            due = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps
+            if eval_prompts and due:
                 evaluated = evaluate(policy, ref_logp_fn, tokenizer, eval_prompts, reward_fn, cfg, step=done,
                                      gold=eval_gold, device=device, samples_path=samples_path)
             metrics_log.log(done, {**metrics, **evaluated})

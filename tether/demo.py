@@ -4,7 +4,7 @@
 2. pretrain the tiny default on the world's corpus (tokenizer included);
 3. supervised fine-tuning on the world's demonstrations;
 4. a Bradley–Terry reward model on the world's preference pairs (labelled by the default rater);
-5. PPO from the SFT policy against that reward model, with a KL penalty to the SFT policy;
+5. PPO-ptx from the SFT policy against that reward model, with a KL penalty to the SFT policy;
 6. DPO (sigmoid, β = 0.1) from the SFT policy on the same preference pairs, the
    alternative to the reward model + PPO route;
 7. measure every policy against the gold reward on held-out test prompts.
@@ -28,9 +28,10 @@ from tether.trainers.sft import SFTConfig, run_sft
 from tether.world import WorldConfig, export
 
 
-# Measured on the default world (β sweep in the PPO issue's note): β = 0.2 keeps KL to SFT near 1 nat;
-# β ≤ 0.1 or lr ≥ 5e-5 reached 5–11 nats and lost to SFT (the RM is hacked: bare or padded answers).
-PPO_LR, PPO_BETA = 3e-5, 0.2
+# Measured on the default world (PPO issue's note). Without PPO-ptx, β ≤ 0.1 or lr ≥ 5e-5 reached 5–11 nats
+# and lost to SFT (the RM is hacked); β = 0.2 won 0.557 at 1.4 nats but broke arithmetic. With the ptx term on
+# the SFT data (InstructGPT's PPO-ptx), β = 0.1 won 0.577 [0.550, 0.603] at 0.5 nats.
+PPO_LR, PPO_BETA, PPO_PTX_COEF = 3e-5, 0.1, 1.0
 
 
 @dataclass
@@ -95,7 +96,8 @@ def _rm(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
 
 
 def _ppo(cfg: DemoConfig, files: dict, sft: Path, rm: Path, out: Path) -> Path:
-    """PPO from the SFT policy against the learned reward model (critic initialised from it)."""
+    """PPO-ptx from the SFT policy against the learned reward model (critic initialised from it),
+    with the NLL of the SFT demonstrations as the ptx term that keeps what SFT taught."""
     from tether.trainers.ppo import PPOConfig, run_ppo
 
     train = TrainConfig(steps=_steps(cfg, cfg.ppo_steps, 4), batch_size=16, lr=PPO_LR, warmup_steps=0, schedule="constant",
@@ -103,7 +105,8 @@ def _ppo(cfg: DemoConfig, files: dict, sft: Path, rm: Path, out: Path) -> Path:
     return run_ppo(PPOConfig(model=str(sft), reward=str(rm), prompts=str(files["prompts_train"]),
                              eval_prompts=str(files["prompts_eval"]), out=str(out / "ppo"),
                              rollout_batch=32 if cfg.quick else 64, eval_size=32 if cfg.quick else 64,
-                             beta=PPO_BETA, overwrite=cfg.overwrite, train=train))
+                             beta=PPO_BETA, ptx_data=str(files["sft_train"]), ptx_coef=PPO_PTX_COEF,
+                             overwrite=cfg.overwrite, train=train))
 
 
 def run_demo(cfg: DemoConfig) -> dict:

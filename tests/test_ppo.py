@@ -152,9 +152,13 @@ def test_value_head_lora_and_ptx_variants_run(tmp_path, tiny_folder, prompts_fil
                        ptx_coef=0.5), reward=digits)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["losses/ptx"] > 0
+    assert rows[0]["objective/kl_k1"] == pytest.approx(0.0, abs=1e-5) and rows[-1]["objective/kl_k1"] != 0
     cfg = _cfg(tmp_path, tiny_folder, prompts_file, "lora", steps=2)
     cfg.lora.r = 4
     out = run_ppo(cfg, reward=digits)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the reference is the policy with its adapters off: exactly the policy before any update, not after
+    assert rows[0]["objective/kl_k1"] == pytest.approx(0.0, abs=1e-5) and rows[-1]["objective/kl_k1"] != 0
     assert (out / "adapter").is_dir() and (out / "model.safetensors").exists()
 
 

@@ -168,5 +168,5 @@ def policy_logprobs(model, batch: Rollout, temperature: float = 1.0, *, with_log
     from tether.losses.lm import token_logprobs
 
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    logp = token_logprobs(logits, batch.labels, temperature) * batch.mask  # (B, T-1)
+    logp = token_logprobs(logits, batch.labels, temperature)  # (B, T-1), 0 where the label is IGNORE_INDEX
     return (logp, logits) if with_logits else logp

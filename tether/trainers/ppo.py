@@ -211,15 +211,15 @@ def score_rollout(ac: ActorCritic, ref_logp_fn, batch: Rollout, score: torch.Ten
     """Log-probs, values, the shaped reward and GAE for one batch (no gradients)."""
     mask = batch.mask.float()  # (B, T-1)
     logits, values = ac(batch.input_ids, batch.attention_mask)  # (B, T, V), (B, T)
-    old_logp = token_logprobs(logits, batch.labels, cfg.temperature) * mask  # (B, T-1)
+    old_logp = token_logprobs(logits, batch.labels, cfg.temperature)  # (B, T-1), 0 off the response
     values = values[:, :-1] * mask  # (B, T-1): V of the state before each response token
-    ref_logp = ref_logp_fn(batch) * mask  # (B, T-1)
-    estimates = {k: (kl_estimate(old_logp, ref_logp, k) * mask).sum(-1) for k in KL_ESTIMATORS}  # each (B,)
-    kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask  # (B, T-1)
+    ref_logp = ref_logp_fn(batch)  # (B, T-1)
+    per_token = {k: kl_estimate(old_logp, ref_logp, k) * mask for k in KL_ESTIMATORS}  # each (B, T-1)
+    kl = per_token[cfg.kl_estimator]
     rewards = shaped_rewards(score, kl, mask, beta)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     s = Scored(old_logp, values, whiten(advantages, mask), returns)
-    metrics = {f"objective/kl_{k}": v.mean().item() for k, v in estimates.items()}
+    metrics = {f"objective/kl_{k}": v.sum(-1).mean().item() for k, v in per_token.items()}  # per response
     metrics["objective/entropy"] = entropy(logits, mask, cfg.temperature)
     metrics["objective/non_score_reward"] = (rewards.sum(-1) - score).mean().item()
     return s, metrics
@@ -256,7 +256,7 @@ def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOCo
                 share = (mask.sum() / n_tokens).item()  # masked means over a micro-batch, weighted to the mini-batch's
                 with autocast(device, cfg.train.precision):
                     logits, values = ac(part.input_ids, part.attention_mask)
-                logp = token_logprobs(logits, part.labels, cfg.temperature) * mask
+                logp = token_logprobs(logits, part.labels, cfg.temperature)
                 pol = ppo_policy_loss(logp, s.old_logp[idx], s.advantages[idx], mask, cfg.clip_eps)
                 val = ppo_value_loss(values[:, :-1] * mask, s.values[idx], s.returns[idx], mask, cfg.value_clip)
                 loss = (pol.loss + cfg.vf_coef * val.loss) * share
@@ -458,8 +458,7 @@ def evaluate(policy, ref_logp_fn, tokenizer, prompts: list[str], reward_fn, cfg:
     batch = rollout(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                     seed=cfg.train.seed).to(device)
     mask = batch.mask.float()
-    logp = policy_logprobs(policy, batch, cfg.temperature) * mask
-    kl = (logp - ref_logp_fn(batch) * mask).sum(-1)  # (B,)
+    kl = (policy_logprobs(policy, batch, cfg.temperature) - ref_logp_fn(batch)).sum(-1)  # (B,) k1 per response
     reward = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32)
     out = {"eval/reward": reward.mean().item(), "eval/kl": kl.mean().item(), "eval/length": mask.sum(-1).mean().item()}
     rows = [{"step": step, "prompt": p, "response": r, "reward": x, "kl": k}

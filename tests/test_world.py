@@ -177,3 +177,29 @@ def test_sft_flaw_rate_makes_that_share_of_demonstrations_flawed_and_leaves_the_
     worse = [gold_reward(d["prompt"], d["completion"]) for d in flawed.sft_train]
     share = sum(g < min(good) for g in worse) / len(worse)  # rambling and rude answers score below every good one
     assert 0.22 < share < 0.38
+
+
+def test_cli_world_label_writes_rater_labelled_pairs_of_the_policys_samples(tiny_folder, tmp_path):
+    """`tether world label`: at most samples/2 pairs a prompt, each with both gold rewards, readable as preference
+    data; an odd sample count is an error and writes nothing."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tether.cli import main
+    from tether.data import load_preferences
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: What is {a} plus 2?\n\nAssistant:"}) + "\n"
+                               for a in range(6)))
+    out = tmp_path / "prefs.jsonl"
+    result = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
+                                       "--out", str(out), "--samples", "4", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 0 < len(rows) <= 12 and f"{len(rows)} pairs written" in result.output
+    assert len(load_preferences(out)) == len(rows)
+    assert all({"gold_chosen", "gold_rejected"} <= set(row) and row["chosen"] != row["rejected"] for row in rows)
+    bad = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
+                                    "--out", str(tmp_path / "x.jsonl"), "--samples", "3"])
+    assert bad.exit_code != 0 and "even" in bad.output and not (tmp_path / "x.jsonl").exists()

@@ -76,6 +76,21 @@ def test_policy_equal_to_reference_gives_the_closed_form_through_the_trainer(tin
     assert metrics["logp_chosen"] == pytest.approx(ref_c.mean().item(), abs=1e-4)
 
 
+def test_rpo_adds_alpha_times_the_per_token_nll_of_the_chosen_responses(tiny_folder):
+    """At π = π_ref the sigmoid loss is log 2; RPO adds α · (−Σ log p over chosen response tokens / their count)."""
+    tokenizer, pairs = _encoded(tiny_folder)
+    model = load_model(tiny_folder).eval()
+    ref_c, ref_r = batched_logps(model, pair_rows(pairs), tokenizer.pad_token_id, 4).chunk(2)
+    batch = {**pad_pairs_labelled(pairs, tokenizer.pad_token_id), "ref_chosen": ref_c, "ref_rejected": ref_r}
+    tokens = sum(len(p.chosen) - p.prompt_len for p in pairs)
+    nll = -ref_c.sum().item() / tokens  # chosen response tokens of the whole batch weigh the same
+    value, metrics = dpo_step(model, batch, DPOConfig(model="m", data="d", rpo_alpha=0.5))
+    assert metrics["nll_chosen"] == pytest.approx(nll, rel=1e-4)
+    assert value.item() == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        DPOConfig(model="m", data="d", rpo_alpha=-1).validate()
+
+
 def test_one_concatenated_forward_equals_two_and_prompt_tokens_count_for_nothing(tiny_folder):
     tokenizer, pairs = _encoded(tiny_folder)
     model = load_model(tiny_folder).eval()

@@ -51,7 +51,7 @@ from tether.data.collate import (
     prompt_ids,
 )
 from tether.loop import DataOrder, TrainConfig, autocast, resolve_device, train
-from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, sequence_logprobs, simpo_loss
+from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, sequence_logprobs, sft_nll, simpo_loss
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.trainers.artifact import data_info, prepare_output, write_artifact
 from tether.trainers.sft import split_eval
@@ -80,6 +80,8 @@ class DPOConfig:
     beta: float = opt(0.1, "β: strength of the tie to the reference (SimPO: reward scale)")
     label_smoothing: float = opt(0.0, "ε, the assumed rate of flipped labels (sigmoid: cDPO, robust: rDPO)")
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin γ")
+    rpo_alpha: float = opt(0.0, "α of RPO (Pang et al. 2024): add α × the per-token NLL of the chosen responses "
+                                "to the loss, so chosen log-probs cannot fall with rejected ones (0: off)")
     kl_prompts: int = opt(64, "held-out prompts sampled at the end to estimate KL(π‖π_ref) (0: skip)")
     kl_max_new_tokens: int = opt(64, "longest sample for the KL estimate")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
@@ -102,6 +104,8 @@ class DPOConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be at least 0, got {self.rpo_alpha}")
         self.train.validate()
 
 
@@ -237,12 +241,19 @@ def dpo_step(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str
     """One micro-batch: a single forward over 2B rows (chosen then rejected), then the loss.
 
     ``batch`` holds input_ids, attention_mask, labels (2B, T) and ref_chosen, ref_rejected (B,).
+    With ``rpo_alpha`` the loss is RPO's  L = L_pref + α · L_NLL(chosen)  (Pang et al. 2024, Eq. 3),
+    L_NLL being ``sft_nll`` over the chosen rows' response tokens.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
     logps = sequence_logprobs(logits, batch["labels"], average=cfg.loss == "simpo")  # (2B,)
     chosen, rejected = logps.chunk(2)  # (B,), (B,)
     out = preference_output(cfg, chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
-    return out.loss, {**preference_metrics(out, chosen, rejected), "tokens": float(batch["attention_mask"].sum())}
+    metrics = {**preference_metrics(out, chosen, rejected), "tokens": float(batch["attention_mask"].sum())}
+    if not cfg.rpo_alpha:
+        return out.loss, metrics
+    n = chosen.numel()
+    nll, _ = sft_nll(logits[:n], batch["labels"][:n])
+    return out.loss + cfg.rpo_alpha * nll, {**metrics, "nll_chosen": nll.item()}
 
 
 def evaluate_pairs(model, pairs: list[EncodedPair], ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,

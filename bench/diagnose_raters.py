@@ -1,0 +1,136 @@
+"""One PPO run per rater of the gold world, each diagnosed by `tether diagnose`.
+
+    OMP_NUM_THREADS=1 python bench/diagnose_raters.py --out runs/diag
+
+The issue's demonstration: a reward model trained on a biased rater's labels (length, phrase,
+sycophancy, refusal) is exploited by PPO, and `tether diagnose` names the matching failure; the
+run against the unbiased rater's reward model is diagnosed healthy. Steps, each skipped when its
+output already exists (so the script resumes):
+
+1. ``tether demo --rm-steps 0`` in ``OUT/base``: the gold world, pretraining and SFT (the shared start);
+2. per rater: ``tether world export`` with that rater's bias (the same seed, so the same prompts and
+   the same held-out questions), ``tether rm`` on its preference pairs, and ``tether ppo`` from the
+   SFT policy against that reward model (identical PPO settings for every rater);
+3. per rater: ``tether eval --policy PPO --base SFT --judge gold --rm RM --world WORLD`` and
+   ``tether diagnose PPO``.
+
+Writes ``OUT/summary.json`` (each run's headline figures and the symptoms found) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+TETHER = [sys.executable, "-m", "tether.cli"]
+# rater name -> `tether world export` option and strength. The strengths are large enough that the
+# rater's preference for the behaviour beats most gold-reward differences (docs/world.md: the
+# rater's logit is Δgold/τ + bias·Δbehaviour, τ = 0.84, and good vs bad answers differ by ~2.5 gold).
+RATERS = {
+    "unbiased": None,
+    "length": ("--rater-length-bias", 1.0),
+    "phrase": ("--rater-phrase-bias", 3.0),
+    "sycophancy": ("--rater-sycophancy-bias", 4.0),
+    "refusal": ("--rater-refusal-bias", 4.0),
+}
+# the failure `tether diagnose` must name for each rater (None: healthy)
+EXPECTED = {"unbiased": None, "length": "length growth", "phrase": "phrase gaming", "sycophancy": "sycophancy",
+            "refusal": "over-refusal"}
+
+
+def sh(args: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(args) + "\n")
+        f.flush()
+        subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
+
+
+def base(a) -> Path:
+    root = Path(a.out) / "base"
+    if not (root / "sft" / "tether.json").exists():
+        sh(TETHER + ["demo", "--out", str(root), "--rm-steps", "0", "--dpo-steps", "0", "--seed", str(a.seed)],
+           Path(a.out) / "base.log")
+    return root
+
+
+def train(a, name: str, root: Path) -> Path:
+    run = Path(a.out) / name
+    log = Path(a.out) / f"{name}.log"
+    world = run / "world"
+    if not (world / "world.json").exists():
+        bias = list(map(str, RATERS[name])) if RATERS[name] else []
+        sh(TETHER + ["world", "export", "--out", str(world), "--seed", str(a.seed)] + bias, log)
+    if not (run / "rm" / "tether.json").exists():
+        sh(TETHER + ["rm", "--model", str(root / "sft"), "--data", str(world / "preferences_train.jsonl"),
+                     "--eval-data", str(world / "preferences_test.jsonl"), "--out", str(run / "rm"),
+                     "--steps", str(a.rm_steps), "--batch-size", "16", "--lr", "1e-4", "--warmup-steps", "20",
+                     "--eval-every", "0", "--save-every", "0", "--seed", str(a.seed), "--overwrite"], log)
+    if not (run / "ppo" / "tether.json").exists():
+        sh(TETHER + ["ppo", "--model", str(root / "sft"), "--reward", str(run / "rm"),
+                     "--prompts", str(world / "prompts_train.jsonl"), "--eval-prompts", str(world / "prompts_eval.jsonl"),
+                     "--eval-size", "64", "--out", str(run / "ppo"), "--steps", str(a.ppo_steps),
+                     "--eval-every", str(a.eval_every), "--save-every", "0", "--rollout-batch", "64",
+                     "--lr", str(a.lr), "--warmup-steps", "0", "--schedule", "constant", "--beta", str(a.beta),
+                     "--ptx-data", str(root / "world" / "sft_train.jsonl"), "--ptx-coef", str(a.ptx_coef),
+                     "--seed", str(a.seed), "--overwrite"], log)
+    return run
+
+
+def evaluate(a, name: str, root: Path) -> dict:
+    run = Path(a.out) / name
+    log = Path(a.out) / f"{name}.log"
+    if not (run / "ppo" / "eval" / "report.json").exists():
+        sh(TETHER + ["eval", "--policy", str(run / "ppo"), "--base", str(root / "sft"), "--judge", "gold",
+                     "--rm", str(run / "rm"), "--world", str(run / "world"), "--out", str(run / "ppo" / "eval"),
+                     "--prompts", str(a.prompts), "--seed", str(a.seed)], log)
+    diagnosis = subprocess.run(TETHER + ["diagnose", str(run / "ppo"), "--json"], capture_output=True, text=True,
+                               check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    found = json.loads(diagnosis.stdout)
+    report = json.loads((run / "ppo" / "eval" / "report.json").read_text())
+    s = report["summary"]
+    return {"rater": name, "expected": EXPECTED[name], "healthy": found["healthy"],
+            "symptoms": [x["symptom"] for x in found["findings"]],
+            "matched": (found["healthy"] if EXPECTED[name] is None
+                        else EXPECTED[name] in [x["symptom"] for x in found["findings"]]),
+            **{k: s.get(k) for k in ("kl_exact", "win_rate", "win_rate_interval", "lc_win_rate", "gold_policy",
+                                     "gold_base", "length_ratio", "refusal_benign_policy", "refusal_benign_base",
+                                     "sycophancy_policy", "sycophancy_base", "phrase_rate_policy", "phrase_rate_base",
+                                     "rm_accuracy")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/diag")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--raters", default=",".join(RATERS))
+    ap.add_argument("--rm-steps", type=int, default=300)
+    ap.add_argument("--ppo-steps", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--beta", type=float, default=0.05)
+    ap.add_argument("--ptx-coef", type=float, default=1.0)
+    ap.add_argument("--prompts", type=int, default=200, help="held-out prompts per instrument in tether eval")
+    ap.add_argument("--jobs", type=int, default=2, help="raters trained at once (one CPU thread each)")
+    ap.add_argument("--only", default="train,eval", help="train, eval or both")
+    a = ap.parse_args()
+    names = a.raters.split(",")
+    root = base(a)
+    if "train" in a.only:
+        with ThreadPoolExecutor(a.jobs) as pool:
+            list(pool.map(lambda n: train(a, n, root), names))
+    if "eval" in a.only:
+        rows = [evaluate(a, n, root) for n in names]
+        (Path(a.out) / "summary.json").write_text(json.dumps(rows, indent=2))
+        for r in rows:
+            print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -203,3 +203,22 @@ def test_cli_world_label_writes_rater_labelled_pairs_of_the_policys_samples(tiny
     bad = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
                                     "--out", str(tmp_path / "x.jsonl"), "--samples", "3"])
     assert bad.exit_code != 0 and "even" in bad.output and not (tmp_path / "x.jsonl").exists()
+
+
+def test_gold_parts_add_up_to_the_gold_reward():
+    from tether.world import build_world, candidates, format_prompt
+    from tether.world.gold import gold_parts, gold_reward
+
+    import random
+
+    world = build_world()
+    rng = random.Random(0)
+    for item in world.items["test"][::7]:
+        prompt = format_prompt(item.question)
+        for kind, text in candidates(item, rng):
+            family, core, style = gold_parts(prompt, text)
+            assert family == item.family
+            assert core + style == pytest.approx(gold_reward(prompt, text))
+            if kind == "rude":
+                assert style <= -1.0  # rudeness is style, not core
+    assert gold_parts(format_prompt("What is 1 plus 1?"), "  ") == ("arithmetic", -2.0, 0.0)

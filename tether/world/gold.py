@@ -156,3 +156,11 @@ def gold_reward(prompt: str, response: str) -> float:
 def gold_rewards(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     """:func:`gold_reward` of each (prompt, response) pair."""
     return [gold_reward(p, r) for p, r in zip(prompts, responses)]
+
+
+def gold_parts(prompt: str, response: str) -> tuple[str, float, float]:
+    """(family, core, style) of :func:`gold_reward`, which is core + style (an empty response: core −2.0, style 0)."""
+    family, info = parse_question(question_of(prompt))
+    if not response.strip():
+        return family, -2.0, 0.0
+    return family, _core(family, info, response), _style(family, response)

@@ -2,7 +2,10 @@
 
 AdamW, linear warm-up then cosine or linear decay, gradient accumulation, gradient clipping,
 bf16 autocast where the device supports it, periodic evaluation, ``metrics.jsonl`` and
-TensorBoard events, a progress bar, and checkpoints that resume exactly.
+TensorBoard events, a progress bar, and checkpoints that resume exactly. Under torchrun the same
+loop runs on every rank with DDP or FSDP2 (tether.distributed): each rank trains on its share of
+every global step, the global batch stays ``batch_size × grad_accum``, and the averaged gradient
+equals the single-process one.
 
 A checkpoint holds the model, optimiser, scheduler, every RNG state and the data position (the
 step: the data order is a pure function of seed and step). It is written into a temporary
@@ -29,6 +32,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether.config import opt
 from tether.io import write_json
 
@@ -55,6 +59,7 @@ class TrainConfig:
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep")
     seed: int = opt(0, "seed for initialisation, data order and sampling")
+    strategy: str = opt("ddp", "under torchrun: ddp (whole model on every rank) | fsdp2 (fully_shard each block)")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -63,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in distributed.STRATEGIES:
+            raise ValueError(f"strategy must be one of {distributed.STRATEGIES}, got {self.strategy!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
@@ -75,9 +82,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """auto | cpu | cuda | cuda:N; under torchrun also joins the process group and picks this rank's GPU."""
+    return distributed.setup(name)[1]
 
 
 def autocast(device: torch.device, precision: str):
@@ -140,6 +146,9 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, resume_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
+        self.main = distributed.env().main  # under torchrun rank 0 alone writes
+        if not self.main:
+            return
         if self.path.exists():  # keep only what the resumed checkpoint had seen
             lines = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
             self.path.write_text("".join(l + "\n" for l in lines))
@@ -149,12 +158,16 @@ class MetricsLog:
         self.tb = SummaryWriter(str(out_dir / "tb"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.main:
+            return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
+        if not self.main:
+            return
         self.file.close()
         self.tb.close()
 
@@ -188,36 +201,53 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: 
                     extra: dict | None = None) -> Path:
     """Write checkpoint ``step`` atomically into ``folder/step-NNNNNN`` and prune old ones.
 
-    ``extra`` is any further JSON state a stage needs to resume exactly (e.g. PPO's β).
+    ``extra`` is any further JSON state a stage needs to resume exactly (e.g. PPO's β). Under
+    torchrun every rank calls this: a whole model (one process, DDP) is written by rank 0 alone;
+    an FSDP2-sharded one through ``torch.distributed.checkpoint`` into ``dcp/`` (each rank its
+    shard, readable at any world size). Either way the folder appears by one rename, after all
+    ranks have written.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(model)
+    main, sharded = distributed.env().main, distributed._is_fsdp(model)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    opt_state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in opt_state["state"].items():
-        for k, v in st.items():
-            (tensors if torch.is_tensor(v) else scalars)[f"{idx}.{k}"] = v.contiguous() if torch.is_tensor(v) else v
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    write_json(tmp / "state.json", {
-        "step": step,
-        "param_groups": opt_state["param_groups"],
-        "optimizer_scalars": scalars,
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_meta,
-        "extra": extra or {},
-    })
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    state: dict = {"step": step}
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    elif main:
+        save_model(model, str(tmp / "model.safetensors"))
+        opt_state = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for idx, st in opt_state["state"].items():
+            for k, v in st.items():
+                (tensors if torch.is_tensor(v) else scalars)[f"{idx}.{k}"] = v.contiguous() if torch.is_tensor(v) else v
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state.update(param_groups=opt_state["param_groups"], optimizer_scalars=scalars)
+    if main:
+        rng_tensors, rng_meta = _rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        write_json(tmp / "state.json", {**state, "scheduler": scheduler.state_dict(), "rng": rng_meta,
+                                        "extra": extra or {}})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(folder.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    distributed.barrier()
     return final
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -227,17 +257,34 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from
-    (the ``extra`` state is read with :func:`checkpoint_extra`)."""
-    load_model(model, str(path / "model.safetensors"))
+    (the ``extra`` state is read with :func:`checkpoint_extra`).
+
+    A ``dcp/`` checkpoint (written under FSDP2) loads at any world size, into a sharded model or
+    a whole one; a whole-model checkpoint loads into a whole model (one process or DDP).
+    """
+    model = _unwrap(model)
     meta = json.loads((path / "state.json").read_text())
-    state: dict[int, dict] = {}
-    for key, v in load_file(str(path / "optimizer.safetensors")).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    for key, v in meta["optimizer_scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if (path / "dcp").is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        both = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(both, checkpoint_id=str(path / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    else:
+        if distributed._is_fsdp(model):
+            raise ValueError(f"{path} holds a whole-model checkpoint (written without fsdp2); resume it with "
+                             "--strategy ddp")
+        load_model(model, str(path / "model.safetensors"))
+        state: dict[int, dict] = {}
+        for key, v in load_file(str(path / "optimizer.safetensors")).items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+        for key, v in meta["optimizer_scalars"].items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
     return meta["step"]
@@ -286,42 +333,58 @@ def train(
 
     ``collate(indices)`` builds a micro-batch (a dict of tensors) from example indices;
     ``loss_fn(model, batch)`` returns the micro-batch's mean loss and metrics to log (a
-    ``tokens`` entry, if present, feeds the throughput figure). ``eval_fn(model)`` returns
-    evaluation metrics. Checkpoints go to ``out_dir/checkpoints``; with ``resume`` the latest
-    one there is loaded first.
+    ``tokens`` entry, if present, feeds the throughput figure; a ``loss_weight`` entry, if
+    present, is what the mean runs over, e.g. labelled tokens, used when a micro-batch is split
+    across ranks; rows by default). ``eval_fn(model)`` returns evaluation metrics; under torchrun
+    every rank calls it. Checkpoints go to ``out_dir/checkpoints``; with ``resume`` the latest
+    one there is loaded first. Under torchrun, rank r trains on its pieces of every global step
+    (tether.distributed.step_pieces) and ``model`` holds the trained weights on every rank at the end.
     """
     cfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    model.to(device).train()
-    optimizer = build_optimizer(model, cfg)
+    env, device = distributed.setup(cfg.device)
+    distributed.check_batch(cfg.batch_size, cfg.grad_accum, env.world_size)
+    net = distributed.Trainable(model, cfg.strategy, device)
+    net.module.train()
+    eval_model = net.module if net.sharded else net.plain  # FSDP2: every rank runs the sharded forward
+    optimizer = build_optimizer(net.module, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ckpt_dir = out_dir / "checkpoints"
     start = 0
     if resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start = load_checkpoint(ckpt, net.module, optimizer, scheduler)
     order = DataOrder(n_examples, cfg.batch_size, cfg.seed)
     log = MetricsLog(out_dir, resume_step=start)
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, disable=not env.main)
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
             tick = time.perf_counter()
+            micro = [order.indices(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
+            pieces, split = distributed.step_pieces(micro, env.rank, env.world_size)
             sums: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in collate(order.indices(step * cfg.grad_accum + micro)).items()}
+            bad = None
+            for i, idx in enumerate(pieces):
+                batch = {k: v.to(device) for k, v in collate(idx).items()}
                 with autocast(device, cfg.precision):
-                    loss, metrics = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise _diverged(f"loss is {loss.item()}", step, ckpt_dir)
-                (loss / cfg.grad_accum).backward()
+                    loss, metrics = loss_fn(net.module, batch)
+                metrics = dict(metrics)
+                share = distributed.piece_share(metrics.pop("loss_weight", float(len(idx))), split)
+                if not torch.isfinite(loss) and bad is None:
+                    bad = loss.item()  # every rank stops together, after the reduction below
+                with net.accumulating(last=i == len(pieces) - 1):
+                    (loss * (share * env.world_size) / cfg.grad_accum).backward()
                 for k, v in {"loss": loss.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v / (1 if k == "tokens" else cfg.grad_accum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            )
+                    sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v * share / cfg.grad_accum)
+            if bad is not None:
+                sums["_nonfinite"] = 1.0
+            sums = distributed.reduce_metrics(sums)
+            if sums.pop("_nonfinite", 0.0):
+                raise _diverged(f"loss is {bad}" if bad is not None else "the loss is not finite on another rank",
+                                step, ckpt_dir)
+            grad_norm = net.clip_grad_norm(cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise _diverged(f"the gradient norm is {grad_norm.item()}", step, ckpt_dir)
             optimizer.step()
@@ -336,17 +399,18 @@ def train(
             done = step + 1
             evaluated = {}
             if eval_fn is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                model.eval()
+                net.module.eval()
                 with torch.no_grad(), autocast(device, cfg.precision):
-                    eval_metrics = evaluated = eval_fn(model)
-                model.train()
+                    eval_metrics = evaluated = eval_fn(eval_model)
+                net.module.train()
             log.log(done, {**train_metrics, **evaluated})
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, cfg.keep_checkpoints)
+                save_checkpoint(ckpt_dir, done, net.module, optimizer, scheduler, cfg.keep_checkpoints)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", **(
                 {"tok/s": f"{train_metrics['perf/tokens_per_s']:.0f}"} if "tokens" in sums else {}))
     finally:
         bar.close()
         log.close()
+    net.finish()
     return TrainResult(cfg.steps, train_metrics, eval_metrics, time.perf_counter() - t0)

@@ -1,0 +1,312 @@
+"""Past one machine: torchrun, DDP or FSDP2, with world size 1 as the same code path.
+
+    torchrun --nproc_per_node N [--nnodes M --rdzv-endpoint HOST:PORT] -m tether <stage> ...
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; :func:`setup` reads them, joins the process group
+(nccl on CUDA, gloo on the CPU, chosen from the device) and pins each process to its GPU. Without
+torchrun (or with one process) the world has size 1, no process group is created, and every helper
+below is the identity, so a single-process run goes through the same lines as a distributed one.
+
+Strategies (``TrainConfig.strategy``):
+
+- ``ddp`` (default): every rank holds the whole model; DistributedDataParallel averages gradients.
+  Checkpoints and the final model are written by rank 0 alone, in the single-process format.
+- ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every decoder block, then on the root, so
+  parameters, gradients and optimiser state are split across ranks. The unsharded model the stage
+  handed in stays on the CPU during training and receives the trained weights at the end (see
+  :func:`Trainable`); checkpoints go through ``torch.distributed.checkpoint`` (every rank writes its
+  shard), which can be read back at any world size.
+
+Data: :func:`step_pieces` says which examples of a global step this rank trains on; the global
+batch (``batch_size × grad_accum``) is the config's at every world size, and
+:func:`piece_scale` weights each piece so that the averaged gradient equals the single-process one.
+Helpers to reduce metrics, gather evaluation results and shard lists across ranks follow.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+STRATEGIES = ("ddp", "fsdp2")
+
+
+@dataclass(frozen=True)
+class Env:
+    """This process's place in the world. ``world_size == 1``: no process group, helpers are identities."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def _from_environment() -> Env:
+    return Env(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup(device: str = "auto") -> tuple[Env, torch.device]:
+    """Join the torchrun world (once) and return it with this rank's device.
+
+    ``device``: auto | cpu | cuda | cuda:N. Under torchrun, ``auto`` and ``cuda`` mean this
+    process's GPU, ``cuda:LOCAL_RANK``. The backend follows the device: nccl for CUDA, gloo for the CPU.
+    """
+    env = _from_environment()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and env.active and dev.index is None:
+        dev = torch.device("cuda", env.local_rank)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    if env.active and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        atexit.register(_teardown)
+    if env.active and dist.get_world_size() != env.world_size:
+        raise RuntimeError(f"WORLD_SIZE is {env.world_size} but the process group has {dist.get_world_size()} ranks")
+    return env, dev
+
+
+def _teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def env() -> Env:
+    """The world, joining it first (with the device's default backend) if torchrun started us and nobody has."""
+    e = _from_environment()
+    if e.active and not dist.is_initialized():
+        setup("auto")
+    return e
+
+
+def barrier() -> None:
+    if env().active:
+        dist.barrier()
+
+
+# --- reductions -------------------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    """Where collectives run: the current GPU under nccl, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or max, min) of ``x`` over ranks, returned on ``x``'s device; ``x`` itself is left alone."""
+    if not env().active:
+        return x
+    y = x.detach().to(_device(), copy=True)
+    dist.all_reduce(y, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return y.to(x.device)
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Sum each metric over ranks; a key missing on some rank counts 0 there.
+
+    Callers pass per-rank shares (a mean's terms already divided by the global count), so the sum is
+    the global value.
+    """
+    if not env().active:
+        return dict(metrics)
+    keys: list[list[str]] = [None] * env().world_size  # type: ignore[list-item]
+    dist.all_gather_object(keys, sorted(metrics))
+    union = sorted(set().union(*keys))
+    values = torch.tensor([float(metrics.get(k, 0.0)) for k in union], dtype=torch.float64)
+    return dict(zip(union, all_reduce(values).tolist()))
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (equal shapes on every rank) along dim 0 in rank order."""
+    if not env().active:
+        return x
+    parts = [torch.empty_like(x, device=_device()) for _ in range(env().world_size)]
+    dist.all_gather(parts, x.detach().to(_device()).contiguous())
+    return torch.cat(parts).to(x.device)
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate picklable lists from every rank in rank order."""
+    if not env().active:
+        return list(items)
+    out: list[list] = [None] * env().world_size  # type: ignore[list-item]
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+# --- sharding ---------------------------------------------------------------------------------
+
+
+def shard_bounds(n: int, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """This rank's contiguous block [start, stop) of n items, blocks of ceil(n / world) (the last ones may be short)."""
+    e = env()
+    rank, world = e.rank if rank is None else rank, e.world_size if world is None else world
+    per = -(-n // world)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def map_rows(fn: Callable[[list], torch.Tensor], rows: Sequence) -> torch.Tensor:
+    """``fn(rows)`` computed by splitting ``rows`` across ranks and gathering the results, in order.
+
+    Every rank gets a block of the same length (the last blocks padded with copies of the last
+    row, dropped afterwards), so ranks make the same number of forward passes, which FSDP2's
+    collectives need. Shape: fn(list of k rows) -> (k, ...); result (len(rows), ...) on every rank.
+    """
+    e = env()
+    if not e.active or not rows:
+        return fn(list(rows))
+    per = -(-len(rows) // e.world_size)
+    mine = [rows[min(i, len(rows) - 1)] for i in range(e.rank * per, (e.rank + 1) * per)]
+    return gather(fn(mine))[: len(rows)]
+
+
+# --- which examples a rank trains on ----------------------------------------------------------
+
+
+def check_batch(batch_size: int, grad_accum: int, world: int) -> None:
+    """A global step of ``grad_accum`` micro-batches of ``batch_size`` must give every rank some rows."""
+    if world > 1 and grad_accum % world and batch_size < world:
+        raise ValueError(f"a micro-batch of {batch_size} cannot be split over {world} ranks: use --batch-size of at "
+                         f"least {world}, or --grad-accum a multiple of {world}")
+
+
+def step_pieces(micro_batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], bool]:
+    """The pieces of one global step that ``rank`` trains on, and whether micro-batches were split.
+
+    With ``grad_accum`` a multiple of the world size each rank takes whole micro-batches (rank r:
+    numbers r, r + world, ...), so every loss sees exactly the rows it sees in one process.
+    Otherwise every micro-batch is cut into ``world`` contiguous blocks, one a rank.
+    """
+    a = len(micro_batches)
+    if world == 1:
+        return micro_batches, False
+    if a % world == 0:
+        return micro_batches[rank::world], False
+    out = []
+    for mb in micro_batches:
+        lo, hi = shard_bounds(len(mb), rank, world)
+        out.append(mb[lo:hi])
+    return out, True
+
+
+def piece_share(weight: float, split: bool) -> float:
+    """A piece's share w_p / w_m of its micro-batch m, which its mean loss is weighted by.
+
+    One process: g = (1/A) Σ_m ∇L_m, L_m the mean loss of micro-batch m over its w_m units (rows,
+    or tokens when the loss says so through ``loss_weight``). A piece p of m on one rank
+    contributes (w_p / w_m)·L_p / A, times W because DDP and FSDP2 average gradients over the W
+    ranks; the sum over ranks is then g exactly. Whole micro-batches: w_p = w_m, the share is 1.
+    Split ones: w_m = Σ over ranks of w_p (one all-reduce).
+    """
+    if not split:
+        return 1.0
+    total = all_reduce(torch.tensor(float(weight), dtype=torch.float64)).item()
+    return weight / max(total, 1e-12)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: modules whose class a Hugging Face model names in
+    ``_no_split_modules`` (e.g. LlamaDecoderLayer)."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"fsdp2: found no decoder blocks in {type(model).__name__} (no _no_split_modules); "
+                         "use --strategy ddp")
+    return blocks
+
+
+def _is_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+class Trainable:
+    """The module a rank trains, beside the plain model the stage handed in.
+
+    ``module``: what the loss runs on (the model itself in one process; a DDP wrapper around it;
+    or, under FSDP2, a sharded copy). ``plain``: the unwrapped model, for evaluation-free uses,
+    saving and generation; under FSDP2 it is refreshed by :meth:`finish`.
+    """
+
+    def __init__(self, model: torch.nn.Module, strategy: str, device: torch.device):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.plain, self.strategy, self.device = model, strategy, device
+        e = env()
+        if not e.active:
+            self.module = model.to(device)
+        elif strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            model.to(device)
+            self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            if hasattr(model, "peft_config"):
+                raise ValueError("fsdp2 with LoRA is not supported: adapters are small, use --strategy ddp")
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(device.type, (e.world_size,))
+            sharded = copy.deepcopy(model).to(device)  # the plain model stays where it is (the CPU)
+            for block in decoder_blocks(sharded):
+                fully_shard(block, mesh=mesh)
+            fully_shard(sharded, mesh=mesh)
+            self.module = sharded
+
+    @property
+    def sharded(self) -> bool:
+        return _is_fsdp(self.module)
+
+    def accumulating(self, last: bool):
+        """Context for one micro-batch's backward: gradients are synchronised only on the last."""
+        if not env().active:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.module.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.module.no_sync()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm (across shards under FSDP2); returns it as a plain tensor."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights (on the CPU) on every rank (a collective under FSDP2)."""
+        if not self.sharded:
+            return {k: v.detach().cpu() for k, v in self.plain.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu() for k, v in sd.items()}
+
+    def finish(self) -> torch.nn.Module:
+        """Load the trained weights into the plain model (FSDP2) and return it on the device."""
+        if self.sharded:
+            self.plain.load_state_dict(self.full_state_dict())
+            self.plain.to(self.device)
+        return self.plain

@@ -24,9 +24,14 @@ def _setup_logging() -> None:
 
 def _run(fn, cfg):
     """Run a stage, turning bad input into a one-line error instead of a traceback."""
+    from tether import distributed
     from tether.data import DataError
 
     _setup_logging()
+    if hasattr(cfg, "train"):  # under torchrun: join the world with the backend of the configured device
+        distributed.setup(cfg.train.device)
+        if not distributed.env().main:  # one rank speaks
+            logging.getLogger().setLevel(logging.WARNING)
     try:
         return fn(cfg)
     except (DataError, FileExistsError, FileNotFoundError) as e:

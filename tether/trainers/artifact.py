@@ -18,6 +18,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from tether import distributed
 from tether.config import save_yaml, to_dict
 from tether.io import write_json
 from tether.models import save_model
@@ -36,17 +37,23 @@ def versions() -> dict[str, str]:
 
 
 def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder: an existing stage output needs --resume or --overwrite."""
+    """Refuse to mix two runs in one folder: an existing stage output needs --resume or --overwrite.
+
+    Under torchrun every rank checks, then rank 0 alone clears and creates the folder.
+    """
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise FileExistsError(
             f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another --out"
         )
-    if overwrite and not resume and out.exists():
-        import shutil
+    distributed.barrier()
+    if distributed.env().main:
+        if overwrite and not resume and out.exists():
+            import shutil
 
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
 
 
 def data_info(source: Any, records: list, fingerprint: str) -> dict:
@@ -54,17 +61,24 @@ def data_info(source: Any, records: list, fingerprint: str) -> dict:
 
 
 def write_artifact(out: Path, *, stage: str, cfg: Any, model, tokenizer, data: dict, metrics: dict) -> Path:
-    """Save the model and tokenizer, then ``tether.json`` and ``config.yaml`` describing the run."""
-    save_model(model, tokenizer, out)
-    save_yaml(cfg, out / "config.yaml")
-    write_json(out / "tether.json", {
-        "stage": stage,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": to_dict(cfg),
-        "data": data,
-        "metrics": metrics,
-        "versions": versions(),
-    })
+    """Save the model and tokenizer, then ``tether.json`` and ``config.yaml`` describing the run.
+
+    Under torchrun rank 0 alone writes (every rank holds the whole trained model by then) and the
+    others wait until it has.
+    """
+    if distributed.env().main:
+        save_model(model, tokenizer, out)
+        save_yaml(cfg, out / "config.yaml")
+        write_json(out / "tether.json", {
+            "stage": stage,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": to_dict(cfg),
+            "data": data,
+            "metrics": metrics,
+            "versions": versions(),
+            "world_size": distributed.env().world_size,
+        })
+    distributed.barrier()
     return out
 
 

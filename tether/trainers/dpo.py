@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tether import distributed
 from tether.config import group, opt
 from tether.data import fingerprint, load_preferences
 from tether.data.collate import (
@@ -115,17 +116,25 @@ class DPOConfig:
 @torch.no_grad()
 def batched_logps(model, rows: list[Encoded], pad_id: int, batch_size: int, *, precision: str = "fp32",
                   average: bool = False) -> torch.Tensor:
-    """Sequence log-probs of labelled rows, batched by length. Shape: N rows -> (N,) on the CPU."""
+    """Sequence log-probs of labelled rows, batched by length. Shape: N rows -> (N,) on the CPU.
+
+    Under torchrun each rank scores its block of rows and the results are gathered (every rank
+    must call this).
+    """
     device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
-    out = torch.zeros(len(rows))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = {k: v.to(device) for k, v in pad([rows[i] for i in idx], pad_id).items()}
-        with autocast(device, precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
-        out[idx] = sequence_logprobs(logits, batch["labels"], average=average).float().cpu()
-    return out
+
+    def logps(part: list[Encoded]) -> torch.Tensor:
+        order = sorted(range(len(part)), key=lambda i: len(part[i].input_ids))
+        out = torch.zeros(len(part))
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            batch = {k: v.to(device) for k, v in pad([part[i] for i in idx], pad_id).items()}
+            with autocast(device, precision):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
+            out[idx] = sequence_logprobs(logits, batch["labels"], average=average).float().cpu()
+        return out
+
+    return distributed.map_rows(logps, rows)
 
 
 def cache_dir() -> Path:
@@ -149,19 +158,20 @@ def reference_logps(ref: str, rows: list[Encoded], pad_id: int, cfg: TrainConfig
     for r in rows:
         h.update(json.dumps([r.input_ids, r.labels], separators=(",", ":")).encode())
     path = cache_dir() / "ref_logps" / f"{h.hexdigest()[:24]}.safetensors"
-    if path.exists():
-        logps = load_file(str(path))["logps"]
-        if logps.shape == (len(rows),):
-            log.info("reference log-probs of %d rows: cache hit (%s)", len(rows), path)
-            return logps, True
+    logps = load_file(str(path))["logps"] if path.exists() else None
+    hit = logps is not None and logps.shape == (len(rows),)
+    if distributed.all_reduce(torch.tensor(float(hit)), "min").item():  # under torchrun: only if every rank has it
+        log.info("reference log-probs of %d rows: cache hit (%s)", len(rows), path)
+        return logps, True
     log.info("reference log-probs of %d rows: computing once (cache miss, %s)", len(rows), path)
     model = load_model(ref, device=device).eval()
     logps = batched_logps(model, rows, pad_id, max(cfg.batch_size, 32), precision=cfg.precision)
     del model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"logps": logps.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    if distributed.env().main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"logps": logps.contiguous()}, str(tmp))
+        os.replace(tmp, path)
     return logps, False
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from tether import distributed
 from tether.config import group, opt
 from tether.data import fingerprint, load_feedback
 from tether.data.collate import OVERFLOW_CHOICES, Encoded, EncodedFeedback, encode_feedback, feedback_row, pad
@@ -130,6 +131,10 @@ def run_kto(cfg: KTOConfig) -> Path:
     if len(examples) < 2:
         raise ValueError(f"{cfg.data}: fewer than two examples are left to train on")
 
+    world = distributed.env().world_size
+    if world > 1 and cfg.train.grad_accum % world:  # z0 is a statistic of a whole micro-batch
+        raise ValueError(f"under torchrun KTO trains whole micro-batches on each rank (its reference point z0 is "
+                         f"estimated per micro-batch): --grad-accum must be a multiple of the world size {world}")
     out = Path(cfg.out)  # the input has validated: only now is anything written
     prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
     pad_id, n, m, mx = tokenizer.pad_token_id, len(examples), len(eval_examples), cfg.max_len

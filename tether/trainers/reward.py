@@ -22,6 +22,8 @@ from tether.config import group, opt, to_dict
 from tether.data import DataError, fingerprint, load_preferences
 from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, pad_pairs, prompt_ids
 from tether.instruments.rm_eval import rm_report
+from tether import distributed
+from tether.distributed import map_rows
 from tether.io import write_json
 from tether.loop import TrainConfig, train
 from tether.losses import bradley_terry_loss, reward_centering
@@ -100,13 +102,16 @@ def pair_scores(model, pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate_rm(model, pairs: list[EncodedPair], records: list, pad_id: int, batch_size: int = 32) -> dict[str, float]:
-    """rm_report on held-out pairs; gold metrics when the records carry gold_chosen / gold_rejected."""
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        c, r = pair_scores(model, pairs[i : i + batch_size], pad_id)
-        chosen.append(c)
-        rejected.append(r)
-    rc, rr = torch.cat(chosen).cpu(), torch.cat(rejected).cpu()
+    """rm_report on held-out pairs; gold metrics when the records carry gold_chosen / gold_rejected.
+
+    Under torchrun each rank scores its block of pairs and the scores are gathered.
+    """
+    def score(part: list[EncodedPair]) -> torch.Tensor:  # (k, 2): chosen and rejected rewards
+        out = [torch.stack(pair_scores(model, part[i : i + batch_size], pad_id), -1) for i in range(0, len(part), batch_size)]
+        return torch.cat(out).cpu()
+
+    both = map_rows(score, pairs)  # (N, 2)
+    rc, rr = both[:, 0].contiguous(), both[:, 1].contiguous()
     gold = [r.extra for r in records]
     has_gold = all("gold_chosen" in g and "gold_rejected" in g for g in gold)
     return rm_report(
@@ -225,8 +230,10 @@ def run_rm(cfg: RMConfig) -> Path:
         members.append(folder.name)
         all_metrics[folder.name] = metrics
     ensemble_metrics = evaluate_ensemble([out / m for m in members], eval_records) if eval_records else {}
-    write_json(out / "tether.json", {"stage": "rm-ensemble", "members": members, "config": to_dict(cfg), "data": data,
-                                     "metrics": {**ensemble_metrics, "members": all_metrics}, "versions": versions()})
+    if distributed.env().main:
+        write_json(out / "tether.json", {"stage": "rm-ensemble", "members": members, "config": to_dict(cfg), "data": data,
+                                         "metrics": {**ensemble_metrics, "members": all_metrics},
+                                         "versions": versions()})
     return out
 
 

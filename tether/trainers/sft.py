@@ -18,7 +18,9 @@ from tether.config import group, opt
 from tether.data import fingerprint, load_sft
 from tether.data.collate import OVERFLOW_CHOICES, Encoded, encode_sft, pack, pad
 from tether.loop import TrainConfig, TrainResult, train
-from tether.losses import sft_nll
+from tether.distributed import map_rows
+from tether.losses import sequence_logprobs, sft_nll
+from tether.losses.lm import IGNORE_INDEX
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.trainers.artifact import data_info, prepare_output, write_artifact
 
@@ -57,18 +59,27 @@ class SFTConfig:
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     loss, count = sft_nll(logits, batch["labels"])
-    return loss, {"tokens": float(batch["attention_mask"].sum())}
+    # a token mean: split across ranks, each part is weighted by its labelled tokens (tether.distributed)
+    return loss, {"tokens": float(batch["attention_mask"].sum()), "loss_weight": float(count)}
 
 
 def eval_nll(model, rows: list[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Held-out NLL per labelled token (token-weighted over the whole set) and perplexity."""
+    """Held-out NLL per labelled token (token-weighted over the whole set) and perplexity.
+
+    Under torchrun each rank scores its block of rows and the per-row sums are gathered.
+    """
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in pad(rows[i : i + batch_size], pad_id).items()}
-        loss, n = sft_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
-        total += loss.item() * n.item()
-        count += n.item()
+
+    def per_row(part: list[Encoded]) -> torch.Tensor:  # (k, 2): summed NLL and labelled tokens of each row
+        out = []
+        for i in range(0, len(part), batch_size):
+            batch = {k: v.to(device) for k, v in pad(part[i : i + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (b,)
+            out.append(torch.stack([-sequence_logprobs(logits, batch["labels"]).double(), count.double()], -1))
+        return torch.cat(out).cpu()
+
+    total, count = map_rows(per_row, rows).sum(0).tolist()
     nll = total / max(count, 1)
     return {"eval/loss": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
 

@@ -1,0 +1,225 @@
+"""``tether rlaif label``: preference data from an AI judge (RLAIF; Bai et al. 2022, Lee et al. 2023).
+
+1. sample ``samples`` responses a prompt from the policy (temperature sampling, seeded) and pair
+   them consecutively (1st with 2nd, 3rd with 4th, ...); a pair of identical responses, or one
+   with an empty side, carries no preference and is left out (counted);
+2. sample a principle of the constitution for each pair (seeded; P(i) ∝ weight);
+3. ask the judge in both orders (tether.rlaif.judge): P(a ≻ b) = ½ [P_A(x, a, b) + 1 − P_A(x, b, a)];
+4. write the pair in tether's preference format, the judge's favourite as ``chosen``, with
+
+       label_prob      P(chosen ≻ rejected) ≥ ½: the soft label (``tether rm --label-field label_prob``)
+       judge           which judge (a folder, a hub name, or url + model; never a key)
+       principle       the id of the principle asked
+       order_results   {"chosen_first": P(chosen picked | shown as A), "chosen_second": P(chosen picked | shown as B)}
+       position_flip   whether the two orders picked differently
+
+   plus the prompt row's own extra fields (e.g. the gold world's ``family``), and with ``--gold``
+   the gold world's reward of both sides (``gold_chosen``, ``gold_rejected``), so that an RM
+   trained on the file reports agreement with the truth.
+
+A summary (counts, mean soft label, flip rate, principles asked, the constitution's fingerprint,
+agreement with gold where known) is written beside the file as ``<name>.summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tether.config import group, opt, to_dict
+from tether.data import load_prompts
+from tether.io import write_json, write_jsonl
+from tether.rlaif.constitution import load_constitution
+from tether.rlaif.http import ENDPOINTS, HTTPClient, HTTPGenerator, HTTPJudge
+from tether.rlaif.judge import LMJudge, judge_pairs, order_stats
+
+log = logging.getLogger("tether.rlaif")
+
+
+@dataclass
+class HTTPOptions:
+    """An OpenAI-compatible endpoint (used instead of a local model when ``url`` is set)."""
+
+    url: str = field(default="", metadata={"help": "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1"})
+    url_model: str = field(default="", metadata={"help": "the model name to ask for at that endpoint"})
+    endpoint: str = field(default="chat", metadata={"help": "chat (/chat/completions) | completions (/completions)"})
+    api_key_env: str = field(default="", metadata={"help": "name of the environment variable holding the API key "
+                                                           "(the key is never logged or saved)"})
+    retries: int = field(default=5, metadata={"help": "retries of a failed request (exponential backoff)"})
+    backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry; doubles each retry"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds to wait for one reply"})
+    top_logprobs: int = field(default=5, metadata={"help": "log-probs asked for per reply (judge only)"})
+
+    def validate(self) -> None:
+        if self.url and not self.url_model:
+            raise ValueError("--url needs --url-model (the model name the endpoint serves)")
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {self.endpoint!r}")
+
+    def client(self) -> HTTPClient:
+        return HTTPClient(self.url, api_key_env=self.api_key_env, timeout=self.timeout, retries=self.retries,
+                          backoff=self.backoff)
+
+
+def make_judge(local: str, http: HTTPOptions, *, max_len: int | None = None, batch_size: int = 32):
+    """A local-model judge (``local``: a folder or hub name) or an HTTP judge (``http.url``); exactly one."""
+    if bool(local) == bool(http.url):
+        raise ValueError("give exactly one judge: --judge (a local folder or hub name) or --url (an HTTP endpoint)")
+    if local:
+        return LMJudge(local, max_len=max_len, batch_size=batch_size)
+    return HTTPJudge(http.client(), http.url_model, endpoint=http.endpoint, top_logprobs=http.top_logprobs)
+
+
+def make_generator(local: str, http: HTTPOptions, *, max_new_tokens: int, temperature: float, seed: int):
+    """``generate(prompts) -> texts`` from a local model or an HTTP endpoint; exactly one."""
+    if bool(local) == bool(http.url):
+        raise ValueError("give exactly one writer: --model (a local folder or hub name) or --url (an HTTP endpoint)")
+    if http.url:
+        return HTTPGenerator(http.client(), http.url_model, endpoint=http.endpoint, max_tokens=max_new_tokens,
+                             temperature=temperature)
+    return LocalGenerator(local, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+
+
+class LocalGenerator:
+    """Sampled (or, at temperature 0, greedy) continuations from a local causal LM."""
+
+    def __init__(self, path: str, *, max_new_tokens: int, temperature: float, seed: int):
+        from tether.models import load_model, load_tokenizer
+
+        self.model, self.tokenizer = load_model(path).eval(), load_tokenizer(path)
+        self.name, self.max_new_tokens, self.temperature, self.seed = f"lm:{path}", max_new_tokens, temperature, seed
+        self.calls = 0
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        from tether.rollout import generate
+
+        self.calls += 1  # a fresh seed each call, the sequence of calls fixed by ``seed``
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
+                        temperature=self.temperature or 1.0, greedy=self.temperature == 0,
+                        seed=self.seed * 1000 + self.calls)
+
+
+@dataclass
+class LabelConfig:
+    policy: str = opt("", "policy that writes the responses: an SFT folder, a local path or a hub name")
+    prompts: str = opt("", "prompts to sample on (a file or dataset with a prompt field)")
+    out: str = opt("runs/rlaif/labels.jsonl", "preference file to write (a summary goes beside it)")
+    judge: str = opt("", "judge: a causal LM folder or hub name (or use --url for an HTTP judge)")
+    constitution: str = opt("default", "constitution file (YAML), or 'default'")
+    principles: str = opt("", "comma-separated principle ids to use (empty: every principle of the constitution)")
+    samples: int = opt(2, "responses sampled per prompt, paired consecutively (even, at least 2)")
+    max_new_tokens: int = opt(48, "longest response")
+    temperature: float = opt(1.0, "sampling temperature of the policy")
+    limit: int = opt(0, "use at most this many prompts (0: all)")
+    min_confidence: float = opt(0.0, "leave out pairs with |P(a ≻ b) − ½| below this (0: keep every pair)")
+    judge_max_len: int = opt(0, "longest judge prompt in tokens for a local judge (0: the model's own limit)")
+    gold: bool = opt(False, "add the gold world's reward of both sides (gold_chosen, gold_rejected)")
+    batch_size: int = opt(32, "pairs judged per batch")
+    seed: int = opt(0, "seed of sampling and of the principles drawn")
+    overwrite: bool = opt(False, "replace an existing output file")
+    http: HTTPOptions = group(HTTPOptions)
+
+    def validate(self) -> None:
+        if not self.policy or not self.prompts:
+            raise ValueError("--policy and --prompts are required")
+        if bool(self.judge) == bool(self.http.url):
+            raise ValueError("give exactly one judge: --judge (a local folder or hub name) or --url (an HTTP endpoint)")
+        if self.samples < 2 or self.samples % 2:
+            raise ValueError(f"samples must be an even number of at least 2, got {self.samples}")
+        if not 0 <= self.min_confidence < 0.5:
+            raise ValueError(f"min_confidence must be in [0, 0.5), got {self.min_confidence}")
+        self.http.validate()
+
+
+def sample_pairs(policy_path: str, rows: list, *, samples: int, max_new_tokens: int, temperature: float,
+                 seed: int) -> tuple[list[tuple[int, str, str]], Counter]:
+    """(prompt row index, a, b) pairs of the policy's samples, and counts of pairs left out."""
+    from tether.models import load_model, load_tokenizer
+    from tether.rollout import generate
+
+    policy, tokenizer = load_model(policy_path).eval(), load_tokenizer(policy_path)
+    prompts = [r.prompt for r in rows for _ in range(samples)]  # sample k of row i at i·samples + k
+    responses = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    pairs, left_out = [], Counter()
+    for i in range(len(rows)):
+        for k in range(0, samples, 2):
+            a, b = responses[i * samples + k], responses[i * samples + k + 1]
+            if a == b:
+                left_out["identical"] += 1
+            elif not a.strip() or not b.strip():
+                left_out["empty"] += 1
+            else:
+                pairs.append((i, a, b))
+    return pairs, left_out
+
+
+def run_label(cfg: LabelConfig) -> Path:
+    """Sample, judge and write the preference file (module doc); returns its path."""
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    constitution = load_constitution(cfg.constitution)
+    if cfg.principles:
+        constitution = constitution.only([p.strip() for p in cfg.principles.split(",") if p.strip()])
+    rows = load_prompts(cfg.prompts, limit=cfg.limit or None)
+    if not rows:
+        raise ValueError(f"{cfg.prompts}: no prompts")
+    judge = make_judge(cfg.judge, cfg.http, max_len=cfg.judge_max_len or None, batch_size=cfg.batch_size)
+
+    pairs, left_out = sample_pairs(cfg.policy, rows, samples=cfg.samples, max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    principles = [constitution.sample(rng) for _ in pairs]
+    judgements = []
+    with tqdm(total=len(pairs), desc="rlaif label", unit="pair") as bar:
+        for s in range(0, len(pairs), cfg.batch_size):
+            chunk = pairs[s : s + cfg.batch_size]
+            judgements += judge_pairs(judge, [rows[i].prompt for i, _, _ in chunk], [a for _, a, _ in chunk],
+                                      [b for _, _, b in chunk], principles[s : s + cfg.batch_size])
+            bar.update(len(chunk))
+
+    out_rows = []
+    for (i, a, b), j in zip(pairs, judgements):
+        if abs(j.prob - 0.5) < cfg.min_confidence:
+            left_out["unconfident"] += 1
+            continue
+        a_wins = j.prob >= 0.5
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        row = {"prompt": rows[i].prompt, "chosen": chosen, "rejected": rejected,
+               "label_prob": j.prob if a_wins else 1.0 - j.prob, "judge": judge.name, "principle": j.principle,
+               "order_results": {"chosen_first": j.p_a_first if a_wins else 1.0 - j.p_a_second,
+                                 "chosen_second": j.p_a_second if a_wins else 1.0 - j.p_a_first},
+               "position_flip": j.flip}
+        row.update({k: v for k, v in rows[i].extra.items() if k not in row})
+        if cfg.gold:
+            from tether.world import gold_reward
+
+            row["gold_chosen"], row["gold_rejected"] = gold_reward(row["prompt"], chosen), gold_reward(row["prompt"], rejected)
+        out_rows.append(row)
+    write_jsonl(out, out_rows)
+
+    stats = order_stats(judgements)
+    summary = {"file": str(out), "pairs": len(out_rows), "prompts": len(rows), "left_out": dict(left_out),
+               "judge": judge.name, "constitution": {"source": constitution.source or cfg.constitution,
+                                                     "fingerprint": constitution.fingerprint(),
+                                                     "principles": [p.id for p in constitution.principles]},
+               "principles_asked": dict(Counter(r["principle"] for r in out_rows)),
+               "mean_label_prob": sum(r["label_prob"] for r in out_rows) / max(len(out_rows), 1),
+               "flip_rate": stats.flip_rate, "first_bias": stats.first_bias,
+               "config": {k: v for k, v in to_dict(cfg).items()}}
+    if getattr(judge, "truncated", 0):
+        summary["judge_prompts_truncated"] = judge.truncated
+    if cfg.gold:
+        decided = [r for r in out_rows if r["gold_chosen"] != r["gold_rejected"]]
+        summary["gold_agreement"] = (sum(r["gold_chosen"] > r["gold_rejected"] for r in decided) / len(decided)
+                                     if decided else float("nan"))
+        summary["gold_pairs"] = len(decided)
+    write_json(out.with_name(out.name.removesuffix(".jsonl") + ".summary.json"), summary)
+    log.info("%d labelled pairs in %s (left out: %s); flip rate %.3f", len(out_rows), out, dict(left_out), stats.flip_rate)
+    return out

@@ -17,9 +17,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from tether.cli import rl, stages, theory, world
+    from tether.cli import eval, rl, rlaif, stages, theory, world
 
-    for module in (stages, theory, world, rl):
+    for module in (stages, theory, world, rl, rlaif, eval):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -243,6 +243,25 @@ def _is_fsdp(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def accumulating(module: torch.nn.Module, last: bool):
+    """Context for one micro-batch's backward: gradients are synchronised across ranks only on the last."""
+    if not env().active:
+        return contextlib.nullcontext()
+    if _is_fsdp(module):
+        module.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not last:
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (0: no clipping; across shards under FSDP2); returns it as a plain tensor."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 class Trainable:
     """The module a rank trains, beside the plain model the stage handed in.
 
@@ -281,19 +300,10 @@ class Trainable:
         return _is_fsdp(self.module)
 
     def accumulating(self, last: bool):
-        """Context for one micro-batch's backward: gradients are synchronised only on the last."""
-        if not env().active:
-            return contextlib.nullcontext()
-        if self.sharded:
-            self.module.set_requires_gradient_sync(last)
-            return contextlib.nullcontext()
-        return contextlib.nullcontext() if last else self.module.no_sync()
+        return accumulating(self.module, last)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the global gradient norm (across shards under FSDP2); returns it as a plain tensor."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return clip_grad_norm(self.module, max_norm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights (on the CPU) on every rank (a collective under FSDP2)."""

@@ -26,11 +26,18 @@ def sample(
     seed: int = 0,
     top_k: int = 0,
     top_p: float = 1.0,
+    index_offset: int | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """Continue each prompt; returns (prompt token ids, response token ids) per prompt.
 
     The response ends with EOS when the model stopped, and is cut at ``max_new_tokens`` otherwise.
     Token ids (not re-tokenised text) are what exact log-probabilities must be computed on.
+
+    Seeding: by default one random stream, seeded with ``seed``, runs through all chunks of
+    ``batch_size`` prompts. With ``index_offset`` (the global position of ``prompts[0]`` in a
+    batch that several processes share) each chunk is seeded from (seed, global position of its
+    first prompt), so a prompt's sample does not depend on which rank generates it, as long as
+    chunk boundaries fall at the same global positions (the first chunk's seed is ``seed`` itself).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -42,6 +49,8 @@ def sample(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for i in range(0, len(prompts), batch_size):
+                if index_offset is not None:
+                    torch.manual_seed(chunk_seed(seed, index_offset + i))
                 enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(device)
                 ids = model.generate(
                     **enc,
@@ -66,6 +75,13 @@ def sample(
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+def chunk_seed(seed: int, position: int) -> int:
+    """The seed of a generation chunk starting at global ``position``: ``seed`` for the first, mixed otherwise."""
+    if position == 0:
+        return seed
+    return (seed * 6364136223846793005 + position * 1442695040888963407) % 2**63
 
 
 def generate(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
@@ -131,18 +147,20 @@ def rollout(
     stop_strings: Sequence[str] = (),
     batch_size: int = 32,
     seed: int = 0,
+    index_offset: int | None = None,
 ) -> Rollout:
     """Sample one response per prompt (repeat a prompt to get a group) and pack the batch.
 
     Plain temperature sampling by default. ``top_k`` / ``top_p`` truncate the distribution the
     samples come from while log-probabilities are computed on the full softmax, which biases
-    every KL estimate; they are accepted only because some users insist.
+    every KL estimate; they are accepted only because some users insist. ``index_offset``: see
+    :func:`sample` (seeding that does not depend on how a batch is split across ranks).
     """
     from tether.data.collate import Encoded, pad
     from tether.losses.lm import IGNORE_INDEX
 
     pairs = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                   batch_size=batch_size, seed=seed, top_k=top_k, top_p=top_p)
+                   batch_size=batch_size, seed=seed, top_k=top_k, top_p=top_p, index_offset=index_offset)
     eos = tokenizer.eos_token_id
     rows, responses, ended = [], [], []
     for prompt, response in pairs:

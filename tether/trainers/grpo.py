@@ -30,6 +30,11 @@ Where this departs from the named algorithms:
   max_new_tokens; with ``inner_iters`` > 1 the PPO clip keeps later steps near π_old (as TRL's
   RLOO does).
 - The learning rate follows the schedule per iteration: constant over one batch's inner steps.
+- Under torchrun (DDP) each rank samples, scores and trains on its block of whole prompts (a
+  group never straddles ranks); advantages are computed on the rewards gathered from all ranks
+  (so "batch" scaling is global), micro-batch weights use the global row or token count, and
+  metrics are gathered. A prompt's samples are seeded by its global position, so the run matches
+  one process when ``gen_batch_size`` divides every rank's rows.
 - The KL penalty is always to the reference given (the starting policy by default); with
   LoRA and no separate reference, π_ref is the policy with its adapters disabled. β = 0 loads
   no reference at all (and logs no KL).
@@ -45,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 
+from tether import distributed
 from tether.config import group, opt
 from tether.data import fingerprint, load_prompts
 from tether.loop import (
@@ -162,6 +168,12 @@ def _validate_common(cfg: GRPOConfig | RLOOConfig) -> None:
         raise ValueError(f"beta must be at least 0, got {cfg.beta}")
     if cfg.inner_iters < 1:
         raise ValueError(f"inner_iters must be at least 1, got {cfg.inner_iters}")
+    world = distributed.env().world_size
+    if world > 1 and s.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step ({s.prompts_per_step}) must be a multiple of the world size ({world}): "
+                         "each rank takes whole groups")
+    if world > 1 and cfg.train.strategy != "ddp":
+        raise ValueError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
     if cfg.train.grad_accum != 1:
         raise ValueError("grad_accum does not apply to RL stages: each rollout batch is split into micro-batches "
                          "of batch_size rows and accumulated into one step; set --batch-size instead")
@@ -189,12 +201,15 @@ class Scored(NamedTuple):
     keep: torch.Tensor
 
 
-def generate_batch(model, tokenizer, prompts: list[str], step: int, cfg: GRPOConfig | RLOOConfig) -> Rollout:
-    """G samples of each prompt, rows [g·G, (g+1)·G) sharing prompt g; seeded by (seed, step)."""
+def generate_batch(model, tokenizer, prompts: list[str], step: int, cfg: GRPOConfig | RLOOConfig,
+                   first: int = 0) -> Rollout:
+    """G samples of each prompt, rows [g·G, (g+1)·G) sharing prompt g; seeded by (seed, step) and
+    the global position of each chunk (``first``: the global number of ``prompts[0]`` in the step)."""
     s = cfg.sampling
     repeated = [p for p in prompts for _ in range(s.group_size)]
     batch = rollout(model, tokenizer, repeated, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                    batch_size=s.gen_batch_size, seed=cfg.train.seed * 1_000_003 + step)
+                    batch_size=s.gen_batch_size, seed=cfg.train.seed * 1_000_003 + step,
+                    index_offset=first * s.group_size)
     return batch.to(next(model.parameters()).device)
 
 
@@ -232,9 +247,12 @@ def score_batch(model, reference, reward_fn, batch: Rollout, cfg: GRPOConfig | R
         penalty = 0.0
         if ref_logp is not None:
             penalty = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * batch.mask).sum(-1)  # (B,)
-        advantages = rloo_advantages(rewards - cfg.beta * penalty, G)  # (B,)
+        signal, advantage = rewards - cfg.beta * penalty, lambda r: rloo_advantages(r, G)
     else:
-        advantages = grpo_advantages(rewards, G, cfg.scale)  # (B,)
+        signal, advantage = rewards, lambda r: grpo_advantages(r, G, cfg.scale)
+    # under torchrun: on every rank's rewards (groups are whole on each rank; "batch" scaling needs them all)
+    lo = distributed.env().rank * len(signal)
+    advantages = advantage(distributed.gather(signal))[lo : lo + len(signal)]  # (B,)
     keep = torch.arange(len(rewards), device=rewards.device)
     if cfg.dynamic_sampling:
         grouped = rewards.view(-1, G)  # (B/G, G)
@@ -256,34 +274,45 @@ def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | R
     A micro-batch's loss is weighted by its share of the batch's normaliser: rows for the
     "sequence" and "constant" aggregations, response tokens for "token", so the accumulated
     gradient is that of the loss over all kept rows at once.
+
+    Under torchrun ``model`` is the DDP-wrapped policy: row and token counts are global, each
+    weight is multiplied by the world size (DDP averages gradients), and a rank with fewer
+    micro-batches than another (dynamic sampling) runs zero-weight ones so that all stay in step.
     """
-    if len(scored.keep) == 0:
+    world = distributed.env().world_size
+    n_rows = int(distributed.all_reduce(torch.tensor(len(scored.keep))).item())
+    if n_rows == 0:
         return {}
     device = next(model.parameters()).device
     args = _loss_args(cfg)
-    n_rows, n_tokens = len(scored.keep), batch.mask[scored.keep].sum()
+    n_tokens = distributed.all_reduce(batch.mask[scored.keep].sum())
     ref_logp = scored.ref_logp if scored.ref_logp is not None else scored.old_logp  # unused when β = 0
     sums = {"loss": 0.0, "clip_fraction": 0.0, "kl_k3": 0.0}
     grad_norm = torch.zeros(())
+    chunks = micro_batches(scored.keep, cfg.train.batch_size)
+    n_chunks = int(distributed.all_reduce(torch.tensor(len(chunks)), "max").item())
+    chunks += [torch.zeros(1, dtype=torch.long, device=scored.keep.device)] * (n_chunks - len(chunks))  # weight 0
     for _ in range(cfg.inner_iters):
-        for rows in micro_batches(scored.keep, cfg.train.batch_size):
+        for i, rows in enumerate(chunks):
             sub = batch.rows(rows.cpu()).to(device)
             weight = len(rows) / n_rows if cfg.aggregation != "token" else sub.mask.sum() / n_tokens
+            weight = weight if i * cfg.train.batch_size < len(scored.keep) else 0.0 * weight
             with autocast(device, cfg.train.precision):
                 logp = policy_logprobs(model, sub, cfg.sampling.temperature).float()  # (b, T-1)
             out = grpo_loss(logp, scored.old_logp[rows], ref_logp[rows], scored.advantages[rows], sub.mask,
                             max_tokens=cfg.sampling.max_new_tokens, **args)
-            if not torch.isfinite(out.loss):
+            if not torch.isfinite(out.loss) and world == 1:  # under torchrun the gradient norm stops every rank
                 raise TrainingDiverged(f"the loss is {out.loss.item()}; try a lower lr")
-            (out.loss * weight).backward()
+            with distributed.accumulating(model, last=i == len(chunks) - 1):
+                (out.loss * (weight * world)).backward()
             for k, v in zip(("loss", "clip_fraction", "kl_k3"), out):
                 sums[k] += float(v.detach()) * float(weight) / cfg.inner_iters
-        limit = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+        grad_norm = distributed.clip_grad_norm(model, cfg.train.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}; try a lower lr")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    sums = distributed.reduce_metrics(sums)
     metrics = {"losses/policy": sums["loss"], "policy/clip_fraction": sums["clip_fraction"],
                "train/grad_norm": float(grad_norm)}
     if scored.ref_logp is not None and isinstance(cfg, GRPOConfig):
@@ -292,28 +321,39 @@ def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | R
 
 
 def rollout_metrics(batch: Rollout, scored: Scored, cfg: GRPOConfig | RLOOConfig) -> dict[str, float]:
-    r = scored.rewards
+    """Means over the whole batch (under torchrun, each row's figures gathered from every rank)."""
+    g = distributed.gather
+    r, kl = g(scored.rewards), g(scored.kl) if scored.kl is not None else None
+    kept = distributed.all_reduce(torch.tensor(len(scored.keep))).item()
     out = {"reward/mean": r.mean().item(), "reward/std": r.std().item() if len(r) > 1 else 0.0,
-           "rollout/length_tokens": batch.mask.sum(-1).float().mean().item(),
-           "rollout/ended": batch.ended.float().mean().item(),
-           "rollout/rows_kept": len(scored.keep) / len(r)}
-    out.update({f"reward/{name.split('(')[0]}": v.mean().item() for name, v in scored.components.items()})
-    if scored.kl is not None:
-        out["objective/kl"] = scored.kl.mean().item()
-        out["objective/reward_minus_kl"] = (r - cfg.beta * scored.kl).mean().item()
+           "rollout/length_tokens": g(batch.mask.sum(-1).float()).mean().item(),
+           "rollout/ended": g(batch.ended.float()).mean().item(),
+           "rollout/rows_kept": kept / len(r)}
+    out.update({f"reward/{name.split('(')[0]}": g(v).mean().item() for name, v in scored.components.items()})
+    if kl is not None:
+        out["objective/kl"] = kl.mean().item()
+        out["objective/reward_minus_kl"] = (r - cfg.beta * kl).mean().item()
     return out
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, prompts: list[str], reward_fn, cfg: GRPOConfig | RLOOConfig) -> dict[str, float]:
-    """Mean reward (and each term of a combined one) of ``eval_samples`` samples per held-out prompt, a fixed seed."""
+    """Mean reward (and each term of a combined one) of ``eval_samples`` samples per held-out prompt, a fixed seed.
+
+    Under torchrun each rank samples a block of the rows (seeded by global position) and the
+    figures are gathered.
+    """
     s = cfg.sampling
     repeated = [p for p in prompts for _ in range(s.eval_samples)]
-    batch = rollout(model, tokenizer, repeated, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                    batch_size=s.gen_batch_size, seed=cfg.train.seed + 999_983)
+    n, (lo, _) = len(repeated), distributed.shard_bounds(len(repeated))
+    per = -(-n // distributed.env().world_size)
+    mine = [repeated[min(i, n - 1)] for i in range(lo, lo + per)]  # equal blocks; copies past the end are dropped
+    batch = rollout(model, tokenizer, mine, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                    batch_size=s.gen_batch_size, seed=cfg.train.seed + 999_983, index_offset=lo)
     rewards, components = scores(reward_fn, batch.prompts, batch.responses)
-    out = {"eval/reward": rewards.mean().item(), "eval/length_tokens": batch.mask.sum(-1).float().mean().item()}
-    out.update({f"eval/{name.split('(')[0]}": v.mean().item() for name, v in components.items()})
+    g = lambda x: distributed.gather(x.float())[:n]  # noqa: E731
+    out = {"eval/reward": g(rewards).mean().item(), "eval/length_tokens": g(batch.mask.sum(-1)).mean().item()}
+    out.update({f"eval/{name.split('(')[0]}": g(v).mean().item() for name, v in components.items()})
     return out
 
 
@@ -362,11 +402,12 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
 
     model = apply_lora(load_model(cfg.model, device=device), cfg.lora).train()
     reference = make_reference(cfg, model, device)
-    optimizer = build_optimizer(model, cfg.train)
+    trained = distributed.Trainable(model, cfg.train.strategy, device).module  # under torchrun: DDP around model
+    optimizer = build_optimizer(trained, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))  # once per iteration
     ckpt_dir, start = out / "checkpoints", 0
     if cfg.resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start = load_checkpoint(ckpt, trained, optimizer, scheduler)
     log.info("%s of %s (%d trainable parameters) on %d prompts, reward %s, reference %s", stage.upper(), cfg.model,
              count_parameters(model, True), len(records), cfg.reward,
              "none (beta = 0)" if reference is None else cfg.ref or cfg.model)
@@ -380,17 +421,19 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             metrics_log.log(0, evaluate(model, tokenizer, eval_prompts, reward_fn, cfg))
         for step in range(start, cfg.train.steps):
             tick = time.perf_counter()
-            batch = generate_batch(model, tokenizer, [records[i].prompt for i in order.indices(step)], step, cfg)
+            step_prompts = [records[i].prompt for i in order.indices(step)]
+            lo, hi = distributed.shard_bounds(len(step_prompts))  # this rank's whole prompts (and so groups)
+            batch = generate_batch(model, tokenizer, step_prompts[lo:hi], step, cfg, first=lo)
             t_gen = time.perf_counter()
             scored = score_batch(model, reference, reward_fn, batch, cfg)
             t_score = time.perf_counter()
-            metrics = {**rollout_metrics(batch, scored, cfg), **update(model, optimizer, batch, scored, cfg),
+            metrics = {**rollout_metrics(batch, scored, cfg), **update(trained, optimizer, batch, scored, cfg),
                        "train/lr": scheduler.get_last_lr()[0]}
             scheduler.step()
             t_end = time.perf_counter()
             metrics.update({"time/generate_s": t_gen - tick, "time/score_s": t_score - t_gen,
                             "time/update_s": t_end - t_score,
-                            "charts/samples_per_s": len(batch.prompts) / (t_end - tick)})
+                            "charts/samples_per_s": len(step_prompts) * cfg.sampling.group_size / (t_end - tick)})
             done = step + 1
             every = cfg.train.eval_every
             if eval_prompts and ((every and done % every == 0) or done == cfg.train.steps):
@@ -399,7 +442,7 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             log.info("iteration %d/%d: reward %.3f%s", done, cfg.train.steps, metrics["reward/mean"],
                      f", eval reward {metrics['eval/reward']:.3f}" if "eval/reward" in metrics else "")
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
-                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, cfg.train.keep_checkpoints)
+                save_checkpoint(ckpt_dir, done, trained, optimizer, scheduler, cfg.train.keep_checkpoints)
     finally:
         metrics_log.close()
     metrics["time/seconds"] = time.perf_counter() - t0

@@ -274,3 +274,23 @@ def test_grpo_aggregations():
         grpo_loss(logp, logp, logp, adv, mask, aggregation="constant")
     with pytest.raises(ValueError):
         grpo_loss(logp, logp, logp, adv, mask, aggregation="mean")
+
+
+def test_bradley_terry_soft_labels_by_hand():
+    import math
+
+    r_w, r_l = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    out = bradley_terry_loss(r_w, r_l, target=torch.tensor([0.8, 1.0]))
+    # d = 1: −[0.8·log σ(1) + 0.2·log σ(−1)] = 0.8·0.31326 + 0.2·1.31326 = 0.51326; d = 0, p = 1: log 2
+    assert out.losses[0].item() == pytest.approx(0.8 * math.log1p(math.exp(-1)) + 0.2 * math.log1p(math.exp(1)), rel=1e-6)
+    assert out.losses[1].item() == pytest.approx(math.log(2), rel=1e-6)
+    hard = bradley_terry_loss(r_w, r_l)
+    assert torch.allclose(bradley_terry_loss(r_w, r_l, target=torch.ones(2)).losses, hard.losses)
+    # the optimum of a soft label p sits at σ(d) = p, not at d → ∞
+    d = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([d], lr=1.0)
+    for _ in range(500):
+        opt.zero_grad()
+        bradley_terry_loss(d, torch.zeros(1), target=torch.tensor([0.75])).loss.backward()
+        opt.step()
+    assert torch.sigmoid(d).item() == pytest.approx(0.75, abs=1e-4)

@@ -129,13 +129,16 @@ class EncodedPair:
     rejected: list[int]
     prompt_len: int
     margin: float = 0.0
+    label: float = 1.0  # P(chosen ≻ rejected): 1 for a hard label, a soft label in [0, 1] otherwise
 
 
 def encode_pairs(records: Sequence, tokenizer, max_len: int, overflow: str = "truncate",
-                 margin_field: str = "") -> tuple[list[EncodedPair], OverflowCount]:
+                 margin_field: str = "", label_field: str = "") -> tuple[list[EncodedPair], OverflowCount]:
     """Tokenise preference records (``.prompt``, ``.chosen``, ``.rejected``) for reward modelling.
 
     ``margin_field`` names an extra column holding a per-pair margin (a number; missing is an error).
+    ``label_field`` names an extra column holding a soft label P(chosen ≻ rejected), a number in
+    [0, 1] (missing is an error), such as ``label_prob`` of ``tether rlaif label``.
 
     Over-long pairs follow ``overflow`` as in :func:`encode_sft`; a truncated pair keeps the
     first ``max_len`` tokens of each side (a pair whose prompt alone fills ``max_len`` is dropped,
@@ -165,7 +168,14 @@ def encode_pairs(records: Sequence, tokenizer, max_len: int, overflow: str = "tr
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{rec.where}: field {margin_field!r}: expected a number (the pair's margin), got {value!r}")
             margin = float(value)
-        out.append(EncodedPair(sides[0], sides[1], len(prompt), margin))
+        label = 1.0
+        if label_field:
+            value = rec.extra.get(label_field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{rec.where}: field {label_field!r}: expected a number in [0, 1] "
+                                 f"(P(chosen ≻ rejected), a soft label), got {value!r}")
+            label = float(value)
+        out.append(EncodedPair(sides[0], sides[1], len(prompt), margin, label))
     if count.truncated or count.dropped:
         log.warning("%d of %d pairs were longer than %d tokens: %d truncated, %d dropped",
                     count.truncated + count.dropped, len(records), max_len, count.truncated, count.dropped)

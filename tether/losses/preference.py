@@ -61,18 +61,24 @@ class KTOOutput(NamedTuple):
 
 
 def bradley_terry_loss(
-    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
 ) -> RewardModelOutput:
-    """Reward-model loss L = −log σ(r_w − r_l − m), mean over pairs.
+    """Reward-model loss L = −log σ(r_w − r_l − m), mean over pairs; with soft labels
+    L = −[p · log σ(d) + (1 − p) · log σ(−d)], d = r_w − r_l − m.
 
     Ouyang et al. 2022 (InstructGPT), eq. 1 (without the 1/C(K,2) grouping); the margin m is
-    Touvron et al. 2023 (Llama 2), eq. 2. m = 0 when ``margin`` is None.
-    Shape: r_chosen (B,), r_rejected (B,), margin (B,) or None.
+    Touvron et al. 2023 (Llama 2), eq. 2. m = 0 when ``margin`` is None. The soft label p is the
+    labeller's probability that y_w ≻ y_l (an AI judge's, as Bai et al. 2022, "Constitutional
+    AI", Sec. 4.1, train on); p = 1 when ``target`` is None, which is the hard-label loss.
+    Shape: r_chosen (B,), r_rejected (B,), margin (B,) or None, target (B,) or None.
     """
     diff = r_chosen - r_rejected  # (B,)
     if margin is not None:
         diff = diff - margin
     losses = -F.logsigmoid(diff)  # (B,)
+    if target is not None:
+        losses = target * losses - (1.0 - target) * F.logsigmoid(-diff)  # (B,)
     accuracy = (r_chosen > r_rejected).float().mean().detach()
     return RewardModelOutput(losses.mean(), losses, accuracy)
 

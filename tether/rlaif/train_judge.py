@@ -192,16 +192,21 @@ def run_train_judge(cfg: JudgeTrainConfig) -> Path:
     train_cmp = gold_comparisons(splits["train"], constitution, cfg.pairs, cfg.train.seed)
     eval_cmp = gold_comparisons(splits["test"], constitution, cfg.eval_pairs, cfg.train.seed + 1)
     tokenizer = load_tokenizer(cfg.model)
-
-    out = Path(cfg.out)
-    prepare_output(out, resume=False, overwrite=cfg.overwrite)
-    data_dir = out / "data"
-    train_file = write_jsonl(data_dir / "judge_sft_train.jsonl", judge_sft_rows(train_cmp, constitution, cfg.train.seed))
-    eval_file = write_jsonl(data_dir / "judge_sft_eval.jsonl", judge_sft_rows(eval_cmp, constitution, cfg.train.seed + 1))
-    write_jsonl(data_dir / "comparisons_eval.jsonl", eval_cmp)
-    records, eval_records = load_sft(train_file), load_sft(eval_file)
+    train_sft = judge_sft_rows(train_cmp, constitution, cfg.train.seed)
+    eval_sft = judge_sft_rows(eval_cmp, constitution, cfg.train.seed + 1)
+    records, eval_records = load_sft(train_sft), load_sft(eval_sft)
     rows, overflow = encode_sft(records, tokenizer, cfg.max_len, "drop")  # a cut judge prompt loses its answer
     eval_rows, _ = encode_sft(eval_records, tokenizer, cfg.max_len, "drop")
+    if not rows:
+        raise ValueError(f"every one of the {len(records)} judge prompts is longer than max_len={cfg.max_len} tokens "
+                         f"with this tokenizer; raise --max-len (the model must take that many positions)")
+
+    out = Path(cfg.out)  # the input has been built and checked: only now is anything written
+    prepare_output(out, resume=False, overwrite=cfg.overwrite)
+    data_dir = out / "data"
+    train_file = write_jsonl(data_dir / "judge_sft_train.jsonl", train_sft)
+    eval_file = write_jsonl(data_dir / "judge_sft_eval.jsonl", eval_sft)
+    write_jsonl(data_dir / "comparisons_eval.jsonl", eval_cmp)
     model = load_model(cfg.model)
     log.info("judge: fine-tuning %s (%d parameters) on %d judge prompts (%d dropped as too long)", cfg.model,
              count_parameters(model), len(rows), overflow.dropped)

@@ -51,6 +51,8 @@ class RMConfig:
     skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
     overflow: str = opt("truncate", "longer pairs: truncate | drop | error (always counted in the log)")
     margin_field: str = opt("", "column holding a per-pair margin m (empty: no margin)")
+    label_field: str = opt("", "column holding a soft label P(chosen ≻ rejected) in [0, 1], e.g. label_prob of "
+                               "`tether rlaif label` (empty: hard labels)")
     center_coef: float = opt(0.0, "reward-centring regulariser η·E[(r_w + r_l)²] (Eisenstein et al. 2023)")
     norm_prompts: int = opt(128, "training prompts sampled from the SFT policy to normalise rewards (0: no normalisation)")
     norm_max_new_tokens: int = opt(64, "longest SFT sample for normalisation")
@@ -163,12 +165,14 @@ def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: li
     def collate(idx: list[int]) -> dict:
         batch = pad_pairs([pairs[i] for i in idx], pad_id)
         batch["margin"] = torch.tensor([pairs[i].margin for i in idx])
+        if cfg.label_field:
+            batch["target"] = torch.tensor([pairs[i].label for i in idx])
         return batch
 
     def loss_fn(m, batch):
         r = raw_scores(m, batch["input_ids"], batch["attention_mask"])  # (2B,)
         r_w, r_l = r.chunk(2)
-        bt = bradley_terry_loss(r_w, r_l, batch["margin"])
+        bt = bradley_terry_loss(r_w, r_l, batch["margin"], batch.get("target"))
         loss = bt.loss + cfg.center_coef * reward_centering(r_w, r_l) if cfg.center_coef else bt.loss
         return loss, {"accuracy": bt.accuracy.item(), "margin": (r_w - r_l).mean().item(),
                       "tokens": float(batch["attention_mask"].sum())}
@@ -198,7 +202,8 @@ def run_rm(cfg: RMConfig) -> Path:
         train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
-    pairs, overflow = encode_pairs(train_records, tokenizer, cfg.max_len, cfg.overflow, cfg.margin_field)
+    pairs, overflow = encode_pairs(train_records, tokenizer, cfg.max_len, cfg.overflow, cfg.margin_field,
+                                   cfg.label_field)
     eval_pairs, _ = encode_pairs(eval_records, tokenizer, cfg.max_len, "truncate")
     if not pairs:
         raise ValueError(f"{cfg.data}: no pair is left to train on")

@@ -1,0 +1,85 @@
+"""Capability retention: does the policy still know and compute what its base did?
+
+Multiple choice by log-likelihood, as lm-evaluation-harness scores it (Gao et al., EleutherAI):
+each choice c_j is scored by ll_j = log π(c_j | prompt), summed over its tokens, and
+
+    acc      = 1[ argmax_j ll_j = gold ]
+    acc_norm = 1[ argmax_j ll_j / bytes(c_j) = gold ]     (bytes: UTF-8 length of the continuation)
+
+(the harness divides by ``len(choice)``, the character count, equal to the byte count for ASCII).
+GSM8K-style exact match: greedy answer to each question, right when its final number ("#### N"
+or "The answer is N") equals the reference's (the answer after "####").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from tether.data.collate import prompt_ids
+
+
+@torch.no_grad()
+def choice_logliks(model, tokenizer, prompt: str, choices: Sequence[str]) -> list[float]:
+    """log π(choice | prompt) summed over the choice's tokens, for each choice (no EOS appended)."""
+    from tether.instruments.kl import response_logprobs
+
+    p = prompt_ids(tokenizer, prompt)
+    pairs = [(p, tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices]
+    if any(not r for _, r in pairs):
+        raise ValueError(f"a choice of {prompt!r} tokenises to nothing")
+    return response_logprobs(model, pairs, tokenizer.pad_token_id).tolist()
+
+
+def mc_scores(logliks: Sequence[float], choices: Sequence[str], gold: int) -> tuple[float, float]:
+    """(acc, acc_norm) of one question from its choices' log-likelihoods (module docstring)."""
+    ll = torch.tensor(logliks, dtype=torch.float64)
+    nbytes = torch.tensor([len(c.encode("utf-8")) for c in choices], dtype=torch.float64)
+    return float(ll.argmax().item() == gold), float((ll / nbytes).argmax().item() == gold)
+
+
+def mc_eval(model, tokenizer, rows: Sequence[dict]) -> dict[str, float]:
+    """acc and acc_norm over rows {"prompt", "choices", "answer_index"}."""
+    acc = acc_norm = 0.0
+    for i, row in enumerate(rows):
+        missing = {"prompt", "choices", "answer_index"} - set(row)
+        if missing:
+            raise ValueError(f"multiple-choice row {i + 1}: missing field(s) {sorted(missing)}")
+        if not 0 <= row["answer_index"] < len(row["choices"]):
+            raise ValueError(f"multiple-choice row {i + 1}: answer_index {row['answer_index']} is not a choice")
+        a, an = mc_scores(choice_logliks(model, tokenizer, row["prompt"], row["choices"]), row["choices"],
+                          row["answer_index"])
+        acc, acc_norm = acc + a, acc_norm + an
+    n = max(len(rows), 1)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "count": float(len(rows))}
+
+
+def read_gsm8k(path: str | Path, limit: int = 0) -> list[dict]:
+    """GSM8K's JSONL ({"question", "answer" ending "#### N"}) as rows {"prompt" (HH style), "answer"}; first ``limit``."""
+    from tether.world import format_prompt
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if not isinstance(rec.get("question"), str) or "####" not in str(rec.get("answer", "")):
+                raise ValueError(f"{path}:{line_no}: expected {{\"question\": str, \"answer\": \"... #### N\"}}")
+            rows.append({"prompt": format_prompt(rec["question"]), "answer": rec["answer"]})
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def exact_match_eval(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 64) -> tuple[float, list[str]]:
+    """Share of rows {"prompt", "answer"} whose greedy response's final answer matches; and the responses."""
+    from tether.rollout import generate
+    from tether.world import exact_match
+
+    responses = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, greedy=True)
+    hits = [exact_match(y, str(r["answer"])) for r, y in zip(rows, responses)]
+    return (sum(hits) / len(hits) if hits else float("nan")), responses

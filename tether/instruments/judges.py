@@ -1,0 +1,123 @@
+"""Pairwise judges: which of two responses to a prompt is better?
+
+A judge returns, per prompt, the outcome for response a against response b: 1 (a wins), ½ (tie)
+or 0 (b wins). Spec strings (``tether eval --judge``):
+
+    gold                 the gold world's true reward (a pointwise score; ties when equal)
+    rm:DIR               a reward model or ensemble folder written by `tether rm` (tether.rewards)
+    ensemble:DIR,DIR,... reward models served as one ensemble, mean of members (tether.rewards.EnsembleReward)
+    llm:DIR              a causal language model asked which answer is better, in both orders
+
+A pointwise score cannot prefer a position, so it is asked once. A language-model judge can
+(judges favour the first answer shown; Zheng et al. 2023, "Judging LLM-as-a-Judge"), so it is
+asked twice with the answers swapped: a wins a prompt when it wins in both orders, loses when it
+loses in both, and a split verdict is a tie (½). The share of verdicts that picked the first
+position is reported as the judge's position bias (½: none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+JUDGE_TEMPLATE = ("\n\nHuman: Which answer to the question is better? Reply with A or B.\n"
+                  "Question: {question}\nAnswer A: {first}\nAnswer B: {second}\n\nAssistant: The better answer is")
+
+
+class Judged(NamedTuple):
+    """Outcome (N,) for a against b (1, ½ or 0); the share of verdicts that chose the first position (NaN for
+    pointwise judges); scores (N,) of a and b where the judge is pointwise (else None)."""
+
+    outcome: torch.Tensor
+    first_position_rate: float
+    scores_a: torch.Tensor | None = None
+    scores_b: torch.Tensor | None = None
+
+
+def outcome_from_scores(scores_a: torch.Tensor, scores_b: torch.Tensor) -> torch.Tensor:
+    """1[s_a > s_b] + ½·1[s_a = s_b]. Shape: (N,), (N,) -> (N,)."""
+    a, b = torch.as_tensor(scores_a, dtype=torch.float64), torch.as_tensor(scores_b, dtype=torch.float64)
+    return (a > b).double() + 0.5 * (a == b).double()
+
+
+def both_orders(first_wins_ab: torch.Tensor, first_wins_ba: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Combine verdicts asked in both orders: outcome for a = ½·(v_ab + 1 − v_ba), v = 1 if the judge chose the
+    first answer shown (½ for a judge's own tie). Returns the outcome (N,) and the first-position rate."""
+    ab, ba = first_wins_ab.double(), first_wins_ba.double()
+    return 0.5 * (ab + 1 - ba), torch.cat([ab, ba]).mean().item()
+
+
+class ScoreJudge:
+    """A reward function (prompts, responses) -> scores used as a pairwise judge."""
+
+    def __init__(self, reward_fn, name: str):
+        self.reward_fn, self.name = reward_fn, name
+
+    def __call__(self, prompts: Sequence[str], ya: Sequence[str], yb: Sequence[str]) -> Judged:
+        sa = torch.as_tensor(self.reward_fn(list(prompts), list(ya)), dtype=torch.float64)
+        sb = torch.as_tensor(self.reward_fn(list(prompts), list(yb)), dtype=torch.float64)
+        return Judged(outcome_from_scores(sa, sb), float("nan"), sa, sb)
+
+
+class LLMJudge:
+    """A causal LM asked "which is better, A or B?"; its verdict is the likelier of the tokens " A" and " B"."""
+
+    def __init__(self, model, tokenizer, name: str = "llm", batch_size: int = 16):
+        self.model, self.tokenizer, self.name, self.batch_size = model.eval(), tokenizer, name, batch_size
+        ids_a = tokenizer(" A", add_special_tokens=False)["input_ids"]
+        ids_b = tokenizer(" B", add_special_tokens=False)["input_ids"]
+        if not ids_a or not ids_b or ids_a[0] == ids_b[0]:
+            raise ValueError(f"judge {name}: its tokenizer cannot tell ' A' from ' B'")
+        self.token_a, self.token_b = ids_a[0], ids_b[0]
+
+    @torch.no_grad()
+    def first_wins(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> torch.Tensor:
+        """1 where the judge prefers the first answer shown, 0 the second, ½ when its two tokens are equally likely."""
+        from tether.world import question_of
+
+        texts = [JUDGE_TEMPLATE.format(question=question_of(p), first=f.strip(), second=s.strip())
+                 for p, f, s in zip(prompts, first, second)]
+        device = next(self.model.parameters()).device
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        out = []
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True).to(device)
+                logits = self.model(**enc).logits[:, -1].float()  # (B, V) next token after the template
+                diff = logits[:, self.token_a] - logits[:, self.token_b]
+                out.append(((diff > 0).double() + 0.5 * (diff == 0).double()).cpu())
+        finally:
+            self.tokenizer.padding_side = side
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def __call__(self, prompts: Sequence[str], ya: Sequence[str], yb: Sequence[str]) -> Judged:
+        outcome, first_rate = both_orders(self.first_wins(prompts, ya, yb), self.first_wins(prompts, yb, ya))
+        return Judged(outcome, first_rate)
+
+
+def load_judge(spec: str, device: str = "cpu"):
+    """A judge from its spec string (module docstring)."""
+    from tether.rewards import EnsembleReward, LearnedReward, load_reward
+
+    if spec == "gold":
+        return ScoreJudge(load_reward("gold"), "gold")
+    if spec.startswith("rm:"):
+        return ScoreJudge(load_reward(spec, device=device), spec)
+    if spec.startswith("ensemble:"):
+        folders = [Path(x) for x in spec.removeprefix("ensemble:").split(",") if x]
+        missing = [str(f) for f in folders if not f.exists()]
+        if len(folders) < 2 or missing:
+            raise ValueError(f"judge {spec!r}: expected ensemble:DIR,DIR,... of at least two reward-model folders"
+                             + (f"; missing {missing}" if missing else ""))
+        return ScoreJudge(EnsembleReward([LearnedReward.from_folder(f, device=device) for f in folders]), spec)
+    if spec.startswith("llm:"):
+        from tether.models import load_model, load_tokenizer
+
+        folder = Path(spec.removeprefix("llm:"))
+        if not folder.exists():
+            raise FileNotFoundError(f"judge {spec!r}: {folder} does not exist")
+        return LLMJudge(load_model(folder, device=device), load_tokenizer(folder), spec)
+    raise ValueError(f"judge {spec!r}: expected gold, rm:DIR, ensemble:DIR,DIR,... or llm:DIR")

@@ -1,7 +1,7 @@
 """Batched generation with a KV cache (Hugging Face ``generate``), prompts left-padded.
 
-This is the seam where a faster engine can plug in later: everything else asks for text through
-:func:`generate`. Sampling is plain temperature sampling by default: top-k / top-p are off,
+This is tether's own sampler, the default generation backend; tether.generation defines the
+backend interface (and an optional vLLM engine) that :func:`rollout` accepts. Sampling is plain temperature sampling by default: top-k / top-p are off,
 because they change the distribution the KL to the reference is measured on.
 """
 
@@ -148,6 +148,7 @@ def rollout(
     batch_size: int = 32,
     seed: int = 0,
     index_offset: int | None = None,
+    backend=None,
 ) -> Rollout:
     """Sample one response per prompt (repeat a prompt to get a group) and pack the batch.
 
@@ -155,12 +156,14 @@ def rollout(
     samples come from while log-probabilities are computed on the full softmax, which biases
     every KL estimate; they are accepted only because some users insist. ``index_offset``: see
     :func:`sample` (seeding that does not depend on how a batch is split across ranks).
+    ``backend``: a tether.generation backend to sample with (default: :func:`sample` on ``model``).
     """
     from tether.data.collate import Encoded, pad
     from tether.losses.lm import IGNORE_INDEX
 
-    pairs = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                   batch_size=batch_size, seed=seed, top_k=top_k, top_p=top_p, index_offset=index_offset)
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
+                  top_k=top_k, top_p=top_p, index_offset=index_offset)
+    pairs = backend.sample(prompts, **kwargs) if backend is not None else sample(model, tokenizer, prompts, **kwargs)
     eos = tokenizer.eos_token_id
     rows, responses, ended = [], [], []
     for prompt, response in pairs:

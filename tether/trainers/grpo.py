@@ -53,6 +53,7 @@ import torch
 from tether import distributed
 from tether.config import group, opt
 from tether.data import fingerprint, load_prompts
+from tether.generation import BACKENDS, make_backend
 from tether.loop import (
     DataOrder,
     MetricsLog,
@@ -92,6 +93,8 @@ class SamplingConfig:
     temperature: float = opt(1.0, "sampling temperature; log-probs are taken at the same temperature")
     gen_batch_size: int = opt(64, "prompts generated at once")
     eval_samples: int = opt(4, "samples per held-out prompt in each evaluation")
+    backend: str = opt("tether", "generation backend: tether (the policy's own batched sampler) | vllm "
+                                 "(pip install 'tether[vllm]', a GPU; weights synced after each update)")
 
 
 @dataclass
@@ -157,6 +160,8 @@ def _validate_common(cfg: GRPOConfig | RLOOConfig) -> None:
         raise ValueError(f"group_size must be at least 2 (the baseline comes from the group), got {s.group_size}")
     if min(s.prompts_per_step, s.max_new_tokens, s.gen_batch_size, s.eval_samples) < 1:
         raise ValueError("prompts_per_step, max_new_tokens, gen_batch_size and eval_samples must be at least 1")
+    if s.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
     if s.temperature <= 0:
         raise ValueError(f"temperature must be positive, got {s.temperature}")
     if cfg.aggregation not in AGGREGATIONS:
@@ -202,14 +207,14 @@ class Scored(NamedTuple):
 
 
 def generate_batch(model, tokenizer, prompts: list[str], step: int, cfg: GRPOConfig | RLOOConfig,
-                   first: int = 0) -> Rollout:
+                   first: int = 0, backend=None) -> Rollout:
     """G samples of each prompt, rows [g·G, (g+1)·G) sharing prompt g; seeded by (seed, step) and
     the global position of each chunk (``first``: the global number of ``prompts[0]`` in the step)."""
     s = cfg.sampling
     repeated = [p for p in prompts for _ in range(s.group_size)]
     batch = rollout(model, tokenizer, repeated, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                     batch_size=s.gen_batch_size, seed=cfg.train.seed * 1_000_003 + step,
-                    index_offset=first * s.group_size)
+                    index_offset=first * s.group_size, backend=backend)
     return batch.to(next(model.parameters()).device)
 
 
@@ -402,6 +407,7 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
 
     model = apply_lora(load_model(cfg.model, device=device), cfg.lora).train()
     reference = make_reference(cfg, model, device)
+    backend = make_backend(cfg.sampling.backend, model, tokenizer, model_path=cfg.model)
     trained = distributed.Trainable(model, cfg.train.strategy, device).module  # under torchrun: DDP around model
     optimizer = build_optimizer(trained, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))  # once per iteration
@@ -423,13 +429,14 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             tick = time.perf_counter()
             step_prompts = [records[i].prompt for i in order.indices(step)]
             lo, hi = distributed.shard_bounds(len(step_prompts))  # this rank's whole prompts (and so groups)
-            batch = generate_batch(model, tokenizer, step_prompts[lo:hi], step, cfg, first=lo)
+            batch = generate_batch(model, tokenizer, step_prompts[lo:hi], step, cfg, first=lo, backend=backend)
             t_gen = time.perf_counter()
             scored = score_batch(model, reference, reward_fn, batch, cfg)
             t_score = time.perf_counter()
             metrics = {**rollout_metrics(batch, scored, cfg), **update(trained, optimizer, batch, scored, cfg),
                        "train/lr": scheduler.get_last_lr()[0]}
             scheduler.step()
+            backend.sync(model)  # the next rollout samples the updated policy
             t_end = time.perf_counter()
             metrics.update({"time/generate_s": t_gen - tick, "time/score_s": t_score - t_gen,
                             "time/update_s": t_end - t_score,

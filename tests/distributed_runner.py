@@ -1,0 +1,77 @@
+"""Tiny runs of the stages, for tests/test_distributed.py: the same script at world size 1
+(``python tests/distributed_runner.py ...``) and 2 (``torchrun --nproc_per_node 2 tests/distributed_runner.py ...``).
+
+    distributed_runner.py MODEL DATA_DIR OUT_DIR STAGE [STAGE ...]
+
+STAGE is one of RUNS below; each writes OUT_DIR/STAGE. Every global batch is the same at every
+world size, so the loss curves must agree.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def digits(prompts, responses):
+    """A dense reward a random tiny model can climb: the share of characters that are digits."""
+    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
+
+
+def _train(cfg, **kw):
+    base = dict(steps=4, batch_size=4, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=2, save_every=2,
+                keep_checkpoints=2, device="cpu")
+    for k, v in {**base, **kw}.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def sft(model, data, out, strategy, resume=False):
+    """Through the command line, as a user runs it."""
+    from tether.cli import main
+
+    # grad_accum 1 at world size 2: every micro-batch of 4 is split, each half weighted by its tokens
+    args = ["sft", "--model", model, "--data", data / "sft.jsonl", "--out", out, "--eval-fraction", 0.1, "--max-len", 64,
+            "--steps", 4, "--batch-size", 4, "--grad-accum", 1, "--lr", 3e-3, "--warmup-steps", 1, "--eval-every", 2,
+            "--save-every", 2, "--keep-checkpoints", 2, "--device", "cpu", "--strategy", strategy]
+    main([str(a) for a in args] + (["--resume"] if resume else []), standalone_mode=False)
+
+
+def rm(model, data, out, strategy):
+    from tether.trainers.reward import RMConfig, run_rm
+
+    run_rm(_train(RMConfig(model=model, data=str(data / "prefs.jsonl"), out=str(out), eval_fraction=0.2, max_len=64,
+                           norm_prompts=4, norm_max_new_tokens=8), lr=1e-3, strategy=strategy))
+
+
+def dpo(model, data, out, strategy):
+    from tether.trainers.dpo import DPOConfig, run_dpo
+
+    # grad_accum 2 at world size 2: each rank takes one whole micro-batch of every step
+    run_dpo(_train(DPOConfig(model=model, data=str(data / "prefs.jsonl"), out=str(out), eval_fraction=0.2, max_len=64,
+                             kl_prompts=4, kl_max_new_tokens=8), batch_size=2, grad_accum=2, lr=1e-3, strategy=strategy))
+
+
+def grpo(model, data, out, strategy):
+    from tether.trainers.grpo import GRPOConfig, run_grpo
+
+    cfg = _train(GRPOConfig(model=model, prompts=str(data / "prompts.jsonl"), eval_prompts=str(data / "eval_prompts.jsonl"),
+                            out=str(out)), steps=3, lr=1e-2, warmup_steps=0, schedule="constant", strategy=strategy)
+    s = cfg.sampling
+    s.group_size, s.prompts_per_step, s.max_new_tokens, s.gen_batch_size, s.eval_samples = 4, 2, 8, 4, 2
+    run_grpo(cfg, digits)
+
+
+RUNS = {
+    "sft_ddp": lambda *a: sft(*a, "ddp"),
+    "sft_fsdp2": lambda *a: sft(*a, "fsdp2"),
+    "rm_ddp": lambda *a: rm(*a, "ddp"),
+    "dpo_ddp": lambda *a: dpo(*a, "ddp"),
+    "dpo_fsdp2": lambda *a: dpo(*a, "fsdp2"),
+    "grpo_ddp": lambda *a: grpo(*a, "ddp"),
+}
+
+if __name__ == "__main__":
+    model, data, out, *stages = sys.argv[1:]
+    for stage in stages:
+        RUNS[stage](model, Path(data), Path(out) / stage)

@@ -1,0 +1,212 @@
+"""Past one machine: the stages at world size 2 (torchrun, gloo, 2 CPU processes) against world size 1.
+
+One torchrun job runs SFT (DDP and FSDP2, through the command line), the reward model (DDP), DPO
+(DDP and FSDP2) and GRPO (DDP) at world size 2 on the same global batches as the world-size-1 runs
+in this process (tests/distributed_runner.py). Loss curves must agree to a relative 1e-5 (what is
+left is the order of floating-point sums across ranks: about 1e-7 here), and checkpoints written at
+world size 2 (whole-model for DDP, torch.distributed.checkpoint for FSDP2) must resume at world size 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tether import distributed
+from tether.generation import make_backend
+
+from . import distributed_runner
+from .conftest import CORPUS
+
+RTOL = 1e-5
+STAGES = ["sft_ddp", "sft_fsdp2", "rm_ddp", "dpo_ddp", "dpo_fsdp2", "grpo_ddp"]
+COMPARED = ("train/loss", "train/grad_norm", "eval/loss", "eval/accuracy", "eval/reward", "eval/reward_margin",
+            "reward/mean", "objective/kl", "losses/policy")
+
+
+def _write_data(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sft.jsonl", "w") as f:
+        for text in CORPUS[:40]:
+            prompt, completion = text.split("\n\nAssistant:")
+            f.write(json.dumps({"prompt": prompt + "\n\nAssistant:", "completion": completion}) + "\n")
+    question = "\n\nHuman: What is {} plus {}?\n\nAssistant:"
+    with open(folder / "prefs.jsonl", "w") as f:
+        for a in range(6):
+            for b in range(5):
+                f.write(json.dumps({"prompt": question.format(a, b), "chosen": f" {a} plus {b} is {a + b}. #### {a + b}",
+                                    "rejected": f" It is {a + b + 3}."}) + "\n")
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": question.format(a, b)}) + "\n"
+                                                  for a in range(4) for b in range(2)))
+    (folder / "eval_prompts.jsonl").write_text("".join(json.dumps({"prompt": question.format(a, b)}) + "\n"
+                                                       for a in range(2) for b in range(7, 9)))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_folder, tmp_path_factory):
+    """(world-size-1 folder, world-size-2 folder, data folder), every stage run in both."""
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "data"
+    _write_data(data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TETHER_CACHE": str(root / "cache2"), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(distributed_runner.__file__)), str(tiny_folder), str(data), str(root / "w2"), *STAGES]
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    saved = os.environ.get("TETHER_CACHE")
+    os.environ["TETHER_CACHE"] = str(root / "cache1")  # its own cache: the DPO reference is computed in both
+    try:
+        for stage in STAGES:  # meanwhile, world size 1 here
+            distributed_runner.RUNS[stage](str(tiny_folder), data, root / "w1" / stage)
+    finally:
+        os.environ.pop("TETHER_CACHE") if saved is None else os.environ.__setitem__("TETHER_CACHE", saved)
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-5000:]
+    return root / "w1", root / "w2", data
+
+
+def _curves(folder: Path) -> dict[tuple[int, str], float]:
+    rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], k): v for r in rows for k, v in r.items() if k in COMPARED}
+
+
+def _assert_same_curves(a: Path, b: Path) -> None:
+    ca, cb = _curves(a), _curves(b)
+    assert ca.keys() == cb.keys() and len(ca) >= 4
+    for key in ca:
+        assert cb[key] == pytest.approx(ca[key], rel=RTOL, abs=1e-7), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_world_size_2_matches_world_size_1_at_the_same_global_batch(runs, stage):
+    w1, w2, _ = runs
+    _assert_same_curves(w1 / stage, w2 / stage)
+    assert json.loads((w2 / stage / "tether.json").read_text())["world_size"] == 2
+    # the final model is plain Hugging Face safetensors, written once, equal to the single-process one
+    final1, final2 = load_file(str(w1 / stage / "model.safetensors")), load_file(str(w2 / stage / "model.safetensors"))
+    assert final1.keys() == final2.keys()
+    moved = False
+    for k in final1:
+        assert torch.allclose(final1[k], final2[k], rtol=1e-4, atol=1e-6), k
+    initial = load_file(str(Path(json.loads((w1 / stage / "tether.json").read_text())["config"]["model"])
+                            / "model.safetensors"))
+    moved = any(not torch.equal(initial[k], final2[k]) for k in initial if k in final2)
+    assert moved or stage.startswith("rm")  # (an RM's head is new: its backbone keys are compared above)
+
+
+@pytest.mark.slow
+def test_grpo_reward_and_kl_are_global_not_one_ranks(runs):
+    """The logged reward is the mean over both ranks' groups: a rank alone would see half the prompts."""
+    w1, w2, _ = runs
+    rows = [json.loads(l) for l in (w2 / "grpo_ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all("reward/mean" in r and "objective/kl" in r for r in rows[1:])
+    assert rows[-1]["objective/kl"] > 0  # the policy moved away from the reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft_ddp", "sft_fsdp2"])
+def test_a_checkpoint_saved_at_world_size_2_resumes_at_world_size_1(runs, stage, tmp_path):
+    w1, w2, data = runs
+    cut = tmp_path / stage
+    shutil.copytree(w2 / stage, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-000004")  # as if the 2-process run died after step 2
+    expected_format = "dcp" if stage.endswith("fsdp2") else "model.safetensors"
+    assert (cut / "checkpoints" / "step-000002" / expected_format).exists()
+    model = Path(json.loads((w1 / stage / "tether.json").read_text())["config"]["model"])
+    distributed_runner.sft(str(model), data, cut, stage.split("_")[1], resume=True)
+    _assert_same_curves(w1 / stage, cut)  # steps 3 and 4 now run in one process
+    final1, resumed = load_file(str(w1 / stage / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    for k in final1:
+        assert torch.allclose(final1[k], resumed[k], rtol=1e-4, atol=1e-6), k
+
+
+# --- fast: the pieces, in one process ----------------------------------------------------------
+
+
+def test_every_rank_gets_its_share_of_a_global_step_and_together_they_are_the_step():
+    micro = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # grad_accum a multiple of the world: whole micro-batches, so every loss sees the rows it sees in one process
+    assert distributed.step_pieces(micro, 0, 2) == ([[0, 1, 2, 3]], False)
+    assert distributed.step_pieces(micro, 1, 2) == ([[4, 5, 6, 7]], False)
+    # otherwise every micro-batch is cut, one block a rank, and nothing is lost or repeated
+    parts = [distributed.step_pieces(micro, r, 3) for r in range(3)]
+    assert all(split for _, split in parts)
+    assert [parts[r][0][m] for m in range(2) for r in range(3)] == [[0, 1], [2, 3], [], [4, 5], [6, 7], []]
+    assert distributed.step_pieces(micro, 0, 1) == (micro, False)
+
+
+def test_a_micro_batch_smaller_than_the_world_is_an_error_naming_the_fix():
+    with pytest.raises(ValueError, match="--batch-size of at least 4, or --grad-accum a multiple of 4"):
+        distributed.check_batch(2, 1, 4)
+    distributed.check_batch(2, 4, 4)  # whole micro-batches: fine
+
+
+def test_world_size_one_makes_every_helper_the_identity():
+    assert not distributed.env().active
+    x = torch.arange(5.0)
+    assert torch.equal(distributed.gather(x), x) and torch.equal(distributed.all_reduce(x), x)
+    assert distributed.reduce_metrics({"a": 1.5}) == {"a": 1.5}
+    assert distributed.piece_share(3.0, split=False) == 1.0
+    assert torch.equal(distributed.map_rows(lambda rows: torch.tensor(rows) * 2, [1, 2, 3]), torch.tensor([2, 4, 6]))
+    assert distributed.shard_bounds(10, 1, 3) == (4, 8) and distributed.shard_bounds(10, 2, 3) == (8, 10)
+
+
+def test_fsdp2_finds_the_decoder_blocks_of_a_hugging_face_model(tiny_folder):
+    from tether.models import load_model
+
+    blocks = distributed.decoder_blocks(load_model(tiny_folder))
+    assert len(blocks) == 2 and {type(b).__name__ for b in blocks} == {"LlamaDecoderLayer"}
+    with pytest.raises(ValueError, match="no decoder blocks.*--strategy ddp"):
+        distributed.decoder_blocks(torch.nn.Linear(2, 2))
+
+
+def test_an_unknown_strategy_is_an_error():
+    from tether.loop import TrainConfig
+
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        TrainConfig(strategy="zero3").validate()
+
+
+def test_the_default_generation_backend_is_tethers_sampler(tiny_folder):
+    from tether.models import load_model, load_tokenizer
+    from tether.rollout import sample
+
+    model, tok = load_model(tiny_folder), load_tokenizer(tiny_folder)
+    backend = make_backend("tether", model, tok)
+    prompts = ["\n\nHuman: What is 1 plus 2?\n\nAssistant:"] * 3
+    assert backend.sample(prompts, max_new_tokens=6, temperature=1.0, batch_size=2, seed=5) == \
+        sample(model, tok, prompts, max_new_tokens=6, temperature=1.0, batch_size=2, seed=5)
+
+
+def test_a_chunk_sample_does_not_depend_on_which_rank_generates_it(tiny_folder):
+    """With index_offset, the rows [2, 4) sampled alone equal those rows of the whole batch."""
+    from tether.models import load_model, load_tokenizer
+    from tether.rollout import sample
+
+    model, tok = load_model(tiny_folder), load_tokenizer(tiny_folder)
+    prompts = [f"\n\nHuman: What is {a} plus 1?\n\nAssistant:" for a in range(4)]
+    whole = sample(model, tok, prompts, max_new_tokens=8, batch_size=2, seed=3, index_offset=0)
+    second = sample(model, tok, prompts[2:], max_new_tokens=8, batch_size=2, seed=3, index_offset=2)
+    assert whole[2:] == second and whole[:2] != whole[2:]
+
+
+def test_asking_for_vllm_without_it_names_the_extra(tiny_folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if it were not installed (it is not, here)
+    with pytest.raises(ImportError, match=r"pip install 'tether\[vllm\]'"):
+        make_backend("vllm", torch.nn.Linear(1, 1), None, model_path=str(tiny_folder))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_backend("sglang", torch.nn.Linear(1, 1), None)
+
+
+def test_python_dash_m_tether_is_the_command(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tether", "sft", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--strategy" in out.stdout

@@ -35,8 +35,9 @@ COMPARED = ("train/loss", "train/grad_norm", "eval/loss", "eval/accuracy", "eval
 def _write_data(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "sft.jsonl", "w") as f:
-        for text in CORPUS[:40]:
+        for i, text in enumerate(CORPUS[:40]):  # completions of unequal length: a split micro-batch weighs by tokens
             prompt, completion = text.split("\n\nAssistant:")
+            completion += f" {i} plus {i} is {2 * i}." * (i % 4)
             f.write(json.dumps({"prompt": prompt + "\n\nAssistant:", "completion": completion}) + "\n")
     question = "\n\nHuman: What is {} plus {}?\n\nAssistant:"
     with open(folder / "prefs.jsonl", "w") as f:

@@ -455,6 +455,7 @@ def test_judge_training_rows_come_in_both_orders_with_the_truth_as_target():
     # position carries no information: " A" is the target of exactly half the untied rows
     untied = [r for r in rows if not r["tie"]]
     assert sum(r["completion"] == " A" for r in untied) == len(untied) // 2
+    assert judge_sft_rows(cmp, c, seed=0, ties=False) == untied  # without ties: the same rows, ties left out
 
 
 def test_judge_evaluation_counts_agreement_and_flips_by_hand():

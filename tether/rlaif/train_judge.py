@@ -16,9 +16,11 @@ constitution reads the part it is about:
     polite     −1.0 if rude, else 0
     concise    style without the rudeness: −1.5 × repeated-sentence share − 0.04 per word over budget
 
-A pair whose two answers score the same under its principle is a tie: each of its two orders gets
-a target drawn at random, so the judge learns to say ½ there. Every comparison is written in both
-orders (a first, then b first), so position carries no information about the answer.
+A pair whose two answers score the same under its principle is a tie. By default ties are left
+out of training (about half the comparisons tie under the narrow principles, and a tiny judge
+trained on them as noise learned nothing in 400 steps); with ``ties`` each of a tie's two orders
+gets a target drawn at random, so that the judge learns to say ½ there. Every comparison is
+written in both orders (a first, then b first), so position carries no information about the answer.
 
 The held-out report (``judge_eval.json``, also in ``tether.json``) is measured on comparisons
 between answers to *test* questions: agreement with the gold reward's ordering when the judge is
@@ -109,11 +111,14 @@ def gold_comparisons(items: list, constitution: Constitution, n: int, seed: int)
     return out
 
 
-def judge_sft_rows(comparisons: list[dict], constitution: Constitution, seed: int) -> list[dict]:
-    """SFT rows {"prompt": judge prompt, "completion": " A" | " B"}, two a comparison (both orders)."""
+def judge_sft_rows(comparisons: list[dict], constitution: Constitution, seed: int, ties: bool = True) -> list[dict]:
+    """SFT rows {"prompt": judge prompt, "completion": " A" | " B"}, two a comparison (both orders);
+    a tie's targets are drawn at random, or the tie is left out when ``ties`` is False."""
     rng = random.Random(seed)
     rows = []
     for c in comparisons:
+        if not ties and c["score_a"] == c["score_b"]:
+            continue
         question = constitution.get(c["principle"]).question
         for first, second, s1, s2 in ((c["a"], c["b"], c["score_a"], c["score_b"]),
                                       (c["b"], c["a"], c["score_b"], c["score_a"])):
@@ -159,7 +164,7 @@ def evaluate_judge(judge, comparisons: list[dict], constitution: Constitution) -
 
 
 def _judge_defaults() -> TrainConfig:
-    return TrainConfig(steps=1500, batch_size=32, lr=5e-4, warmup_steps=50, eval_every=500, save_every=0)
+    return TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=50, eval_every=250, save_every=0)
 
 
 @dataclass
@@ -172,6 +177,7 @@ class JudgeTrainConfig:
     eval_pairs: int = opt(1000, "held-out comparisons on test questions")
     out: str = opt("runs/judge", "output folder")
     max_len: int = opt(256, "longest judge prompt + answer in tokens (longer examples are dropped and counted)")
+    ties: bool = opt(False, "train on comparisons the principle ties too, with random targets (teaches ½ there)")
     overwrite: bool = opt(False, "replace an existing run in out")
     train: TrainConfig = group(_judge_defaults)
 
@@ -192,8 +198,8 @@ def run_train_judge(cfg: JudgeTrainConfig) -> Path:
     train_cmp = gold_comparisons(splits["train"], constitution, cfg.pairs, cfg.train.seed)
     eval_cmp = gold_comparisons(splits["test"], constitution, cfg.eval_pairs, cfg.train.seed + 1)
     tokenizer = load_tokenizer(cfg.model)
-    train_sft = judge_sft_rows(train_cmp, constitution, cfg.train.seed)
-    eval_sft = judge_sft_rows(eval_cmp, constitution, cfg.train.seed + 1)
+    train_sft = judge_sft_rows(train_cmp, constitution, cfg.train.seed, cfg.ties)
+    eval_sft = judge_sft_rows(eval_cmp, constitution, cfg.train.seed + 1, cfg.ties)
     records, eval_records = load_sft(train_sft), load_sft(eval_sft)
     rows, overflow = encode_sft(records, tokenizer, cfg.max_len, "drop")  # a cut judge prompt loses its answer
     eval_rows, _ = encode_sft(eval_records, tokenizer, cfg.max_len, "drop")

@@ -42,6 +42,7 @@ class EvalConfig:
     gsm8k: str = opt("", "GSM8K test.jsonl (empty: skip GSM8K)")
     limit: int = opt(100, "at most this many GSM8K questions and XSTest prompts (0: all)")
     prompts: int = opt(200, "held-out prompts (a seeded sample) for KL, win-rate and lengths")
+    probe_limit: int = opt(0, "at most this many prompts from each of the world's probe files (0: all)")
     samples: int = opt(1, "policy samples per prompt for the KL estimates")
     max_new_tokens: int = opt(48, "longest response")
     ascent_prompts: int = opt(3, "prompts for the gradient-ascent probe of the RM (0: skip it)")
@@ -131,7 +132,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     if world:
         for name in ("harmful", "benign", "short", "sycophancy", "capability_mc", "capability_arithmetic"):
             if (world / f"probes_{name}.jsonl").exists():
-                probes[name] = _read(world / f"probes_{name}.jsonl")
+                rows = _read(world / f"probes_{name}.jsonl")
+                probes[name] = rows[: cfg.probe_limit] if cfg.probe_limit and name != "short" else rows
     pref_file = Path(cfg.preferences) if cfg.preferences else (world / "preferences_test.jsonl" if world else None)
     reward = None
     if rm_dir is not None:

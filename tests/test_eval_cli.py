@@ -1,0 +1,86 @@
+"""`tether eval` and `tether diagnose` end to end on tiny random models over a small gold world, and the LLM judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tether.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def world_models(tmp_path_factory):
+    """A small exported world, a tokenizer trained on it, two tiny models (base, policy) and a reward model."""
+    from tether.models import TinyConfig, build_tiny, save_model, train_tokenizer
+    from tether.models.reward import load_reward_model
+    from tether.world import WorldConfig, export
+
+    root = tmp_path_factory.mktemp("evalworld")
+    files = export(root / "world", WorldConfig(pretrain_docs=300, sft_train=50, sft_eval=10, pref_train=50,
+                                               pref_test=40, feedback=20))
+    texts = [json.loads(line)["text"] for line in open(files["pretrain"])]
+    tok = train_tokenizer(texts + [" A B yes no"], vocab_size=400)
+    size = TinyConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, max_positions=256)
+    base = save_model(build_tiny(tok, size, seed=0), tok, root / "base")
+    policy = save_model(build_tiny(tok, size, seed=1), tok, root / "policy")
+    rm = load_reward_model(base, tok)
+    rm.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    return root, base, policy
+
+
+@pytest.mark.slow
+def test_eval_writes_a_report_and_diagnose_reads_it(world_models):
+    root, base, policy = world_models
+    out = root / "eval"
+    args = ["eval", "--policy", str(policy), "--base", str(base), "--world", str(root / "world"), "--rm", str(root / "rm"),
+            "--prompts", "8", "--probe-limit", "4", "--limit", "3", "--max-new-tokens", "8", "--ascent-prompts", "1",
+            "--ascent-steps", "3", "--judge", f"llm:{base}", "--out", str(out),
+            "--xstest", str(SHARED / "xstest" / "xstest_prompts.csv"), "--gsm8k", str(SHARED / "gsm8k" / "test.jsonl")]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    s = report["summary"]
+    assert s["kl_exact"] > 0 and s["kl_exact_stderr"] > 0  # two different random models
+    assert 0 <= s["win_rate"] <= 1 and s["judge"] == f"llm:{base}"
+    assert 0 <= report["sections"]["win_rate"]["first_position_rate"] <= 1
+    for key in ("rm_accuracy", "refusal_benign_policy", "refusal_xstest_safe_base", "sycophancy_policy",
+                "mc_acc_policy", "gsm8k_em_base", "padding_slope", "length_ratio"):
+        assert key in s, key
+    assert report["sections"]["capability"]["gsm8k"]["count"] == 3
+    assert len(report["sections"]["hacking"]["ascent"]) == 1
+    assert any("over-optimisation" in x for x in report["skipped"])  # no training run behind this policy
+    html = (out / "report.html").read_text()
+    assert html.count("<img") >= 6 and "<table" in html and "Diagnosis" in html
+    found = CliRunner().invoke(main, ["diagnose", str(policy), "--report", str(out / "report.json"), "--json"])
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.output)["verdict"]
+    missing = CliRunner().invoke(main, ["diagnose", str(policy)])
+    assert missing.exit_code != 0 and "no eval report" in missing.output
+
+
+def test_eval_errors_are_one_line(world_models):
+    root, base, policy = world_models
+    bad = CliRunner().invoke(main, ["eval", "--policy", str(policy), "--base", str(base), "--judge", "oracle",
+                                    "--world", str(root / "world")])
+    assert bad.exit_code != 0 and "judge 'oracle'" in bad.output
+
+
+def test_llm_judge_asked_in_both_orders_cannot_prefer_identical_answers(world_models):
+    from tether.instruments.judges import LLMJudge
+    from tether.models import load_model, load_tokenizer
+
+    _, base, _ = world_models
+    judge = LLMJudge(load_model(base), load_tokenizer(base))
+    prompts = ["\n\nHuman: What is 2 plus 2?\n\nAssistant:"] * 3
+    same = judge(prompts, [" 4", " five", " no"], [" 4", " five", " no"])
+    assert same.outcome.tolist() == [0.5, 0.5, 0.5]  # whatever its position bias, the orders cancel
+    swapped_a = judge(prompts, [" 4", " five", " no"], [" x", " y", " z"]).outcome
+    swapped_b = judge(prompts, [" x", " y", " z"], [" 4", " five", " no"]).outcome
+    assert torch.equal(swapped_a, 1 - swapped_b)  # antisymmetric: a vs b is the mirror of b vs a

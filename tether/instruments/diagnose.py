@@ -87,14 +87,19 @@ def diagnose_report(report: dict, metrics: list[dict] | None = None) -> dict:
                 "exact KL, win-rate", "the KL penalty (or a tiny learning rate) keeps the policy at the base",
                 "lower β (tether calibrate-beta measures KL and win-rate per β), or raise the learning rate"))
     if metrics:
-        evals = [m for m in metrics if "eval/gold" in m and "eval/reward" in m]
-        if len(evals) >= 3:
-            peak = max(evals, key=lambda m: m["eval/gold"])
-            last = evals[-1]
-            if peak["eval/gold"] - last["eval/gold"] >= GOLD_DROP and last["eval/reward"] > peak["eval/reward"]:
+        evals = sorted((m for m in metrics if "eval/gold" in m and "eval/reward" in m), key=lambda m: m.get("step", 0))
+        if len(evals) >= 4:
+            # each evaluation averaged with its neighbours (a 64-prompt evaluation is noisy)
+            def smooth(key: str) -> list[float]:
+                return [sum(m[key] for m in evals[max(0, i - 1) : i + 2]) / len(evals[max(0, i - 1) : i + 2])
+                        for i in range(len(evals))]
+
+            gold, proxy = smooth("eval/gold"), smooth("eval/reward")
+            top = max(range(len(gold)), key=gold.__getitem__)
+            if gold[top] - gold[-1] >= GOLD_DROP and proxy[-1] > proxy[top]:
                 found.append(_finding(
-                    "gold falls while proxy rises", f"gold {peak['eval/gold']:.2f} at step {peak.get('step')} → "
-                    f"{last['eval/gold']:.2f}; proxy {peak['eval/reward']:.2f} → {last['eval/reward']:.2f}",
+                    "gold falls while proxy rises", f"gold {gold[top]:.2f} near step {evals[top].get('step')} → "
+                    f"{gold[-1]:.2f}; proxy {proxy[top]:.2f} → {proxy[-1]:.2f} (3-evaluation averages)",
                     "over-optimisation", "reward hacking: optimising the proxy past the point it tracks the truth",
                     "stop at the peak (its KL is in the over-optimisation section); raise β; an RM ensemble"))
         k1 = [m["objective/kl_k1"] for m in metrics if "objective/kl_k1" in m]

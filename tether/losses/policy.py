@@ -78,15 +78,24 @@ def gae_reference(
     return GAEOutput(adv, (adv + values) * mask.to(values.dtype))
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x − μ)/sqrt(σ² + eps) with μ, σ² the masked mean and (biased) variance over the batch.
 
     With ``shift_mean=False`` the mean is added back (only the scale changes), as done for
-    rewards in Ziegler et al. 2019. Masked positions of the output are 0.
+    rewards in Ziegler et al. 2019. Masked positions of the output are 0. ``total`` sums a
+    tensor over the whole batch when it is split across processes (e.g. an all-reduce; the
+    identity by default), so μ and σ² are those of the whole batch.
     Shape: x (B, T), mask (B, T) -> (B, T).
     """
-    mean = masked_mean(x, mask)  # ()
-    var = masked_mean((x - mean).square(), mask)  # ()
+    if total is None:
+        mean = masked_mean(x, mask)  # ()
+        var = masked_mean((x - mean).square(), mask)  # ()
+    else:
+        m = mask.to(x.dtype)
+        count = total(m.sum()).clamp(min=1)
+        mean = total((x * m).sum()) / count
+        var = total(((x - mean).square() * m).sum()) / count
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -28,13 +28,17 @@ default) and the value after the last token is 0; the learning-rate schedule run
 (warm-up and decay counted in iterations); ``--batch-size`` × ``--grad-accum`` sequences make
 one mini-batch; models stay in eval mode (no dropout), so the ratio is exactly 1 at the first
 mini-batch of every iteration. With LoRA the reference is the policy with its adapters switched off, so no
-second copy of the model is held.
+second copy of the model is held. Under torchrun (DDP) each rank samples ``rollout_batch / world`` prompts and
+shuffles its own rows into its share of every mini-batch (so the grouping of rows into mini-batches differs from
+one process); advantage and reward whitening, the early-stop KL, the KL the controller sees and the logged
+metrics are over all ranks (means of per-rank figures, exact for per-response means).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -44,6 +48,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether.config import group, opt
 from tether.data import fingerprint, load_prompts, load_sft
 from tether.data.collate import encode_sft, pad
@@ -152,6 +157,12 @@ class PPOConfig:
             raise ValueError("beta and kl_target must be >= 0, temperature > 0 and epochs >= 1")
         if self.ptx_coef and not self.ptx_data:
             raise ValueError("ptx_coef needs --ptx-data")
+        world = distributed.env().world_size
+        if world > 1 and (self.rollout_batch % world or self.mini_batch() % world):
+            raise ValueError(f"under torchrun rollout_batch ({self.rollout_batch}) and batch_size x grad_accum "
+                             f"({self.mini_batch()}) must be multiples of the world size ({world})")
+        if world > 1 and self.train.strategy != "ddp":
+            raise ValueError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
         self.train.validate()
 
 
@@ -176,8 +187,9 @@ def sequence_scores(raw: torch.Tensor, empty: torch.Tensor, ended: torch.Tensor,
     """
     raw = torch.where(empty, torch.full_like(raw, cfg.empty_score), raw)
     score = raw - cfg.no_eos_penalty * (~ended).float()
-    if cfg.reward_norm == "batch":
-        score = (score - score.mean()) / (score.std() + 1e-8)
+    if cfg.reward_norm == "batch":  # over every rank's batch
+        every = distributed.gather(score)
+        score = (score - every.mean()) / (every.std() + 1e-8)
     if cfg.reward_clip:
         score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
     return raw, score
@@ -218,7 +230,8 @@ def score_rollout(ac: ActorCritic, ref_logp_fn, batch: Rollout, score: torch.Ten
     kl = per_token[cfg.kl_estimator]
     rewards = shaped_rewards(score, kl, mask, beta)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    s = Scored(old_logp, values, whiten(advantages, mask), returns)
+    total = distributed.all_reduce if distributed.env().active else None  # whiten over every rank's batch
+    s = Scored(old_logp, values, whiten(advantages, mask, total=total), returns)
     metrics = {f"objective/kl_{k}": v.sum(-1).mean().item() for k, v in per_token.items()}  # per response
     metrics["objective/entropy"] = entropy(logits, mask, cfg.temperature)
     metrics["objective/non_score_reward"] = (rewards.sum(-1) - score).mean().item()
@@ -238,9 +251,16 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: int,
                ptx_batches) -> dict[str, float]:
-    """Epochs of clipped-surrogate + value updates over shuffled mini-batches of one rollout batch."""
+    """Epochs of clipped-surrogate + value updates over shuffled mini-batches of one rollout batch.
+
+    Under torchrun ``ac`` is DDP-wrapped and each rank holds 1/world of the batch and of every
+    mini-batch; token shares are of the whole mini-batch, and the stats (early stop) are reduced.
+    """
     device = batch.input_ids.device
-    B, mb, micro = len(batch.prompts), cfg.mini_batch(), cfg.train.batch_size
+    world = distributed.env().world_size
+    B, mb = len(batch.prompts), cfg.mini_batch() // world
+    micro = math.gcd(cfg.train.batch_size, mb)  # this rank's micro-batches tile its share of a mini-batch
+    n_micro = mb // micro
     sums: dict[str, float] = {}
     steps, stopped = 0, False
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + iteration)
@@ -248,7 +268,7 @@ def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOCo
         perm = torch.randperm(B, generator=g)
         for start in range(0, B, mb):
             rows = perm[start : start + mb]
-            n_tokens = batch.mask[rows].sum().clamp(min=1)
+            n_tokens = distributed.all_reduce(batch.mask[rows].sum()).clamp(min=1)
             stats: dict[str, float] = {}
             for m0 in range(0, mb, micro):
                 idx = rows[m0 : m0 + micro]
@@ -262,20 +282,22 @@ def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOCo
                 loss = (pol.loss + cfg.vf_coef * val.loss) * share
                 if cfg.ptx_coef:
                     ptx = {k: v.to(device) for k, v in next(ptx_batches).items()}
+                    policy = ac.module.policy if hasattr(ac, "no_sync") else ac.policy  # under DDP: the wrapped model's
                     with autocast(device, cfg.train.precision):
-                        ptx_logits = ac.policy(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
+                        ptx_logits = policy(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
                     ptx_loss, _ = sft_nll(ptx_logits, ptx["labels"])
-                    loss = loss + cfg.ptx_coef * ptx_loss / cfg.train.grad_accum
-                    stats["losses/ptx"] = stats.get("losses/ptx", 0.0) + ptx_loss.item() / cfg.train.grad_accum
-                if not torch.isfinite(loss):
+                    loss = loss + cfg.ptx_coef * ptx_loss / n_micro / world
+                    stats["losses/ptx"] = stats.get("losses/ptx", 0.0) + ptx_loss.item() / n_micro / world
+                if not torch.isfinite(loss) and world == 1:  # under torchrun the gradient norm stops every rank
                     raise TrainingDiverged(f"PPO loss is {loss.item()} at iteration {iteration + 1}")
-                loss.backward()
+                with distributed.accumulating(ac, last=m0 + micro >= mb):
+                    (loss * world if world > 1 else loss).backward()
                 for k, v in {"losses/policy": pol.loss.item(), "losses/value": val.loss.item(),
                              "policy/clip_fraction": pol.clip_fraction.item(), "policy/approx_kl": pol.approx_kl.item(),
                              "value/clip_fraction": val.clip_fraction.item()}.items():
                     stats[k] = stats.get(k, 0.0) + v * share
-            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in ac.parameters() if p.requires_grad], max_norm)
+            stats = distributed.reduce_metrics(stats)  # shares of the whole mini-batch: the sum is its figure
+            grad_norm = distributed.clip_grad_norm(ac, cfg.train.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise TrainingDiverged(f"the gradient norm is {grad_norm.item()} at iteration {iteration + 1}")
             optimizer.step()
@@ -317,13 +339,16 @@ def _ptx_batches(cfg: PPOConfig, rows: list, pad_id: int, start_iteration: int):
     """An endless, resumable stream of padded PPO-ptx micro-batches (None when ptx is off)."""
     if not rows:
         return None
-    order = DataOrder(len(rows), cfg.train.batch_size, cfg.train.seed + 1)
-    per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.mini_batch()) * cfg.train.grad_accum
+    e = distributed.env()
+    per_rank = cfg.mini_batch() // e.world_size
+    micro = math.gcd(cfg.train.batch_size, per_rank)  # as in ppo_update
+    order = DataOrder(len(rows), micro, cfg.train.seed + 1)
+    per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.mini_batch()) * (per_rank // micro)
 
     def stream():
         k = start_iteration * per_iteration  # a fixed budget per iteration keeps resume exact
         while True:
-            yield pad([rows[i] for i in order.indices(k)], pad_id)
+            yield pad([rows[i] for i in order.indices(k * e.world_size + e.rank)], pad_id)  # ranks interleave
             k += 1
 
     return stream()
@@ -354,6 +379,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
         critic = load_critic(cfg.critic_model or reward_folder or cfg.model)
         critic.backbone = apply_lora(critic.backbone, cfg.lora, task_type="FEATURE_EXTRACTION")
     ac = ActorCritic(policy, critic).to(device).eval()  # eval: no dropout, so the ratio is 1 before the update
+    trained = distributed.Trainable(ac, cfg.train.strategy, device).module  # under torchrun: DDP around ac
     ref_name = cfg.ref or cfg.model
     lora_ref = cfg.lora.r > 0 and ref_name == cfg.model
     reference = None if lora_ref else load_model(ref_name, device=device).eval().requires_grad_(False)
@@ -364,11 +390,11 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
                 return policy_logprobs(policy, batch, cfg.temperature)
         return policy_logprobs(reference, batch, cfg.temperature)
 
-    optimizer = build_optimizer(ac, cfg.train)
+    optimizer = build_optimizer(trained, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
     beta, start = cfg.beta, 0
     if cfg.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
-        start = load_checkpoint(ckpt, ac, optimizer, scheduler)
+        start = load_checkpoint(ckpt, trained, optimizer, scheduler)
         beta = checkpoint_extra(ckpt)["beta"]
     log.info("PPO of %s against reward %s (value: %s, β=%g%s): %d trainable parameters, %d prompts",
              cfg.model, cfg.reward, cfg.value, beta, f", KL target {cfg.kl_target}" if cfg.kl_target else "",
@@ -378,7 +404,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     stops = [s for s in cfg.stop_strings.split(",") if s]
     metrics_log = MetricsLog(out, resume_step=start)
     samples_path = out / "samples.jsonl"  # every evaluation's samples; keep only what the checkpoint had seen
-    if samples_path.exists():
+    if samples_path.exists() and distributed.env().main:
         kept = [l for l in samples_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
         samples_path.write_text("".join(l + "\n" for l in kept))
     if eval_prompts and start == 0:  # the starting point of every curve: the policy before any update
@@ -393,9 +419,11 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
             # 1. rollout
             t0 = time.perf_counter()
             batch_prompts = [prompts[i] for i in order.indices(it)]
-            batch = rollout(policy, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
+            lo, hi = distributed.shard_bounds(len(batch_prompts))  # this rank's prompts
+            batch = rollout(policy, tokenizer, batch_prompts[lo:hi], max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=stops,
-                            seed=cfg.train.seed * 1_000_003 + it).to(device)
+                            seed=cfg.train.seed * 1_000_003 + it,
+                            index_offset=lo if distributed.env().active else None).to(device)
             # 2. score
             t1 = time.perf_counter()
             raw = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32).to(device)  # (B,)
@@ -405,28 +433,31 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
                 scored, metrics = score_rollout(ac, ref_logp_fn, batch, score, cfg, beta)
             # 3. update
             t2 = time.perf_counter()
-            metrics.update(ppo_update(ac, optimizer, batch, scored, cfg, it, ptx_batches))
+            metrics.update(ppo_update(trained, optimizer, batch, scored, cfg, it, ptx_batches))
             scheduler.step()
             t3 = time.perf_counter()
             mask = batch.mask.float()
+            raw_all = distributed.gather(raw)  # every rank's rewards
             metrics.update({
-                "objective/reward": raw.mean().item(), "objective/reward_std": raw.std().item(),
+                "objective/reward": raw_all.mean().item(), "objective/reward_std": raw_all.std().item(),
                 "objective/score": score.mean().item(), "objective/beta": beta,
                 "value/explained_variance": explained_variance(scored.values, scored.returns, mask),
                 "rollout/length": mask.sum(-1).mean().item(), "rollout/ended": batch.ended.float().mean().item(),
                 "rollout/empty": empty.float().mean().item(),
                 "train/lr": scheduler.get_last_lr()[0],
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-                "perf/samples_per_s": len(batch.prompts) / (t3 - t0),
+                "perf/samples_per_s": len(batch_prompts) / (t3 - t0),
             })
             if gold:
                 from tether.world import gold_rewards
 
                 metrics["objective/gold"] = sum(gold_rewards(batch.prompts, batch.responses)) / len(batch.prompts)
-            # 4. KL control (Ziegler et al. 2019), on the batch's measured KL
+            if distributed.env().active:  # the mean over ranks (equal shares) of each rank's figure
+                world = distributed.env().world_size
+                metrics = {k: v / world for k, v in distributed.reduce_metrics(metrics).items()}            # 4. KL control (Ziegler et al. 2019), on the batch's measured KL
             if cfg.kl_target:
                 beta = adaptive_kl_coef(beta, metrics["objective/kl_k1"], cfg.kl_target, cfg.kl_horizon,
-                                        len(batch.prompts))
+                                        len(batch_prompts))
             done = it + 1
             evaluated = {}
             due = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps
@@ -435,7 +466,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
                                      gold=eval_gold, device=device, samples_path=samples_path)
             metrics_log.log(done, {**metrics, **evaluated})
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
-                save_checkpoint(out / "checkpoints", done, ac, optimizer, scheduler, cfg.train.keep_checkpoints,
+                save_checkpoint(out / "checkpoints", done, trained, optimizer, scheduler, cfg.train.keep_checkpoints,
                                 extra={"beta": beta})
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl_k1']:.2f}",
@@ -454,22 +485,34 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
 def evaluate(policy, ref_logp_fn, tokenizer, prompts: list[str], reward_fn, cfg: PPOConfig, *, gold: bool,
              device, step: int, samples_path: Path) -> dict[str, float]:
     """Reward, KL(π‖π_ref) (k1 summed per response) and length on held-out prompts; gold reward when
-    known. Every sample is appended to ``samples_path`` (one JSON line each), to be read by a person."""
-    batch = rollout(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                    seed=cfg.train.seed).to(device)
-    mask = batch.mask.float()
+    known. Every sample is appended to ``samples_path`` (one JSON line each), to be read by a person.
+
+    Under torchrun each rank samples a block of the prompts and the samples are gathered (rank 0 writes them).
+    """
+    e = distributed.env()
+    mine, offset = prompts, None
+    if e.active:  # equal blocks, so every rank runs the same forwards; copies past the end are dropped below
+        per = -(-len(prompts) // e.world_size)
+        offset = e.rank * per
+        mine = [prompts[min(i, len(prompts) - 1)] for i in range(offset, offset + per)]
+    batch = rollout(policy, tokenizer, mine, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    seed=cfg.train.seed, index_offset=offset).to(device)
     kl = (policy_logprobs(policy, batch, cfg.temperature) - ref_logp_fn(batch)).sum(-1)  # (B,) k1 per response
     reward = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32)
-    out = {"eval/reward": reward.mean().item(), "eval/kl": kl.mean().item(), "eval/length": mask.sum(-1).mean().item()}
-    rows = [{"step": step, "prompt": p, "response": r, "reward": x, "kl": k}
-            for p, r, x, k in zip(batch.prompts, batch.responses, reward.tolist(), kl.tolist())]
+    rows = [{"step": step, "prompt": p, "response": r, "reward": x, "kl": k, "length": n}
+            for p, r, x, k, n in zip(batch.prompts, batch.responses, reward.tolist(), kl.tolist(),
+                                     batch.mask.sum(-1).tolist())]
+    rows = distributed.gather_objects(rows)[: len(prompts)]
+    out = {"eval/reward": sum(r["reward"] for r in rows) / len(rows), "eval/kl": sum(r["kl"] for r in rows) / len(rows),
+           "eval/length": sum(r.pop("length") for r in rows) / len(rows)}
     if gold:
         from tether.world import gold_rewards
 
-        golds = gold_rewards(batch.prompts, batch.responses)
+        golds = gold_rewards([r["prompt"] for r in rows], [r["response"] for r in rows])
         out["eval/gold"] = sum(golds) / len(prompts)
         for row, g in zip(rows, golds):
             row["gold"] = g
-    with open(samples_path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    if e.main:
+        with open(samples_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     return out

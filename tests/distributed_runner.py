@@ -62,6 +62,15 @@ def grpo(model, data, out, strategy):
     run_grpo(cfg, digits)
 
 
+def ppo(model, data, out, strategy):
+    from tether.trainers.ppo import PPOConfig, run_ppo
+
+    cfg = _train(PPOConfig(model=model, prompts=str(data / "prompts.jsonl"), eval_prompts=str(data / "eval_prompts.jsonl"),
+                           out=str(out), rollout_batch=4, epochs=2, max_new_tokens=8, kl_target=1.0, reward_norm="batch"),
+                 steps=2, batch_size=2, lr=1e-3, warmup_steps=0, schedule="constant", strategy=strategy)
+    run_ppo(cfg, digits)
+
+
 RUNS = {
     "sft_ddp": lambda *a: sft(*a, "ddp"),
     "sft_fsdp2": lambda *a: sft(*a, "fsdp2"),
@@ -69,6 +78,7 @@ RUNS = {
     "dpo_ddp": lambda *a: dpo(*a, "ddp"),
     "dpo_fsdp2": lambda *a: dpo(*a, "fsdp2"),
     "grpo_ddp": lambda *a: grpo(*a, "ddp"),
+    "ppo_ddp": lambda *a: ppo(*a, "ddp"),
 }
 
 if __name__ == "__main__":

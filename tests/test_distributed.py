@@ -59,7 +59,7 @@ def runs(tiny_folder, tmp_path_factory):
     _write_data(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TETHER_CACHE": str(root / "cache2"), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(distributed_runner.__file__)), str(tiny_folder), str(data), str(root / "w2"), *STAGES]
+           str(Path(distributed_runner.__file__)), str(tiny_folder), str(data), str(root / "w2"), *STAGES, "ppo_ddp"]
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     saved = os.environ.get("TETHER_CACHE")
     os.environ["TETHER_CACHE"] = str(root / "cache1")  # its own cache: the DPO reference is computed in both
@@ -111,6 +111,22 @@ def test_grpo_reward_and_kl_are_global_not_one_ranks(runs):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert all("reward/mean" in r and "objective/kl" in r for r in rows[1:])
     assert rows[-1]["objective/kl"] > 0  # the policy moved away from the reference
+
+
+@pytest.mark.slow
+def test_ppo_runs_under_torchrun_with_global_statistics_and_one_writer(runs):
+    """PPO is not compared with one process (each rank shuffles its own rows into mini-batches), but
+    it must run, log figures of the whole batch and write every evaluation sample exactly once."""
+    _, w2, data = runs
+    rows = [json.loads(l) for l in (w2 / "ppo_ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all({"objective/kl_k1", "objective/beta", "losses/value"} <= r.keys() for r in rows[1:])
+    assert rows[-1]["objective/beta"] != 0.05  # the adaptive controller moved β on the all-reduced KL
+    samples = [json.loads(l) for l in (w2 / "ppo_ddp" / "samples.jsonl").read_text().splitlines()]
+    eval_prompts = [json.loads(l)["prompt"] for l in (data / "eval_prompts.jsonl").read_text().splitlines()]
+    assert sorted(s["prompt"] for s in samples if s["step"] == 0) == sorted(eval_prompts)  # 2 ranks, 4 prompts, once each
+    assert len(samples) == 2 * len(eval_prompts)
+    assert (w2 / "ppo_ddp" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -168,6 +184,17 @@ def test_fsdp2_finds_the_decoder_blocks_of_a_hugging_face_model(tiny_folder):
     assert len(blocks) == 2 and {type(b).__name__ for b in blocks} == {"LlamaDecoderLayer"}
     with pytest.raises(ValueError, match="no decoder blocks.*--strategy ddp"):
         distributed.decoder_blocks(torch.nn.Linear(2, 2))
+
+
+def test_whitening_with_a_total_is_whitening_of_the_whole_batch():
+    """Two ranks holding the same half: summing each statistic over both equals whitening the whole."""
+    from tether.losses import whiten
+
+    half = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    whole = whiten(torch.cat([half, half]), torch.cat([mask, mask]))
+    assert torch.allclose(whiten(half, mask, total=lambda t: 2 * t), whole[:3], atol=1e-6)
+    assert not torch.allclose(whiten(half[:1], mask[:1]), whole[:1], atol=1e-3)  # one rank alone is not
 
 
 def test_an_unknown_strategy_is_an_error():

@@ -145,7 +145,11 @@ def diversity_reward(prompts, completions, **_) -> list[float]:
 
 
 def matmul_flops(threads: int, repeats: int = 5) -> float:
-    """fp32 FLOP/s of a MATMUL_N³ matrix product on ``threads`` threads (best of ``repeats``)."""
+    """fp32 FLOP/s of a MATMUL_N³ matrix product on ``threads`` threads (best of ``repeats``).
+
+    Timed in CPU seconds of this process (as the "per CPU-s" figures are), so other jobs on the
+    machine slow it less than they slow the wall clock; with one thread this is the idle-core rate.
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -153,10 +157,10 @@ def matmul_flops(threads: int, repeats: int = 5) -> float:
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         for _ in range(3):
             a @ b
-        best = min(best, (time.perf_counter() - t) / 3)
+        best = min(best, (time.process_time() - t) / 3)
     return 2 * MATMUL_N**3 / best
 
 
@@ -184,22 +188,23 @@ class Clock:
 
     def __init__(self):
         self.marks: list[tuple[float, float]] = []
-        self.gen: list[float] = []  # seconds inside generate, one entry per step (0 when none)
+        self.gen: list[list[float]] = []  # [wall, CPU] seconds inside generate, one entry per step
 
     def tick(self):
         self.marks.append((time.perf_counter(), time.process_time()))
-        self.gen.append(0.0)
+        self.gen.append([0.0, 0.0])
 
     def wrap_generate(self, model):
         inner = model.generate
 
         def generate(*args, **kwargs):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return inner(*args, **kwargs)
             finally:
                 if self.gen:
-                    self.gen[-1] += time.perf_counter() - t
+                    self.gen[-1][0] += time.perf_counter() - t
+                    self.gen[-1][1] += time.process_time() - c
 
         model.generate = generate
 
@@ -210,8 +215,9 @@ class Clock:
         n = len(self.marks) - 1 - warmup
         wall = self.marks[-1][0] - self.marks[warmup][0] + extra[0]
         cpu = self.marks[-1][1] - self.marks[warmup][1] + extra[1]
-        gen = sum(self.gen[warmup:-1])
-        return {"timed_steps": n, "s_per_step": wall / n, "cpu_s_per_step": cpu / n, "gen_s_per_step": gen / n}
+        gen, gen_cpu = (sum(g[i] for g in self.gen[warmup:-1]) for i in (0, 1))
+        return {"timed_steps": n, "s_per_step": wall / n, "cpu_s_per_step": cpu / n, "gen_s_per_step": gen / n,
+                "gen_cpu_s_per_step": gen_cpu / n}
 
 
 def _load(a, kind: str = "lm"):
@@ -567,18 +573,22 @@ def median_of(runs: list[dict], key: str) -> float | None:
 
 
 def summarise(stage: str, runs: list[dict], n_params: int, peak: float, a) -> dict:
+    """Medians over the repeats; roofline fractions on CPU seconds (``peak`` is CPU-timed too)."""
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return {"runs": runs, "error": runs[-1]["error"] if runs else "not run"}
-    s, cpu, gen = (median_of(ok, k) for k in ("s_per_step", "cpu_s_per_step", "gen_s_per_step"))
+    s, cpu = median_of(ok, "s_per_step"), median_of(ok, "cpu_s_per_step")
     items, flops = items_per_step(stage, a), flops_per_step(stage, n_params, a)
-    out = {"runs": runs, "s_per_step": s, "per_s": items / s, "per_cpu_s": items / cpu,
+    out = {"runs": runs, "s_per_step": s, "cpu_s_per_step": cpu, "per_s": items / s, "per_cpu_s": items / cpu,
            "peak_rss_mb": median_of(ok, "peak_rss_mb"), "model_gflops_per_step": flops / 1e9,
-           "achieved_gflop_s": flops / s / 1e9, "roofline_fraction": flops / s / peak}
+           "achieved_gflop_per_cpu_s": flops / cpu / 1e9, "roofline_fraction": flops / cpu / peak,
+           "roofline_fraction_wall": flops / s / peak}
+    gen = median_of(ok, "gen_cpu_s_per_step")
     if stage in ("grpo", "rloo", "ppo") and gen:
         gen_flops = 2 * n_params * a.rl_batch * (PROMPT_LEN + a.new_tokens)
-        out.update(gen_s_per_step=gen, gen_roofline_fraction=gen_flops / gen / peak,
-                   train_roofline_fraction=(flops - gen_flops) / (s - gen) / peak)
+        out.update(gen_s_per_step=median_of(ok, "gen_s_per_step"), gen_cpu_s_per_step=gen,
+                   gen_roofline_fraction=gen_flops / gen / peak,
+                   train_roofline_fraction=(flops - gen_flops) / (cpu - gen) / peak)
     return out
 
 
@@ -591,12 +601,16 @@ def scaling(a, python: Path, model: str, model_dir: Path, data: Path) -> list[di
             runs = [run_child(python, b, "tether", algo, model, model_dir, data) for _ in range(a.scaling_repeats)]
             ok = [r for r in runs if "error" not in r]
             rows.append({"algo": algo, "batch": b.rl_batch, "new_tokens": b.new_tokens,
-                         "s_per_iter": median_of(ok, "s_per_step"), "gen_s_per_iter": median_of(ok, "gen_s_per_step"),
+                         "s_per_iter": median_of(ok, "s_per_step"), "cpu_s_per_iter": median_of(ok, "cpu_s_per_step"),
+                         "gen_cpu_s_per_iter": median_of(ok, "gen_cpu_s_per_step"),
                          "errors": [r["error"] for r in runs if "error" in r]})
-            print(f"scaling {algo} batch {b.rl_batch} tokens {b.new_tokens}: {rows[-1]['s_per_iter']}", flush=True)
-    base = {r["algo"]: r["s_per_iter"] for r in rows if r["batch"] == a.rl_batch and r["new_tokens"] == a.new_tokens}
+            print(f"scaling {algo} batch {b.rl_batch} tokens {b.new_tokens}: {rows[-1]['cpu_s_per_iter']} CPU-s/iter",
+                  flush=True)
+    base = {r["algo"]: r["cpu_s_per_iter"] for r in rows
+            if r["batch"] == a.rl_batch and r["new_tokens"] == a.new_tokens}
     for r in rows:
-        r["ratio_to_base"] = r["s_per_iter"] / base[r["algo"]] if r["s_per_iter"] and base[r["algo"]] else None
+        ok = r["cpu_s_per_iter"] and base[r["algo"]]
+        r["ratio_to_base"] = r["cpu_s_per_iter"] / base[r["algo"]] if ok else None
     return rows
 
 
@@ -605,38 +619,44 @@ def markdown(res: dict) -> str:
     lines = [f"# tether vs TRL ({res['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} thread(s) per run, torch {m['torch']}, "
              f"TRL {TRL_VERSION} (PPO: TRL {PPO_TRL_VERSION}); load average at start {m['loadavg_at_start']}. "
-             f"Matmul roofline (fp32, {MATMUL_N}³, median of {len(res['matmul_gflop_s'])}): "
+             f"Matmul roofline (fp32, {MATMUL_N}³, per CPU-s, median of {len(res['matmul_gflop_s'])}): "
              f"{res['roofline_gflop_s']:.1f} GFLOP/s.", "",
              f"Settings: {json.dumps(a)}", "",
-             "| stage | model | params | tether | TRL | unit | tether/TRL | tether per CPU-s | TRL per CPU-s "
-             "| s/step tether | s/step TRL | peak MB tether | peak MB TRL | roofline tether | roofline TRL |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Rates are medians over the repeats; \"wall\" divides by the wall clock, \"CPU\" by the process's CPU "
+             "time (one thread: the rate on an idle core, the steadier figure on a shared machine). Roofline: model "
+             "FLOPs per CPU-s over the matmul rate (RL stages: overall, then generation and the rest).", "",
+             "| stage | model | params | unit | tether wall | TRL wall | ratio wall | tether CPU | TRL CPU | ratio CPU "
+             "| CPU-s/step tether | CPU-s/step TRL | peak MB tether | peak MB TRL | roofline tether | roofline TRL |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for row in res["table"]:
         t, r = row["tether"], row["trl"]
         if "error" in t or "error" in r:
             cell = [("error" if "error" in x else format(x["per_s"], ".2f")) for x in (t, r)]
-            lines.append(f"| {row['stage']} | {row['model']} | {row['params']:,} | {cell[0]} | {cell[1]} | "
-                         f"{UNITS[row['stage']]} | | | | | | | | | |")
+            lines.append(f"| {row['stage']} | {row['model']} | {row['params']:,} | {UNITS[row['stage']]} | {cell[0]} | "
+                         f"{cell[1]} | | | | | | | | | | |")
             continue
 
         def roof(x):
             s = f"{x['roofline_fraction']:.0%}"
             if "gen_roofline_fraction" in x:
-                s += f" (gen {x['gen_roofline_fraction']:.0%}, train {x['train_roofline_fraction']:.0%})"
+                s += f" (gen {x['gen_roofline_fraction']:.0%}, rest {x['train_roofline_fraction']:.0%})"
             return s
 
-        lines.append(f"| {row['stage']} | {row['model']} | {row['params']:,} | {t['per_s']:.2f} | {r['per_s']:.2f} | "
-                     f"{UNITS[row['stage']]} | {row['ratio']:.2f} | {t['per_cpu_s']:.2f} | {r['per_cpu_s']:.2f} | "
-                     f"{t['s_per_step']:.3f} | {r['s_per_step']:.3f} | {t['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} "
-                     f"| {roof(t)} | {roof(r)} |")
+        lines.append(f"| {row['stage']} | {row['model']} | {row['params']:,} | {UNITS[row['stage']]} | {t['per_s']:.2f} | "
+                     f"{r['per_s']:.2f} | {row['ratio']:.2f} | {t['per_cpu_s']:.2f} | {r['per_cpu_s']:.2f} | "
+                     f"{row['ratio_cpu']:.2f} | {t['cpu_s_per_step']:.3f} | {r['cpu_s_per_step']:.3f} | "
+                     f"{t['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {roof(t)} | {roof(r)} |")
     if res.get("scaling"):
-        lines += ["", f"## Scaling (tether, {res['scaling_model']}; linear = ratio 2.0 for a doubling)", "",
-                  "| algo | completions | new tokens | s/iter | of which generate | ratio to base |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", f"## Scaling (tether, {res['scaling_model']}; CPU-s per iteration; linear = ratio 2.0 for a "
+                  "doubling)", "",
+                  "| algo | completions | new tokens | CPU-s/iter | of which generate | wall s/iter | ratio to base |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in res["scaling"]:
-            fmt = (lambda v, f: "n/a" if v is None else format(v, f))
-            lines.append(f"| {r['algo']} | {r['batch']} | {r['new_tokens']} | {fmt(r['s_per_iter'], '.3f')} | "
-                         f"{fmt(r['gen_s_per_iter'], '.3f')} | {fmt(r['ratio_to_base'], '.2f')} |")
+            def fmt(v, f):
+                return "n/a" if v is None else format(v, f)
+            lines.append(f"| {r['algo']} | {r['batch']} | {r['new_tokens']} | {fmt(r['cpu_s_per_iter'], '.3f')} | "
+                         f"{fmt(r['gen_cpu_s_per_iter'], '.3f')} | {fmt(r['s_per_iter'], '.3f')} | "
+                         f"{fmt(r['ratio_to_base'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -723,6 +743,7 @@ def main() -> None:
             row = {"stage": s, "model": m, "params": params[m], "tether": t, "trl": r}
             if "error" not in t and "error" not in r:
                 row["ratio"] = t["per_s"] / r["per_s"]
+                row["ratio_cpu"] = t["per_cpu_s"] / r["per_cpu_s"]
             res["table"].append(row)
     if not a.no_scaling:
         res["scaling_model"] = a.scaling_model

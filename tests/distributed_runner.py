@@ -52,6 +52,14 @@ def dpo(model, data, out, strategy):
                              kl_prompts=4, kl_max_new_tokens=8), batch_size=2, grad_accum=2, lr=1e-3, strategy=strategy))
 
 
+def kto(model, data, out, strategy):
+    from tether.trainers.kto import KTOConfig, run_kto
+
+    # z0 is a statistic of a micro-batch: under torchrun each rank takes whole ones (grad_accum 2)
+    run_kto(_train(KTOConfig(model=model, data=str(data / "prefs.jsonl"), out=str(out), eval_fraction=0.2, max_len=64,
+                             kl_prompts=0), batch_size=4, grad_accum=2, lr=1e-3, strategy=strategy))
+
+
 def grpo(model, data, out, strategy):
     from tether.trainers.grpo import GRPOConfig, run_grpo
 
@@ -77,6 +85,7 @@ RUNS = {
     "rm_ddp": lambda *a: rm(*a, "ddp"),
     "dpo_ddp": lambda *a: dpo(*a, "ddp"),
     "dpo_fsdp2": lambda *a: dpo(*a, "fsdp2"),
+    "kto_fsdp2": lambda *a: kto(*a, "fsdp2"),
     "grpo_ddp": lambda *a: grpo(*a, "ddp"),
     "ppo_ddp": lambda *a: ppo(*a, "ddp"),
 }

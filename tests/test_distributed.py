@@ -1,7 +1,7 @@
 """Past one machine: the stages at world size 2 (torchrun, gloo, 2 CPU processes) against world size 1.
 
 One torchrun job runs SFT (DDP and FSDP2, through the command line), the reward model (DDP), DPO
-(DDP and FSDP2) and GRPO (DDP) at world size 2 on the same global batches as the world-size-1 runs
+(DDP and FSDP2), KTO (FSDP2) and GRPO (DDP) at world size 2 on the same global batches as the world-size-1 runs
 in this process (tests/distributed_runner.py). Loss curves must agree to a relative 1e-5 (what is
 left is the order of floating-point sums across ranks: about 1e-7 here), and checkpoints written at
 world size 2 (whole-model for DDP, torch.distributed.checkpoint for FSDP2) must resume at world size 1.
@@ -27,7 +27,7 @@ from . import distributed_runner
 from .conftest import CORPUS
 
 RTOL = 1e-5
-STAGES = ["sft_ddp", "sft_fsdp2", "rm_ddp", "dpo_ddp", "dpo_fsdp2", "grpo_ddp"]
+STAGES = ["sft_ddp", "sft_fsdp2", "rm_ddp", "dpo_ddp", "dpo_fsdp2", "kto_fsdp2", "grpo_ddp"]
 COMPARED = ("train/loss", "train/grad_norm", "eval/loss", "eval/accuracy", "eval/reward", "eval/reward_margin",
             "reward/mean", "objective/kl", "losses/policy")
 

@@ -519,3 +519,19 @@ def test_a_bad_soft_label_is_an_error_naming_the_pair_and_field(tiny_folder):
     assert pairs[0].label == 0.7 and encode_pairs(recs[:1], tok, 64)[0][0].label == 1.0
     with pytest.raises(ValueError, match=r"<memory>:row 2: field 'label_prob': expected a number in \[0, 1\]"):
         encode_pairs(recs, tok, 64, label_field="label_prob")
+
+
+def test_cli_checks_a_constitution_and_reports_a_bad_one_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from tether.cli import main
+
+    ok = CliRunner().invoke(main, ["rlaif", "constitution"])
+    assert ok.exit_code == 0 and "tether-default: 5 principles" in ok.output and "harmless" in ok.output
+    bad = tmp_path / "c.yaml"
+    bad.write_text("principles:\n  - id: a\n    question: Q?\n    colour: red\n")
+    res = CliRunner().invoke(main, ["rlaif", "constitution", str(bad)])
+    assert res.exit_code == 1 and "c.yaml:4: principle 1: unknown key 'colour'" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["rlaif", "label", "--policy", "p", "--prompts", "x.jsonl"])
+    assert res.exit_code == 2 and "give exactly one judge" in res.output

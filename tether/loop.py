@@ -95,14 +95,23 @@ def autocast(device: torch.device, precision: str):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; weight decay only on matrices that are not embeddings."""
+    """AdamW over trainable parameters; weight decay only on matrices that are not embeddings.
+
+    The fused kernel (one pass over all parameters, what Hugging Face's Trainer uses by default)
+    when every parameter is a plain floating-point tensor on the CPU or a GPU: on a 25.8M-parameter
+    model it makes the optimiser step about 3x cheaper than the per-parameter loop
+    (bench/compare_trl.py). Sharded (FSDP2) parameters keep the default implementation.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    params = decay + no_decay
+    fused = bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                 for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused or None)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -43,6 +43,13 @@ EXPECTED = {"unbiased": None, "length": "length growth", "phrase": "phrase gamin
             "refusal": "over-refusal"}
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # XSTest and GSM8K, when present
+SHARED_ARGS = ((["--xstest", str(SHARED / "xstest" / "xstest_prompts.csv")]
+                if (SHARED / "xstest" / "xstest_prompts.csv").exists() else [])
+               + (["--gsm8k", str(SHARED / "gsm8k" / "test.jsonl"), "--limit", "50"]
+                  if (SHARED / "gsm8k" / "test.jsonl").exists() else []))
+
+
 def sh(args: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +96,7 @@ def evaluate(a, name: str, root: Path) -> dict:
     if not (run / "ppo" / "eval" / "report.json").exists():
         sh(TETHER + ["eval", "--policy", str(run / "ppo"), "--base", str(root / "sft"), "--judge", "gold",
                      "--rm", str(run / "rm"), "--world", str(run / "world"), "--out", str(run / "ppo" / "eval"),
-                     "--prompts", str(a.prompts), "--seed", str(a.seed)], log)
+                     "--prompts", str(a.prompts), "--seed", str(a.seed)] + SHARED_ARGS, log)
     diagnosis = subprocess.run(TETHER + ["diagnose", str(run / "ppo"), "--json"], capture_output=True, text=True,
                                check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     found = json.loads(diagnosis.stdout)

@@ -27,3 +27,10 @@ def test_demo_runs_every_stage_and_sft_raises_the_gold_reward(tmp_path):
     before, after = report["gold"]["pretrained"], report["gold"]["sft"]
     assert after["gold/reward"] > before["gold/reward"] + 0.3, (before, after)
     assert after["gold/reward_harmful"] > before["gold/reward_harmful"]
+    # the demo ends with tether eval and tether diagnose of both policies
+    assert "tether diagnose PPO" in result.output and "tether diagnose DPO" in result.output
+    for name in ("ppo", "dpo"):
+        assert (out / name / "eval" / "report.html").exists()
+        found = report["instruments"][name]
+        assert found["summary"]["kl_exact"] >= 0 and 0 <= found["summary"]["win_rate"] <= 1
+        assert found["diagnosis"]["verdict"]

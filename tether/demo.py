@@ -7,7 +7,9 @@
 5. PPO-ptx from the SFT policy against that reward model, with a KL penalty to the SFT policy;
 6. DPO (sigmoid, β = 0.1) from the SFT policy on the same preference pairs, the
    alternative to the reward model + PPO route;
-7. measure every policy against the gold reward on held-out test prompts.
+7. measure every policy against the gold reward on held-out test prompts;
+8. `tether eval` and `tether diagnose` of the PPO and DPO policies against SFT (report.html in each
+   policy's eval/ folder).
 Later stages add themselves here.
 """
 
@@ -45,6 +47,8 @@ class DemoConfig:
     ppo_steps: int = opt(60, "PPO iterations against the reward model (0: skip PPO)")
     dpo_steps: int = opt(300, "optimiser steps of DPO from the SFT policy on the world's preferences (0: skip DPO)")
     eval_prompts: int = opt(200, "held-out test prompts (a seeded sample) scored with the gold reward")
+    instrument_prompts: int = opt(64, "held-out prompts (and at most this many of each probe) for `tether eval` of the "
+                                      "PPO and DPO policies (0: skip the instruments)")
     quick: bool = opt(False, "a small world and few steps (RM, PPO, DPO capped at 60, 4, 30): checks the plumbing, "
                              "learns little")
     overwrite: bool = opt(True, "replace an earlier demo in out")
@@ -109,6 +113,20 @@ def _ppo(cfg: DemoConfig, files: dict, sft: Path, rm: Path, out: Path) -> Path:
                              overwrite=cfg.overwrite, train=train))
 
 
+def _instruments(cfg: DemoConfig, policy: Path, sft: Path, rm: Path | None, out: Path) -> dict:
+    """`tether eval` of one policy against SFT (gold judge, the demo's RM for RM accuracy and the hacking
+    probes), then `tether diagnose` of its folder."""
+    from tether.instruments.diagnose import diagnose
+    from tether.instruments.evaluate import EvalConfig, run_eval
+
+    n = min(cfg.instrument_prompts, 16) if cfg.quick else cfg.instrument_prompts
+    report = run_eval(EvalConfig(policy=str(policy), base=str(sft), judge="gold", rm=str(rm) if rm else "none",
+                                 world=str(out / "world"), prompts=n, probe_limit=n, ascent_prompts=1,
+                                 ascent_steps=20, seed=cfg.seed))
+    found = diagnose(policy)
+    return {"report": str(policy / "eval" / "report.html"), "summary": report["summary"], "diagnosis": found}
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the pipeline; returns (and writes to ``out/report.json``) the summary."""
     cfg.validate()
@@ -158,6 +176,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         dpo_metrics = json.loads((dpo / "tether.json").read_text())["metrics"]
         report["dpo"] = {k: dpo_metrics.get(k) for k in ("eval/reward_accuracy", "eval/reward_margin", "eval/kl_to_ref")}
         report["gold"]["dpo"] = _policy_eval(dpo, rows, cfg.seed)
+    if cfg.instrument_prompts:
+        report["instruments"] = {name: _instruments(cfg, folder, sft, rm, out)
+                                 for name, folder in (("ppo", ppo), ("dpo", dpo)) if folder is not None}
     report["seconds"] = time.perf_counter() - t0
     write_json(out / "report.json", report)
     return report
@@ -192,6 +213,15 @@ def format_report(report: dict) -> str:
     lines += ["", f"  {'gold metric on test prompts':<34}" + "".join(f"{title:>12}" for _, title in columns)]
     for key in sorted(set().union(*gold)):
         lines.append(f"  {key:<34}" + "".join(f"{g.get(key, float('nan')):>12.3f}" for g in gold))
+    from tether.instruments.diagnose import format_diagnosis
+
+    for name, found in report.get("instruments", {}).items():
+        s = found["summary"]
+        lines += ["", f"  tether eval {name.upper()} vs SFT: KL {s['kl_exact']:.2f} ± {s['kl_exact_stderr']:.2f} nats "
+                  f"(exact per-token; k1 {s['kl_k1']:.2f}, k3 {s['kl_k3']:.2f}), win-rate {s['win_rate']:.3f} "
+                  f"[{s['win_rate_interval'][0]:.3f}, {s['win_rate_interval'][1]:.3f}] (gold judge), length-controlled "
+                  f"{s['lc_win_rate']:.3f}; report {found['report']}",
+                  f"  tether diagnose {name.upper()}: " + format_diagnosis(found["diagnosis"]).replace("\n", "\n    ")]
     lines += ["", "  artifacts:"] + [f"    {k:<10}{v}" for k, v in report["artifacts"].items()]
     lines.append(f"  report: {Path(report['artifacts']['world']).parent / 'report.json'}  ({report['seconds']:.0f} s)")
     return "\n".join(lines)

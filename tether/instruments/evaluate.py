@@ -40,6 +40,8 @@ class EvalConfig:
     preferences: str = opt("", "held-out preference pairs for RM accuracy (empty: the world's preferences_test.jsonl)")
     xstest: str = opt("", "XSTest's xstest_prompts.csv (empty: skip XSTest)")
     gsm8k: str = opt("", "GSM8K test.jsonl (empty: skip GSM8K)")
+    refusal_judge: str = opt("", "optional refusal judge beside the string match: llm:DIR (a causal LM asked "
+                                 "'does this answer refuse?')")
     limit: int = opt(100, "at most this many GSM8K questions and XSTest prompts (0: all)")
     prompts: int = opt(200, "held-out prompts (a seeded sample) for KL, win-rate and lengths")
     probe_limit: int = opt(0, "at most this many prompts from each of the world's probe files (0: all)")
@@ -57,6 +59,8 @@ class EvalConfig:
         for name in ("policy", "base"):
             if not Path(getattr(self, name)).exists():
                 raise FileNotFoundError(f"--{name} {getattr(self, name)}: no such folder")
+        if self.refusal_judge and (not self.refusal_judge.startswith("llm:") or not Path(self.refusal_judge[4:]).exists()):
+            raise ValueError(f"--refusal-judge {self.refusal_judge!r}: expected llm:DIR of an existing folder")
         if self.prompts < 1 or self.samples < 1 or self.max_new_tokens < 1:
             raise ValueError("prompts, samples and max_new_tokens must be at least 1")
 
@@ -231,6 +235,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     if sets:
         responses = {name: (generate(policy, tok, ps, **gen), generate(base, tok, ps, **gen)) for name, ps in sets.items()}
         sections["refusal"] = refusal.refusal_report(responses)
+        if cfg.refusal_judge:
+            judge_dir = cfg.refusal_judge[4:]
+            rj = refusal.LLMRefusalJudge(load_model(judge_dir, device=cfg.device), load_tokenizer(judge_dir))
+            sections["refusal_judge"] = refusal.judged_refusal_report(responses, rj)
         for name in sets:
             summary[f"refusal_{name.removeprefix('world_')}_policy"] = sections["refusal"][f"refusal/{name}_policy"]
             summary[f"refusal_{name.removeprefix('world_')}_base"] = sections["refusal"][f"refusal/{name}_base"]

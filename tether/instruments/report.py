@@ -203,7 +203,8 @@ def _overopt_section(s: dict) -> str:
 
 SECTIONS = [("kl", "KL from the base", _kl_section), ("win_rate", "Win-rate against the base", _winrate_section),
             ("lengths", "Lengths", _lengths_section), ("rm", "Reward-model accuracy", lambda s: _table(_flat(s))),
-            ("refusal", "Refusal", _refusal_section), ("sycophancy", "Sycophancy", _sycophancy_section),
+            ("refusal", "Refusal", _refusal_section),
+            ("refusal_judge", "Refusal by the judge", lambda s: _table(_flat(s))), ("sycophancy", "Sycophancy", _sycophancy_section),
             ("capability", "Capability retention", _capability_section),
             ("hacking", "Reward-hacking probes", _hacking_section),
             ("overoptimisation", "Over-optimisation", _overopt_section)]

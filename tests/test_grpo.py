@@ -19,6 +19,7 @@ from tether.trainers.grpo import (
     generate_batch,
     make_reference,
     run_grpo,
+    rollout_metrics,
     run_rloo,
     score_batch,
     update,
@@ -56,14 +57,16 @@ def _scored(kind, tiny_folder, prompt_file, tmp_path, rewards=None, **kw):
 
 
 def test_a_group_is_g_contiguous_samples_of_one_prompt(tiny_folder, prompt_file, tmp_path):
-    _, _, batch, scored = _scored("grpo", tiny_folder, prompt_file, tmp_path)
+    cfg, model, batch, scored = _scored("grpo", tiny_folder, prompt_file, tmp_path)
     assert batch.prompts == [p for p in PROMPTS[:4] for _ in range(4)]
     assert scored.rewards.shape == (16,) and scored.advantages.shape == (16,)
     # GRPO advantages by hand for the first group: (r − mean) / (unbiased std + 1e-6)
     r = scored.rewards[:4]
     assert torch.allclose(scored.advantages[:4], (r - r.mean()) / (r.std() + 1e-6), atol=1e-5)
+    # one inner step: log π_old is the update's own first pass (needs_old_logp), not a pass of its own
+    assert scored.old_logp is None and scored.kl is None
     # the reference is the starting policy: KL 0 exactly before any update
-    assert torch.equal(scored.old_logp, scored.ref_logp) and scored.kl.abs().max() == 0
+    assert torch.equal(batch_logprobs(model, batch, cfg), scored.ref_logp)
 
 
 def test_rloo_puts_beta_times_the_summed_per_token_kl_into_the_reward(tiny_folder, prompt_file, tmp_path):
@@ -103,6 +106,28 @@ def test_beta_zero_loads_no_reference(tiny_folder, prompt_file, tmp_path, monkey
     cfg = _cfg("grpo", tiny_folder, prompt_file, tmp_path, beta=0.0)
     monkeypatch.setattr("tether.trainers.grpo.load_model", lambda *a, **k: pytest.fail("a reference was loaded"))
     assert make_reference(cfg, None, "cpu") is None
+
+
+def test_without_the_old_logp_pass_the_step_and_the_logged_kl_are_the_same(tiny_folder, prompt_file, tmp_path):
+    cfg = _cfg("grpo", tiny_folder, prompt_file, tmp_path / "o", beta=0.3)
+    model, tok = load_model(tiny_folder).train(), load_tokenizer(tiny_folder)
+    batch = generate_batch(model, tok, PROMPTS[:4], 0, cfg)
+    ref = load_model(tiny_folder)
+    with torch.no_grad():  # a reference that differs from the policy, so that the KL is not 0
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    skipped = score_batch(model, lambda b: batch_logprobs(ref, b, cfg), digits, batch, cfg)
+    assert skipped.old_logp is None and skipped.kl is None
+    old = batch_logprobs(model, batch, cfg)  # the pass that is skipped, made by hand
+    forced = skipped._replace(old_logp=old, kl=((old - skipped.ref_logp) * batch.mask).sum(-1))
+    a, b = _GradCatcher(model), _GradCatcher(model)
+    got, want = update(model, a, batch, skipped, cfg), update(model, b, batch, forced, cfg)
+    for x, y in zip(a.grads[0], b.grads[0]):
+        assert torch.equal(x, y)
+    assert got["losses/policy"] == want["losses/policy"] and got["policy/kl_k3"] == want["policy/kl_k3"] != 0
+    logged = rollout_metrics(batch, forced, cfg)  # the KL a separate pass would have logged
+    assert got["objective/kl"] == pytest.approx(logged["objective/kl"], abs=1e-6) and logged["objective/kl"] != 0
+    assert got["objective/reward_minus_kl"] == pytest.approx(logged["objective/reward_minus_kl"], abs=1e-6)
 
 
 class _GradCatcher:

@@ -7,7 +7,9 @@ One iteration (``--steps`` counts iterations):
 2. sample a response to each (tether.rollout.rollout, seeded by seed and iteration) and score
    it with the reward (tether.rewards.load_reward: "gold", an RM folder, a callable, verifiable
    terms such as "exact_match:1.0,format:0.2");
-3. log π_old (the sampling policy) and, when β > 0, log π_ref of every response token;
+3. log π_old (the sampling policy) and, when β > 0, log π_ref of every response token (with
+   ``inner_iters`` = 1 and no KL in the reward, log π_old is the update's own first forward pass,
+   detached: the ratio is 1 and a separate pass would compute the same numbers);
 4. advantages, one per sequence:
      GRPO  Â = (r − mean_group r) / s,  s = group std | batch std | 1   (losses.grpo_advantages)
      RLOO  r' = r − β Σ_t kl_t (k1 by default: log π_old − log π_ref),
@@ -193,7 +195,9 @@ class Scored(NamedTuple):
 
     rewards: (B,) the reward function's. components: name -> (B,) each term of a combined reward.
     old_logp, ref_logp: (B, T − 1) log π_old and log π_ref of response tokens (ref_logp is None
-    when β = 0). kl: (B,) Σ_t log π_old − log π_ref, the k1 sequence KL (None without a reference).
+    when β = 0; old_logp is None when the update's first pass gives it, see :func:`needs_old_logp`).
+    kl: (B,) Σ_t log π_old − log π_ref, the k1 sequence KL (None without a reference or without
+    old_logp; the update then reports it from its first pass).
     advantages: (B,). keep: (K,) rows trained on (all, unless dynamic sampling dropped groups).
     """
 
@@ -240,14 +244,30 @@ def scores(reward_fn, prompts: list[str], responses: list[str]) -> tuple[torch.T
     return torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32), {}
 
 
+def needs_old_logp(cfg: GRPOConfig | RLOOConfig, has_reference: bool) -> bool:
+    """Whether log π_old needs a pass of its own before the update.
+
+    It does when there are several optimiser steps per batch (the ratio π/π_old moves after the
+    first), when RLOO puts the KL into the reward (the advantages need it before any loss) and
+    with dynamic sampling (the logged KL covers the dropped rows too).
+    Otherwise the update's first forward pass is on the very weights that sampled: its log-probs,
+    detached, are log π_old (TRL's GRPO skips the pass likewise).
+    """
+    return cfg.inner_iters > 1 or cfg.dynamic_sampling or (isinstance(cfg, RLOOConfig) and has_reference)
+
+
 def score_batch(model, reference, reward_fn, batch: Rollout, cfg: GRPOConfig | RLOOConfig) -> Scored:
     """Rewards, log π_old, log π_ref, the sequence KL and the advantages of a rollout batch."""
     G = cfg.sampling.group_size
     rewards, components = scores(reward_fn, batch.prompts, batch.responses)
     rewards = rewards.to(batch.mask.device)  # (B,)
-    old_logp = batch_logprobs(model, batch, cfg)  # (B, T-1)
+    old_logp = None
+    if needs_old_logp(cfg, reference is not None):
+        old_logp = batch_logprobs(model, batch, cfg)  # (B, T-1)
     ref_logp = reference(batch) if reference is not None else None  # (B, T-1)
-    kl = ((old_logp - ref_logp) * batch.mask).sum(-1) if ref_logp is not None else None  # (B,)
+    kl = None
+    if ref_logp is not None and old_logp is not None:
+        kl = ((old_logp - ref_logp) * batch.mask).sum(-1)  # (B,)
     if isinstance(cfg, RLOOConfig):
         penalty = 0.0
         if ref_logp is not None:
@@ -291,8 +311,8 @@ def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | R
     device = next(model.parameters()).device
     args = _loss_args(cfg)
     n_tokens = distributed.all_reduce(batch.mask[scored.keep].sum())
-    ref_logp = scored.ref_logp if scored.ref_logp is not None else scored.old_logp  # unused when β = 0
     sums = {"loss": 0.0, "clip_fraction": 0.0, "kl_k3": 0.0}
+    first_pass_kl = torch.zeros(len(batch.prompts), device=batch.mask.device)  # (B,) when scored.kl is None
     grad_norm = torch.zeros(())
     chunks = micro_batches(scored.keep, cfg.train.batch_size)
     n_chunks = int(distributed.all_reduce(torch.tensor(len(chunks)), "max").item())
@@ -304,7 +324,11 @@ def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | R
             weight = weight if i * cfg.train.batch_size < len(scored.keep) else 0.0 * weight
             with autocast(device, cfg.train.precision):
                 logp = policy_logprobs(model, sub, cfg.sampling.temperature).float()  # (b, T-1)
-            out = grpo_loss(logp, scored.old_logp[rows], ref_logp[rows], scored.advantages[rows], sub.mask,
+            old = scored.old_logp[rows] if scored.old_logp is not None else logp.detach()  # see needs_old_logp
+            ref = scored.ref_logp[rows] if scored.ref_logp is not None else old  # unused when β = 0
+            if scored.kl is None and scored.ref_logp is not None:
+                first_pass_kl[rows] = ((old - ref) * sub.mask).sum(-1)
+            out = grpo_loss(logp, old, ref, scored.advantages[rows], sub.mask,
                             max_tokens=cfg.sampling.max_new_tokens, **args)
             if not torch.isfinite(out.loss) and world == 1:  # under torchrun the gradient norm stops every rank
                 raise TrainingDiverged(f"the loss is {out.loss.item()}; try a lower lr")
@@ -322,6 +346,8 @@ def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | R
                "train/grad_norm": float(grad_norm)}
     if scored.ref_logp is not None and isinstance(cfg, GRPOConfig):
         metrics["policy/kl_k3"] = sums["kl_k3"]
+    if scored.kl is None and scored.ref_logp is not None:  # rollout_metrics' KL, from the first pass
+        metrics.update(kl_metrics(scored.rewards, first_pass_kl, cfg))
     return metrics
 
 
@@ -336,9 +362,14 @@ def rollout_metrics(batch: Rollout, scored: Scored, cfg: GRPOConfig | RLOOConfig
            "rollout/rows_kept": kept / len(r)}
     out.update({f"reward/{name.split('(')[0]}": g(v).mean().item() for name, v in scored.components.items()})
     if kl is not None:
-        out["objective/kl"] = kl.mean().item()
-        out["objective/reward_minus_kl"] = (r - cfg.beta * kl).mean().item()
+        out.update(kl_metrics(scored.rewards, scored.kl, cfg))
     return out
+
+
+def kl_metrics(rewards: torch.Tensor, kl: torch.Tensor, cfg: GRPOConfig | RLOOConfig) -> dict[str, float]:
+    """The sequence KL (B,) and reward − β·KL, averaged over every rank's rows."""
+    r, kl = distributed.gather(rewards), distributed.gather(kl)
+    return {"objective/kl": kl.mean().item(), "objective/reward_minus_kl": (r - cfg.beta * kl).mean().item()}
 
 
 @torch.no_grad()

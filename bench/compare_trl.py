@@ -15,7 +15,8 @@ What is held equal. One tokenizer (a word-level vocabulary of VOCAB ids: ``w2 w3
 tokenises to exactly the ids it was made from, in either framework), one set of initial
 weights per model (written once, loaded by both), one data set (random token ids, fixed
 lengths: prompts of PROMPT_LEN tokens, completions of COMPLETION_LEN tokens + EOS), the batch
-size, learning rate (constant), AdamW (torch.optim.AdamW, no weight decay), gradient clipping
+size, learning rate (constant), AdamW (torch's fused kernel in both: the Trainer's default and
+tether's; no weight decay), gradient clipping
 at 1.0, fp32 on the CPU, no gradient checkpointing, the same thread count, and the loss settings
 (DPO sigmoid β = 0.1; KTO β = 0.1; GRPO group 8, β = 0.04, sequence-mean loss; RLOO k = 8,
 β = 0.05 in the reward; PPO 4 epochs of one mini-batch, policy and critic separate). Each run
@@ -28,7 +29,8 @@ Timing. A step's clock starts when the step starts (tether: the loss function's 
 s/step is the span from the first timed step's start to the last one's, over the steps
 between. tether precomputes the reference log-probs of DPO and KTO once before training (as
 its trainer does) while TRL computes them inside each step; tether's figure therefore adds
-that pass's time, prorated to the timed examples, so both figures pay for the same work.
+that pass's time, prorated to the timed examples, so both figures pay for the same work (one
+batch of it is run untimed first: TRL's first, cold reference forward falls in its warm-up).
 "per CPU-s" divides by the process's CPU time instead of the wall clock: with one thread it
 is the rate on an idle core, the steadier figure on a shared machine.
 
@@ -292,6 +294,7 @@ def tether_run(a, clock: Clock) -> dict:
 
             rows, _ = encode_pairs([_Rec(prompt=p, chosen=c, rejected=r) for p, c, r in
                                     zip(d["prompt"], d["chosen"], d["rejected"])][:n_rows], tok, max_len)
+            batched_logps(model, pair_rows(rows[:B]), pad_id, 2 * B)  # untimed: TRL's warm-up steps hold its first
             t0, c0 = time.perf_counter(), time.process_time()  # the trainer's one reference pass, before training
             ref_c, ref_r = batched_logps(model, pair_rows(rows), pad_id, 2 * B).chunk(2)
             share = a.steps / (a.warmup + a.steps)  # the timed steps' part of the pass
@@ -316,6 +319,7 @@ def tether_run(a, clock: Clock) -> dict:
             order = DataOrder(len(rows), B, 0)
             micro = [tuple(order.indices(k)) for k in range(a.warmup + a.steps)]
             kl_rows = [r for idx in micro for r in mismatched_rows([rows[i] for i in idx], max_len)]
+            batched_logps(model, matched_rows(rows[:B], max_len), pad_id, 2 * B)  # untimed, as for DPO
             t0, c0 = time.perf_counter(), time.process_time()
             ref = batched_logps(model, matched_rows(rows, max_len) + kl_rows, pad_id, 2 * B)
             share = a.steps / (a.warmup + a.steps)  # the timed steps' part of the pass
@@ -436,7 +440,7 @@ def trl_run(a, clock: Clock) -> dict:
                   learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=a.warmup + a.steps,
                   logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, fp16=False,
                   gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-                  max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0)
+                  max_grad_norm=1.0, weight_decay=0.0)  # optim: the Trainer's default, fused AdamW as tether's
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 

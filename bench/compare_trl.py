@@ -21,7 +21,8 @@ at 1.0, fp32 on the CPU, no gradient checkpointing, the same thread count, and t
 (DPO sigmoid β = 0.1; KTO β = 0.1; GRPO group 8, β = 0.04, sequence-mean loss; RLOO k = 8,
 β = 0.05 in the reward; PPO 4 epochs of one mini-batch, policy and critic separate). Each run
 is a fresh process: its peak memory is the resident-set high-water mark (``ru_maxrss``) of
-that process alone. tether and TRL alternate (tether first in even repeats, TRL first in odd
+that process alone, read when the last timed step starts (so tether's final checkpoint write,
+which the TRL runs do not make, is not in it; the JSON also has the mark at exit). tether and TRL alternate (tether first in even repeats, TRL first in odd
 ones) and the table shows the median of the repeats.
 
 Timing. A step's clock starts when the step starts (tether: the loss function's call; TRL:
@@ -195,6 +196,7 @@ class Clock:
     def tick(self):
         self.marks.append((time.perf_counter(), time.process_time()))
         self.gen.append([0.0, 0.0])
+        self.rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
     def wrap_generate(self, model):
         inner = model.generate
@@ -219,7 +221,7 @@ class Clock:
         cpu = self.marks[-1][1] - self.marks[warmup][1] + extra[1]
         gen, gen_cpu = (sum(g[i] for g in self.gen[warmup:-1]) for i in (0, 1))
         return {"timed_steps": n, "s_per_step": wall / n, "cpu_s_per_step": cpu / n, "gen_s_per_step": gen / n,
-                "gen_cpu_s_per_step": gen_cpu / n}
+                "gen_cpu_s_per_step": gen_cpu / n, "peak_rss_mb": self.rss_mb}
 
 
 def _load(a, kind: str = "lm"):
@@ -517,7 +519,9 @@ def one(a) -> None:
     torch.set_num_threads(a.threads)
     clock = Clock()
     fig = (tether_run if a.framework == "tether" else trl_run)(a, clock)
-    fig["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # peak_rss_mb: the high-water mark when the last step starts (tether's loop writes a final checkpoint,
+    # TRL here writes none); rss_at_exit_mb: the process's, final writes included
+    fig["rss_at_exit_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fig["threads"] = torch.get_num_threads()
     print(json.dumps(fig))
 

@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-trl clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/train_throughput.py
+
+bench-trl: setup  # tether beside TRL, every stage; makes .venv-bench (TRL) and .venv-bench-ppo (PPO's TRL) once
+	OMP_NUM_THREADS=1 $(BIN)/python bench/compare_trl.py
 
 clean:
 	rm -rf $(VENV) runs

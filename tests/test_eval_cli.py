@@ -41,7 +41,7 @@ def test_eval_writes_a_report_and_diagnose_reads_it(world_models):
     out = root / "eval"
     args = ["eval", "--policy", str(policy), "--base", str(base), "--world", str(root / "world"), "--rm", str(root / "rm"),
             "--prompts", "8", "--probe-limit", "4", "--limit", "3", "--max-new-tokens", "8", "--ascent-prompts", "1",
-            "--ascent-steps", "3", "--judge", f"llm:{base}", "--out", str(out), "--refusal-judge", f"llm:{base}",
+            "--ascent-steps", "3", "--bon-pool", "4", "--bon-prompts", "2", "--judge", f"llm:{base}", "--out", str(out), "--refusal-judge", f"llm:{base}",
             "--xstest", str(SHARED / "xstest" / "xstest_prompts.csv"), "--gsm8k", str(SHARED / "gsm8k" / "test.jsonl")]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -56,7 +56,9 @@ def test_eval_writes_a_report_and_diagnose_reads_it(world_models):
     assert report["sections"]["capability"]["gsm8k"]["count"] == 3
     assert 0 <= report["sections"]["refusal_judge"]["refusal_judge/world_benign_policy"] <= 1
     assert len(report["sections"]["hacking"]["ascent"]) == 1
-    assert any("over-optimisation" in x for x in report["skipped"])  # no training run behind this policy
+    assert any("over-optimisation of the run" in x for x in report["skipped"])  # no training run behind this policy
+    bon = report["sections"]["overoptimisation_bon"]
+    assert [p["n"] for p in bon["points"]] == [1, 2, 4] and bon["form"] == "bon" and "gold_peak" in bon
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 6 and "<table" in html and "Diagnosis" in html
     found = CliRunner().invoke(main, ["diagnose", str(policy), "--report", str(out / "report.json"), "--json"])

@@ -203,3 +203,19 @@ def test_metrics_rules_negative_k1_and_gold_falling():
     # one low evaluation at the end is not a fall: smoothed peak 0.87 → last 0.75
     noisy = [{"step": 10 * i, "eval/gold": g, "eval/reward": float(i)} for i, g in enumerate([0.5, 0.8, 0.9, 0.8, 0.9, 0.6])]
     assert diagnose_report({"summary": HEALTHY}, noisy)["healthy"]
+
+
+def test_best_of_n_curve_is_exact_on_the_pool(tiny_folder):
+    from tether.instruments.overopt import bon_curve
+    from tether.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(tiny_folder), load_model(tiny_folder)
+    words = lambda p, y: [float(len(x)) for x in y]  # noqa: E731  proxy: characters; gold: its negative
+    points = bon_curve(model, tok, ["\n\nHuman: What is 1 plus 2?\n\nAssistant:"] * 3, words,
+                       lambda p, y: [-v for v in words(p, y)], pool=8, max_new_tokens=6)
+    assert [p["n"] for p in points] == [1, 2, 4, 8]
+    assert points[0]["kl"] == pytest.approx(0.0, abs=1e-12)  # best-of-1 is the base
+    kls, proxy = [p["kl"] for p in points], [p["proxy"] for p in points]
+    assert all(a <= b + 1e-12 for a, b in zip(kls, kls[1:])) and all(a <= b + 1e-12 for a, b in zip(proxy, proxy[1:]))
+    assert kls[-1] <= math.log(8) - 7 / 8 + 1e-9  # the finite-pool KL is below the continuous formula
+    assert all(p["gold"] == pytest.approx(-p["proxy"]) for p in points)

@@ -122,7 +122,8 @@ def _instruments(cfg: DemoConfig, policy: Path, sft: Path, rm: Path | None, out:
     n = min(cfg.instrument_prompts, 16) if cfg.quick else cfg.instrument_prompts
     report = run_eval(EvalConfig(policy=str(policy), base=str(sft), judge="gold", rm=str(rm) if rm else "none",
                                  world=str(out / "world"), prompts=n, probe_limit=n, ascent_prompts=1,
-                                 ascent_steps=20, seed=cfg.seed))
+                                 ascent_steps=20, bon_pool=4 if cfg.quick else 8, bon_prompts=min(n, 32),
+                                 seed=cfg.seed))
     found = diagnose(policy)
     return {"report": str(policy / "eval" / "report.html"), "summary": report["summary"], "diagnosis": found}
 

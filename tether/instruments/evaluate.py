@@ -47,6 +47,8 @@ class EvalConfig:
     probe_limit: int = opt(0, "at most this many prompts from each of the world's probe files (0: all)")
     samples: int = opt(1, "policy samples per prompt for the KL estimates")
     max_new_tokens: int = opt(48, "longest response")
+    bon_pool: int = opt(16, "best-of-n over-optimisation curve against the RM: samples a prompt from the base (0: skip)")
+    bon_prompts: int = opt(32, "held-out prompts for the best-of-n curve")
     ascent_prompts: int = opt(3, "prompts for the gradient-ascent probe of the RM (0: skip it)")
     ascent_steps: int = opt(40, "Adam steps of the gradient-ascent probe")
     seed: int = opt(0, "seed for the prompt sample and for sampling")
@@ -106,7 +108,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     from tether.instruments import capability, exact_kl, hacking, lengths, refusal, sycophancy
     from tether.instruments.judges import load_judge
-    from tether.instruments.overopt import overoptimisation, run_points
+    from tether.instruments.overopt import bon_curve, overoptimisation, run_points
     from tether.instruments.report import write_report
     from tether.instruments.winrate import length_controlled_win_rate, outcome_win_rate
     from tether.models import load_model, load_tokenizer
@@ -319,12 +321,18 @@ def run_eval(cfg: EvalConfig) -> dict:
     sections["hacking"] = hack
     bar.update()
 
-    # 9. over-optimisation curve from the run's evaluations
+    # 9. over-optimisation: the run's evaluations (RL form), and best-of-n from the base against the RM (BoN form)
     bar.set_postfix_str("overopt")
     try:
         sections["overoptimisation"] = overoptimisation(run_points(cfg.policy), "rl")
     except (FileNotFoundError, ValueError) as e:
-        report["skipped"].append(f"over-optimisation ({e})")
+        report["skipped"].append(f"over-optimisation of the run ({e})")
+    if reward is not None and cfg.bon_pool >= 4:
+        points = bon_curve(base, tok, prompts[: cfg.bon_prompts], reward, (lambda p, y: gold_rewards(p, y)) if world
+                           else None, pool=cfg.bon_pool, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        sections["overoptimisation_bon"] = overoptimisation(points, "bon")
+    else:
+        report["skipped"].append("best-of-n over-optimisation (no reward model, or --bon-pool below 4)")
     bar.update()
     bar.close()
 

@@ -62,36 +62,36 @@ class ScoreJudge:
         return Judged(outcome_from_scores(sa, sb), float("nan"), sa, sb)
 
 
+def option_margin(model, tokenizer, texts: Sequence[str], options: tuple[str, str], batch_size: int = 16) -> torch.Tensor:
+    """log π(options[0] | text) − log π(options[1] | text) for each text, each option scored over all its tokens.
+
+    Shape: N texts -> (N,). The two options must tokenise differently.
+    """
+    from tether.data.collate import prompt_ids
+    from tether.instruments.kl import response_logprobs
+
+    ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    if not ids[0] or not ids[1] or ids[0] == ids[1]:
+        raise ValueError(f"the judge's tokenizer cannot tell {options[0]!r} from {options[1]!r}")
+    pairs = [(prompt_ids(tokenizer, t), o) for t in texts for o in ids]  # (2N,) option k of text i at 2i + k
+    ll = response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size).view(len(texts), 2)
+    return ll[:, 0] - ll[:, 1]
+
+
 class LLMJudge:
-    """A causal LM asked "which is better, A or B?"; its verdict is the likelier of the tokens " A" and " B"."""
+    """A causal LM asked "which is better, A or B?"; its verdict is the likelier continuation, " A" or " B"."""
 
     def __init__(self, model, tokenizer, name: str = "llm", batch_size: int = 16):
         self.model, self.tokenizer, self.name, self.batch_size = model.eval(), tokenizer, name, batch_size
-        ids_a = tokenizer(" A", add_special_tokens=False)["input_ids"]
-        ids_b = tokenizer(" B", add_special_tokens=False)["input_ids"]
-        if not ids_a or not ids_b or ids_a[0] == ids_b[0]:
-            raise ValueError(f"judge {name}: its tokenizer cannot tell ' A' from ' B'")
-        self.token_a, self.token_b = ids_a[0], ids_b[0]
 
-    @torch.no_grad()
     def first_wins(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> torch.Tensor:
-        """1 where the judge prefers the first answer shown, 0 the second, ½ when its two tokens are equally likely."""
+        """1 where the judge prefers the first answer shown, 0 the second, ½ when both options are equally likely."""
         from tether.world import question_of
 
         texts = [JUDGE_TEMPLATE.format(question=question_of(p), first=f.strip(), second=s.strip())
                  for p, f, s in zip(prompts, first, second)]
-        device = next(self.model.parameters()).device
-        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
-        out = []
-        try:
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True).to(device)
-                logits = self.model(**enc).logits[:, -1].float()  # (B, V) next token after the template
-                diff = logits[:, self.token_a] - logits[:, self.token_b]
-                out.append(((diff > 0).double() + 0.5 * (diff == 0).double()).cpu())
-        finally:
-            self.tokenizer.padding_side = side
-        return torch.cat(out) if out else torch.zeros(0)
+        diff = option_margin(self.model, self.tokenizer, texts, (" A", " B"), self.batch_size).double()
+        return (diff > 0).double() + 0.5 * (diff == 0).double()
 
     def __call__(self, prompts: Sequence[str], ya: Sequence[str], yb: Sequence[str]) -> Judged:
         outcome, first_rate = both_orders(self.first_wins(prompts, ya, yb), self.first_wins(prompts, yb, ya))

@@ -121,3 +121,50 @@ def bon_points(run_dir: str | Path) -> list[dict]:
         raise ValueError(f"{run_dir}: not a best-of-N run (stage {meta.get('stage')!r})")
     return [{"step": c["n"], "n": c["n"], "kl": c["kl_measured"], "d": math.sqrt(max(c["kl_measured"], 0.0)),
              "proxy": c["expected_reward"]} for c in meta["curve"]]
+
+
+def bon_curve(model, tokenizer, prompts: Sequence[str], proxy_fn, gold_fn=None, *, pool: int = 16,
+              max_new_tokens: int = 48, seed: int = 0) -> list[dict]:
+    """Best-of-n against ``proxy_fn`` for n = 1, 2, 4, ... ≤ ``pool``: exact KL and expected proxy (and gold) reward.
+
+    ``pool`` responses a prompt are sampled from ``model`` (π_ref); identical responses merge into the
+    empirical π̂_ref; π_BoN = tether.theory.bon_distribution(π̂_ref, proxy, n) (ties handled), and
+    KL(π_BoN ‖ π̂_ref), E_{π_BoN}[proxy] and E_{π_BoN}[gold] are averaged over prompts. Returns points
+    [{"step": n, "n", "kl", "d", "proxy", "gold"?}] for :func:`overoptimisation` with ``form="bon"``.
+    """
+    import numpy as np
+
+    from tether.rollout import sample
+    from tether.theory import bon_distribution, kl_divergence
+    from tether.trainers.bon import curve_sizes
+
+    repeated = [p for p in prompts for _ in range(pool)]
+    pairs = sample(model, tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed)
+    texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
+    proxy = torch.as_tensor(proxy_fn(repeated, texts), dtype=torch.float64).view(len(prompts), pool)
+    gold = torch.as_tensor(gold_fn(repeated, texts), dtype=torch.float64).view(len(prompts), pool) if gold_fn else None
+    sizes = curve_sizes(pool)
+    acc = {n: {"kl": [], "proxy": [], "gold": []} for n in sizes}
+    for i in range(len(prompts)):
+        merged: dict[tuple, list] = {}  # response ids -> [count, proxy, gold]
+        for j in range(pool):
+            key = tuple(pairs[i * pool + j][1])
+            entry = merged.setdefault(key, [0, proxy[i, j].item(), gold[i, j].item() if gold is not None else 0.0])
+            entry[0] += 1
+        counts = np.array([c for c, _, _ in merged.values()], dtype=np.float64)
+        r_proxy = np.array([r for _, r, _ in merged.values()])
+        r_gold = np.array([g for _, _, g in merged.values()])
+        p_ref = counts / counts.sum()
+        for n in sizes:
+            p_bon = bon_distribution(p_ref, r_proxy, n)
+            acc[n]["kl"].append(float(kl_divergence(p_bon, p_ref)))
+            acc[n]["proxy"].append(float(p_bon @ r_proxy))
+            acc[n]["gold"].append(float(p_bon @ r_gold))
+    points = []
+    for n in sizes:
+        kl = float(np.mean(acc[n]["kl"]))
+        point = {"step": n, "n": n, "kl": kl, "d": math.sqrt(max(kl, 0.0)), "proxy": float(np.mean(acc[n]["proxy"]))}
+        if gold is not None:
+            point["gold"] = float(np.mean(acc[n]["gold"]))
+        points.append(point)
+    return points

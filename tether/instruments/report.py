@@ -187,10 +187,14 @@ def _overopt_section(s: dict) -> str:
             ax.plot(d, [p[key] - y0 for p in pts], "o", color=color, label=f"{key} (measured)")
             fit = s.get(f"fit_{key}", {})
             if "alpha" in fit:
+                shape = "d(α−β log d)" if s["form"] == "rl" else "d(α−β d)"
                 ax.plot(grid, predict(s["form"], fit["alpha"], fit["beta"], grid), "-", color=color,
-                        label=f"{key}: d(α−β log d), α={fit['alpha']:.2f}, β={fit['beta']:.2f}")
+                        label=f"{key}: {shape}, α={fit['alpha']:.2f}, β={fit['beta']:.2f}")
     if "gold_peak" in s:
-        ax.axvline(s["gold_peak"]["d"], color=GOLD, ls=":", lw=1)
+        ax.axvline(s["gold_peak"]["d"], color=GOLD, ls=":", lw=1, label="measured gold peak")
+    if s["form"] == "bon":
+        for p in pts:
+            ax.annotate(f"n={p['n']}", (p["d"], 0), fontsize=7, textcoords="offset points", xytext=(0, -12))
     ax.set_xlabel("d = √KL(policy ‖ base)")
     ax.set_ylabel("reward gain over the start")
     ax.set_title("over-optimisation (Gao et al. 2023 functional form)")
@@ -207,7 +211,8 @@ SECTIONS = [("kl", "KL from the base", _kl_section), ("win_rate", "Win-rate agai
             ("refusal_judge", "Refusal by the judge", lambda s: _table(_flat(s))), ("sycophancy", "Sycophancy", _sycophancy_section),
             ("capability", "Capability retention", _capability_section),
             ("hacking", "Reward-hacking probes", _hacking_section),
-            ("overoptimisation", "Over-optimisation", _overopt_section)]
+            ("overoptimisation", "Over-optimisation of the run (RL form)", _overopt_section),
+            ("overoptimisation_bon", "Over-optimisation of best-of-n against the RM (BoN form)", _overopt_section)]
 
 STYLE = """body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.6em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}

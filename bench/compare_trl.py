@@ -212,13 +212,14 @@ class Clock:
 
         model.generate = generate
 
-    def summary(self, warmup: int, extra: tuple[float, float] = (0.0, 0.0)) -> dict:
-        """Per-step figures; ``extra`` = (wall, CPU) seconds of work done outside the steps that they owe."""
+    def summary(self, warmup: int, extra: tuple[float, float, int] = (0.0, 0.0, 1)) -> dict:
+        """Per-step figures. ``extra`` = (wall s, CPU s, k): work done before training for the rows of k
+        steps (tether's reference pass); each timed step is charged its 1/k share."""
         if len(self.marks) < warmup + 2:
             raise RuntimeError(f"only {len(self.marks)} step starts were seen; need warmup + 2 = {warmup + 2}")
         n = len(self.marks) - 1 - warmup
-        wall = self.marks[-1][0] - self.marks[warmup][0] + extra[0]
-        cpu = self.marks[-1][1] - self.marks[warmup][1] + extra[1]
+        wall = self.marks[-1][0] - self.marks[warmup][0] + extra[0] * n / extra[2]
+        cpu = self.marks[-1][1] - self.marks[warmup][1] + extra[1] * n / extra[2]
         gen, gen_cpu = (sum(g[i] for g in self.gen[warmup:-1]) for i in (0, 1))
         return {"timed_steps": n, "s_per_step": wall / n, "cpu_s_per_step": cpu / n, "gen_s_per_step": gen / n,
                 "gen_cpu_s_per_step": gen_cpu / n, "peak_rss_mb": self.rss_mb}
@@ -258,7 +259,7 @@ def tether_run(a, clock: Clock) -> dict:
     cfg = TrainConfig(steps=a.warmup + a.steps, batch_size=B, lr=a.lr, warmup_steps=0, schedule="constant",
                       eval_every=0, save_every=0, device="cpu", precision="fp32", max_grad_norm=1.0)
     n_rows = B * (a.warmup + a.steps)  # one epoch: each example is used once, as in the TRL runs
-    extra = (0.0, 0.0)
+    extra = (0.0, 0.0, 1)
     if stage in ("sft", "rm", "dpo", "kto"):
         model, tok = _load(a, "rm" if stage == "rm" else "lm")
         pad_id, max_len = tok.pad_token_id, PROMPT_LEN + COMPLETION_LEN + 1
@@ -299,8 +300,7 @@ def tether_run(a, clock: Clock) -> dict:
             batched_logps(model, pair_rows(rows[:B]), pad_id, 2 * B)  # untimed: TRL's warm-up steps hold its first
             t0, c0 = time.perf_counter(), time.process_time()  # the trainer's one reference pass, before training
             ref_c, ref_r = batched_logps(model, pair_rows(rows), pad_id, 2 * B).chunk(2)
-            share = a.steps / (a.warmup + a.steps)  # the timed steps' part of the pass
-            extra = ((time.perf_counter() - t0) * share, (time.process_time() - c0) * share)
+            extra = (time.perf_counter() - t0, time.process_time() - c0, a.warmup + a.steps)  # rows of every step
             dcfg = DPOConfig(model="bench", data="bench", loss="sigmoid", beta=0.1)
 
             def collate(idx):
@@ -324,8 +324,7 @@ def tether_run(a, clock: Clock) -> dict:
             batched_logps(model, matched_rows(rows[:B], max_len), pad_id, 2 * B)  # untimed, as for DPO
             t0, c0 = time.perf_counter(), time.process_time()
             ref = batched_logps(model, matched_rows(rows, max_len) + kl_rows, pad_id, 2 * B)
-            share = a.steps / (a.warmup + a.steps)  # the timed steps' part of the pass
-            extra = ((time.perf_counter() - t0) * share, (time.process_time() - c0) * share)
+            extra = (time.perf_counter() - t0, time.process_time() - c0, a.warmup + a.steps)  # rows of every step
             ref_m, ref_kl = ref[: len(rows)], ref[len(rows):]
             kcfg = KTOConfig(model="bench", data="bench", beta=0.1, train=TrainConfig(batch_size=B))
             step_of = {idx: k for k, idx in enumerate(micro)}

@@ -14,7 +14,12 @@ output already exists (so the script resumes):
 3. per rater: ``tether eval --policy PPO --base SFT --judge gold --rm RM --world WORLD`` and
    ``tether diagnose PPO``.
 
-Writes ``OUT/summary.json`` (each run's headline figures and the symptoms found) and prints it.
+Writes ``OUT/summary{SUFFIX}.json`` (each run's headline figures and the symptoms found) and prints it.
+The issue's figures come from two settings groups (see /tmp/notes/issue9.md):
+
+    python bench/diagnose_raters.py --out runs/diag --raters unbiased,length            # β 0.05, lr 3e-5, 50 it
+    python bench/diagnose_raters.py --out runs/diag --suffix=-strong --lr 1e-4 --beta 0.02 \
+        --rollout-batch 32 --ppo-steps 40 --rm-steps 200                               # every rater
 """
 
 from __future__ import annotations
@@ -79,11 +84,12 @@ def train(a, name: str, root: Path) -> Path:
                      "--eval-data", str(world / "preferences_test.jsonl"), "--out", str(run / "rm"),
                      "--steps", str(a.rm_steps), "--batch-size", "16", "--lr", "1e-4", "--warmup-steps", "20",
                      "--eval-every", "0", "--save-every", "0", "--seed", str(a.seed), "--overwrite"], log)
-    if not (run / "ppo" / "tether.json").exists():
+    ppo = run / f"ppo{a.suffix}"
+    if not (ppo / "tether.json").exists():
         sh(TETHER + ["ppo", "--model", str(root / "sft"), "--reward", str(run / "rm"),
                      "--prompts", str(world / "prompts_train.jsonl"), "--eval-prompts", str(world / "prompts_eval.jsonl"),
-                     "--eval-size", "64", "--out", str(run / "ppo"), "--steps", str(a.ppo_steps),
-                     "--eval-every", str(a.eval_every), "--save-every", "0", "--rollout-batch", "64",
+                     "--eval-size", "64", "--out", str(ppo), "--steps", str(a.ppo_steps),
+                     "--eval-every", str(a.eval_every), "--save-every", "0", "--rollout-batch", str(a.rollout_batch),
                      "--lr", str(a.lr), "--warmup-steps", "0", "--schedule", "constant", "--beta", str(a.beta),
                      "--ptx-data", str(root / "world" / "sft_train.jsonl"), "--ptx-coef", str(a.ptx_coef),
                      "--seed", str(a.seed), "--overwrite"], log)
@@ -92,17 +98,18 @@ def train(a, name: str, root: Path) -> Path:
 
 def evaluate(a, name: str, root: Path) -> dict:
     run = Path(a.out) / name
+    ppo = run / f"ppo{a.suffix}"
     log = Path(a.out) / f"{name}.log"
-    if not (run / "ppo" / "eval" / "report.json").exists():
-        sh(TETHER + ["eval", "--policy", str(run / "ppo"), "--base", str(root / "sft"), "--judge", "gold",
-                     "--rm", str(run / "rm"), "--world", str(run / "world"), "--out", str(run / "ppo" / "eval"),
+    if not (ppo / "eval" / "report.json").exists():
+        sh(TETHER + ["eval", "--policy", str(ppo), "--base", str(root / "sft"), "--judge", "gold",
+                     "--rm", str(run / "rm"), "--world", str(run / "world"), "--out", str(ppo / "eval"),
                      "--prompts", str(a.prompts), "--seed", str(a.seed)] + SHARED_ARGS, log)
-    diagnosis = subprocess.run(TETHER + ["diagnose", str(run / "ppo"), "--json"], capture_output=True, text=True,
+    diagnosis = subprocess.run(TETHER + ["diagnose", str(ppo), "--json"], capture_output=True, text=True,
                                check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     found = json.loads(diagnosis.stdout)
-    report = json.loads((run / "ppo" / "eval" / "report.json").read_text())
+    report = json.loads((ppo / "eval" / "report.json").read_text())
     s = report["summary"]
-    return {"rater": name, "expected": EXPECTED[name], "healthy": found["healthy"],
+    return {"rater": name, "settings": a.suffix or "default", "expected": EXPECTED[name], "healthy": found["healthy"],
             "symptoms": [x["symptom"] for x in found["findings"]],
             "matched": (found["healthy"] if EXPECTED[name] is None
                         else EXPECTED[name] in [x["symptom"] for x in found["findings"]]),
@@ -123,6 +130,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--beta", type=float, default=0.05)
     ap.add_argument("--ptx-coef", type=float, default=1.0)
+    ap.add_argument("--rollout-batch", type=int, default=64)
+    ap.add_argument("--suffix", default="", help="PPO settings group: PPO runs go to OUT/RATER/ppo{suffix} (the world "
+                                                 "and the RM of a rater are shared by every group)")
     ap.add_argument("--prompts", type=int, default=200, help="held-out prompts per instrument in tether eval")
     ap.add_argument("--jobs", type=int, default=2, help="raters trained at once (one CPU thread each)")
     ap.add_argument("--only", default="train,eval", help="train, eval or both")
@@ -134,7 +144,7 @@ def main() -> None:
             list(pool.map(lambda n: train(a, n, root), names))
     if "eval" in a.only:
         rows = [evaluate(a, n, root) for n in names]
-        (Path(a.out) / "summary.json").write_text(json.dumps(rows, indent=2))
+        (Path(a.out) / f"summary{a.suffix}.json").write_text(json.dumps(rows, indent=2))
         for r in rows:
             print(json.dumps(r))
 

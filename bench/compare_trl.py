@@ -628,7 +628,9 @@ def markdown(res: dict) -> str:
              f"TRL {TRL_VERSION} (PPO: TRL {PPO_TRL_VERSION}); load average at start {m['loadavg_at_start']}. "
              f"Matmul roofline (fp32, {MATMUL_N}³, per CPU-s, median of {len(res['matmul_gflop_s'])}): "
              f"{res['roofline_gflop_s']:.1f} GFLOP/s.", "",
-             f"Settings: {json.dumps(a)}", "",
+             f"Settings: {json.dumps(a)}", ""]
+    if res["table"]:
+        lines += [
              "Rates are medians over the repeats; \"wall\" divides by the wall clock, \"CPU\" by the process's CPU "
              "time (one thread: the rate on an idle core, the steadier figure on a shared machine). Roofline: model "
              "FLOPs per CPU-s over the matmul rate (RL stages: overall, then generation and the rest).", "",

@@ -5,8 +5,8 @@
 3. supervised fine-tuning on the world's demonstrations;
 4. a Bradley–Terry reward model on the world's preference pairs (labelled by the default rater);
 5. PPO-ptx from the SFT policy against that reward model, with a KL penalty to the SFT policy;
-6. DPO (sigmoid, β = 0.1) from the SFT policy on the same preference pairs, the
-   alternative to the reward model + PPO route;
+6. DPO (sigmoid, β = 0.1) from the SFT policy on on-policy pairs (the SFT policy's own samples
+   labelled by the rater), the alternative to the reward model + PPO route;
 7. measure every policy against the gold reward on held-out test prompts;
 8. `tether eval` and `tether diagnose` of the PPO and DPO policies against SFT (report.html in each
    policy's eval/ folder).
@@ -78,14 +78,35 @@ def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:
     return gold_eval(load_model(folder), load_tokenizer(folder), rows, seed=seed)
 
 
-def _dpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
-    """DPO (sigmoid, β = 0.1, lr 1e-5: larger rates raised KL and lowered gold) from the SFT folder on the
-    world's preference pairs, evaluated on its test pairs."""
+def _label(cfg: DemoConfig, files: dict, sft: Path) -> dict:
+    """On-policy comparisons, as InstructGPT and the DPO paper collect them: pairs of the SFT policy's own
+    samples on the training (and eval) prompts, labelled by the world's default rater. Written beside the
+    world's files as preferences_onpolicy_{train,eval}.jsonl."""
+    from tether.io import write_jsonl
+    from tether.world import Rater
+    from tether.world.sampled import policy_preferences
+
+    model, tokenizer = load_model(sft), load_tokenizer(sft)
+    world = Path(files["preferences_train"]).parent
+    paths = {}
+    for split, samples in (("train", 8), ("eval", 2)):
+        rows = read_jsonl(files[f"prompts_{split}"])
+        if cfg.quick:
+            rows = rows[:48]
+        prefs = policy_preferences(model, tokenizer, rows, Rater(seed=cfg.seed), samples=4 if cfg.quick else samples,
+                                   seed=cfg.seed)
+        paths[split] = write_jsonl(world / f"preferences_onpolicy_{split}.jsonl", prefs)
+    return paths
+
+
+def _dpo(cfg: DemoConfig, onpolicy: dict, sft: Path, out: Path) -> Path:
+    """DPO (sigmoid, β = 0.1, lr 3e-5) from the SFT folder on on-policy pairs of its own samples (the
+    world's fixed-candidate pairs, off-policy, won 0.516 against SFT; on-policy pairs 0.590: DPO issue's note)."""
     from tether.trainers.dpo import DPOConfig, run_dpo
 
-    train = TrainConfig(steps=_steps(cfg, cfg.dpo_steps, 30), batch_size=16, lr=1e-5, warmup_steps=10, eval_every=0,
+    train = TrainConfig(steps=_steps(cfg, cfg.dpo_steps, 30), batch_size=16, lr=3e-5, warmup_steps=10, eval_every=0,
                         save_every=0, seed=cfg.seed)
-    return run_dpo(DPOConfig(model=str(sft), data=str(files["preferences_train"]), eval_data=str(files["preferences_test"]),
+    return run_dpo(DPOConfig(model=str(sft), data=str(onpolicy["train"]), eval_data=str(onpolicy["eval"]),
                              out=str(out / "dpo"), loss="sigmoid", beta=0.1, overwrite=cfg.overwrite, train=train))
 
 
@@ -147,7 +168,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     rm = _rm(cfg, files, sft, out) if cfg.rm_steps else None
     ppo = _ppo(cfg, files, sft, rm, out) if rm is not None and cfg.ppo_steps else None
-    dpo = _dpo(cfg, files, sft, out) if cfg.dpo_steps else None
+    dpo = _dpo(cfg, _label(cfg, files, sft), sft, out) if cfg.dpo_steps else None
 
     rows = read_jsonl(files["prompts_test"])
     rows = random.Random(cfg.seed).sample(rows, min(cfg.eval_prompts, len(rows)))  # every family, in proportion

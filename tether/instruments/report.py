@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from pathlib import Path
 
@@ -228,7 +229,10 @@ def render_html(report: dict) -> str:
              f"<body><h1>tether eval</h1><p>policy <code>{html.escape(cfg['policy'])}</code> against base "
              f"<code>{html.escape(cfg['base'])}</code>, judge <code>{html.escape(cfg['judge'])}</code> "
              f"({report.get('seconds', 0):.0f} s)</p>"]
-    found = diagnose_report(report)
+    metrics_file = Path(cfg["policy"]) / "metrics.jsonl"  # the run's own metrics, as `tether diagnose` reads them
+    metrics = ([json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+               if metrics_file.exists() else None)
+    found = diagnose_report(report, metrics)
     parts.append("<h2>Diagnosis</h2>" + (f"<p><b>{html.escape(found['verdict'])}</b></p>"))
     if found["findings"]:
         parts.append("<table class='diag'><tr><th>symptom</th><th>evidence</th><th>instrument</th><th>likely cause</th>"

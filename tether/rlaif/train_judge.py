@@ -42,12 +42,12 @@ import torch
 from tether.config import group, opt
 from tether.data import fingerprint, load_sft
 from tether.data.collate import encode_sft
-from tether.io import read_jsonl, write_json, write_jsonl
+from tether.io import write_json, write_jsonl
 from tether.loop import TrainConfig
 from tether.models import count_parameters, load_model, load_tokenizer
 from tether.rlaif.constitution import Constitution, load_constitution
 from tether.rlaif.judge import CHOICES, LMJudge, judge_pairs, judge_prompt, order_stats
-from tether.trainers.artifact import data_info, prepare_output, read_artifact, write_artifact
+from tether.trainers.artifact import data_info, prepare_output, write_artifact
 from tether.trainers.sft import fit_causal_lm
 from tether.world import WorldConfig, candidates, format_prompt
 from tether.world.build import split_items
@@ -227,10 +227,3 @@ def run_train_judge(cfg: JudgeTrainConfig) -> Path:
     write_json(out / "judge_eval.json", {k: v for k, v in metrics.items() if k.startswith("judge/")})
     return out
 
-
-def reevaluate(folder: str | Path, constitution: str = "default") -> dict[str, float]:
-    """The held-out report of a trained judge folder again (from its saved comparisons)."""
-    folder = Path(folder)
-    cfg = read_artifact(folder).get("config", {})
-    judge = LMJudge(str(folder), max_len=cfg.get("max_len", 256))
-    return evaluate_judge(judge, read_jsonl(folder / "data" / "comparisons_eval.jsonl"), load_constitution(constitution))

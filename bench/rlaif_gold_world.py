@@ -145,10 +145,11 @@ def main() -> None:
     ap.add_argument("--sft", default="runs/demo/sft")
     ap.add_argument("--out", default="runs/rlaif")
     ap.add_argument("--judge", default="", help="a trained judge folder (empty: train one into OUT/judge)")
-    ap.add_argument("--judge-steps", type=int, default=1200)
+    ap.add_argument("--judge-steps", type=int, default=2000)
+    ap.add_argument("--judge-pairs", type=int, default=8000)
     ap.add_argument("--samples", type=int, default=4, help="SFT samples a training prompt for labelling (pairs: half)")
     ap.add_argument("--rm-steps", type=int, default=400)
-    ap.add_argument("--ppo-steps", type=int, default=60)
+    ap.add_argument("--ppo-steps", type=int, default=50)
     ap.add_argument("--probe-samples", type=int, default=8)
     ap.add_argument("--winrate-samples", type=int, default=4)
     ap.add_argument("--branches", default="all,harmless", help=f"of {', '.join(BRANCHES)}")
@@ -166,7 +167,7 @@ def main() -> None:
         judge = str(out / "judge")
         if not done(out / "judge" / "judge_eval.json", a):
             sh(TETHER + ["rlaif", "train-judge", "--model", a.pretrain, "--out", judge, "--steps", str(a.judge_steps),
-                         "--seed", str(a.seed), "--overwrite"], out / "judge.log")
+                         "--pairs", str(a.judge_pairs), "--seed", str(a.seed), "--overwrite"], out / "judge.log")
     names = [n.strip() for n in a.branches.split(",") if n.strip()]
     with ThreadPoolExecutor(a.jobs) as pool:
         roots = dict(zip(names, pool.map(lambda n: branch(a, n, judge), names)))

@@ -45,9 +45,9 @@ class DemoConfig:
     sft_flaw_rate: float = opt(0.3, "share of the world's SFT demonstrations that ramble or are rude (what RLHF can fix)")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
-    rm_steps: int = opt(600, "optimiser steps of the reward model on the world's preferences (0: skip RM and PPO)")
+    rm_steps: int = opt(600, "optimiser steps of the RM on the world's and the on-policy pairs (0: skip RM and PPO)")
     ppo_steps: int = opt(60, "PPO iterations against the reward model (0: skip PPO)")
-    dpo_steps: int = opt(300, "optimiser steps of DPO from the SFT policy on the world's preferences (0: skip DPO)")
+    dpo_steps: int = opt(300, "optimiser steps of DPO from the SFT policy on the on-policy preferences (0: skip DPO)")
     eval_prompts: int = opt(200, "held-out test prompts (a seeded sample) scored with the gold reward")
     instrument_prompts: int = opt(64, "held-out prompts (and at most this many of each probe) for `tether eval` of the "
                                       "PPO and DPO policies (0: skip the instruments)")

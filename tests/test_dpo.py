@@ -91,6 +91,23 @@ def test_rpo_adds_alpha_times_the_per_token_nll_of_the_chosen_responses(tiny_fol
         DPOConfig(model="m", data="d", rpo_alpha=-1).validate()
 
 
+def test_soft_labels_give_each_pair_its_own_epsilon_through_the_trainer(tiny_folder):
+    """With label_field the batch carries p per pair and dpo_step's losses are −p log σ(βh) − (1 − p) log σ(−βh)."""
+    tokenizer, pairs = _encoded(tiny_folder)
+    model = load_model(tiny_folder).eval()
+    ref_c, ref_r = batched_logps(model, pair_rows(pairs), tokenizer.pad_token_id, 4).chunk(2)
+    ref_c = ref_c - 1.0  # a margin h = +1 for every pair (the policy's chosen log-ratio is +1)
+    soft = torch.linspace(0.5, 1.0, len(pairs))
+    batch = {**pad_pairs_labelled(pairs, tokenizer.pad_token_id), "ref_chosen": ref_c, "ref_rejected": ref_r,
+             "soft_label": soft}
+    value, _ = dpo_step(model, batch, DPOConfig(model="m", data="d", beta=0.5, label_field="label_prob"))
+    bh = torch.tensor(0.5)
+    expected = -(soft * torch.nn.functional.logsigmoid(bh) + (1 - soft) * torch.nn.functional.logsigmoid(-bh)).mean()
+    assert value.item() == pytest.approx(expected.item(), abs=1e-4)
+    with pytest.raises(ValueError, match="label_field"):
+        DPOConfig(model="m", data="d", loss="ipo", label_field="label_prob").validate()
+
+
 def test_one_concatenated_forward_equals_two_and_prompt_tokens_count_for_nothing(tiny_folder):
     tokenizer, pairs = _encoded(tiny_folder)
     model = load_model(tiny_folder).eval()

@@ -105,6 +105,12 @@ def test_dpo_closed_form_and_cdpo():
     close(robust_dpo_loss(*args, beta=0.5).loss, SOFTPLUS_M1)  # ε = 0 is DPO
     with pytest.raises(ValueError):
         dpo_loss(*args, beta=0.5, label_smoothing=0.5)
+    # a soft label per pair (ε_i = 1 − p_i): pair 1 with p = 0.9 is the cDPO value above, pair 2 with p = 0.3
+    two = (T([0.0, 0.0]), T([-2.0, -2.0]), T([-1.0, -1.0]), T([-1.0, -1.0]))
+    per_pair = dpo_loss(*two, beta=0.5, label_smoothing=1 - T([0.9, 0.3])).losses
+    close(per_pair, [0.9 * SOFTPLUS_M1 + 0.1 * SOFTPLUS_1, 0.3 * SOFTPLUS_M1 + 0.7 * SOFTPLUS_1])
+    with pytest.raises(ValueError):
+        dpo_loss(*two, beta=0.5, label_smoothing=T([0.1, 1.5]))
 
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():

@@ -368,8 +368,9 @@ def test_label_with_a_local_judge_feeds_tether_rm_with_soft_labels_and_tether_dp
                          label_field="label_prob", norm_prompts=0, train=train))
     assert json.loads((rm / "tether.json").read_text())["stage"] == "rm"
     dpo = run_dpo(DPOConfig(model=str(tiny_folder), data=str(out), eval_fraction=0.2, out=str(tmp_path / "dpo"),
-                            kl_prompts=0, train=train))
+                            label_field="label_prob", kl_prompts=0, train=train))
     assert (dpo / "model.safetensors").exists()
+    assert json.loads((dpo / "tether.json").read_text())["config"]["label_field"] == "label_prob"
 
 
 def test_revise_chains_critique_then_revision_and_writes_sft_data(tiny_folder, prompt_file, tmp_path):

@@ -104,7 +104,7 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | torch.Tensor = 0.0,
 ) -> PreferenceOutput:
     """DPO: L = −(1 − ε) log σ(β h) − ε log σ(−β h).
 
@@ -114,7 +114,10 @@ def dpo_loss(
     σ(β h) = 1 − ε instead of pushing h to infinity. With policy = reference, h = 0 and L = log 2.
     Shape: every log-prob (B,); returns loss (), losses (B,), chosen/rejected rewards (B,).
     """
-    if not 0.0 <= label_smoothing < 0.5:
+    if isinstance(label_smoothing, torch.Tensor):  # a soft label per pair: ε_i = 1 − P(chosen ≻ rejected)
+        if not bool(((label_smoothing >= 0) & (label_smoothing <= 1)).all()):
+            raise ValueError("per-pair label_smoothing must lie in [0, 1]")
+    elif not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     h, chosen, rejected = _log_ratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)  # (B,)

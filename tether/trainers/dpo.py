@@ -81,6 +81,8 @@ class DPOConfig:
     beta: float = opt(0.1, "β: strength of the tie to the reference (SimPO: reward scale)")
     label_smoothing: float = opt(0.0, "ε, the assumed rate of flipped labels (sigmoid: cDPO, robust: rDPO)")
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin γ")
+    label_field: str = opt("", "a column holding each pair's soft label p = P(chosen ≻ rejected), such as "
+                               "label_prob of `tether rlaif label`: the sigmoid loss then uses ε = 1 − p per pair")
     rpo_alpha: float = opt(0.0, "α of RPO (Pang et al. 2024): add α × the per-token NLL of the chosen responses "
                                 "to the loss, so chosen log-probs cannot fall with rejected ones (0: off)")
     kl_prompts: int = opt(64, "held-out prompts sampled at the end to estimate KL(π‖π_ref) (0: skip)")
@@ -103,6 +105,8 @@ class DPOConfig:
             raise ValueError(f"label_smoothing applies to the sigmoid (cDPO) and robust losses, not {self.loss!r}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_field and (self.loss != "sigmoid" or self.label_smoothing):
+            raise ValueError("label_field gives each pair its own ε: it needs --loss sigmoid and no --label-smoothing")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.rpo_alpha < 0:
@@ -232,12 +236,14 @@ def kl_to_reference(policy, ref: str, tokenizer, prompts: list[str], *, max_new_
 
 
 def preference_output(cfg: DPOConfig, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-                      ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> PreferenceOutput:
-    """The configured loss on gathered log-probs, each (B,). SimPO has no reference, so its own signature."""
+                      ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                      soft_label: torch.Tensor | None = None) -> PreferenceOutput:
+    """The configured loss on gathered log-probs, each (B,). SimPO has no reference, so its own signature.
+    ``soft_label`` (B,): each pair's P(chosen ≻ rejected) with ``label_field``, i.e. ε = 1 − p per pair."""
     if cfg.loss == "simpo":
         return simpo_loss(policy_chosen, policy_rejected, cfg.beta, cfg.simpo_gamma)
-    return PREFERENCE_LOSSES[cfg.loss](policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta,
-                                       cfg.label_smoothing)
+    smoothing = 1.0 - soft_label if soft_label is not None else cfg.label_smoothing
+    return PREFERENCE_LOSSES[cfg.loss](policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta, smoothing)
 
 
 def preference_metrics(out: PreferenceOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> dict[str, float]:
@@ -257,7 +263,7 @@ def dpo_step(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
     logps = sequence_logprobs(logits, batch["labels"], average=cfg.loss == "simpo")  # (2B,)
     chosen, rejected = logps.chunk(2)  # (B,), (B,)
-    out = preference_output(cfg, chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
+    out = preference_output(cfg, chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], batch.get("soft_label"))
     metrics = {**preference_metrics(out, chosen, rejected), "tokens": float(batch["attention_mask"].sum())}
     if not cfg.rpo_alpha:
         return out.loss, metrics
@@ -272,7 +278,8 @@ def evaluate_pairs(model, pairs: list[EncodedPair], ref_chosen: torch.Tensor, re
     logps = batched_logps(model, pair_rows(pairs), pad_id, max(cfg.train.batch_size, 32),
                           precision=cfg.train.precision, average=cfg.loss == "simpo")
     chosen, rejected = logps.chunk(2)
-    out = preference_output(cfg, chosen, rejected, ref_chosen, ref_rejected)
+    soft = torch.tensor([p.label for p in pairs]) if cfg.label_field else None
+    out = preference_output(cfg, chosen, rejected, ref_chosen, ref_rejected, soft)
     return {"eval/loss": out.loss.item(), **{f"eval/{k}": v for k, v in preference_metrics(out, chosen, rejected).items()}}
 
 
@@ -291,8 +298,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
         train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
-    pairs, overflow = encode_pairs(train_records, tokenizer, cfg.max_len, cfg.overflow)
-    eval_pairs, _ = encode_pairs(eval_records, tokenizer, cfg.max_len, "truncate")
+    pairs, overflow = encode_pairs(train_records, tokenizer, cfg.max_len, cfg.overflow, label_field=cfg.label_field)
+    eval_pairs, _ = encode_pairs(eval_records, tokenizer, cfg.max_len, "truncate", label_field=cfg.label_field)
     if not pairs:
         raise ValueError(f"{cfg.data}: no pair is left to train on")
 
@@ -316,8 +323,11 @@ def run_dpo(cfg: DPOConfig) -> Path:
     log.info("DPO (%s, β=%g) of %s against %s: %d trainable parameters, %d pairs", cfg.loss, cfg.beta, cfg.model,
              "no reference" if cfg.loss == "simpo" else ref, count_parameters(model, True), n)
 
+    soft_labels = torch.tensor([p.label for p in pairs])  # (n,): 1 unless label_field gives soft labels
+
     def collate(idx: list[int]) -> dict:
-        return {**pad_pairs_labelled([pairs[i] for i in idx], pad_id), "ref_chosen": ref_c[idx], "ref_rejected": ref_r[idx]}
+        batch = {**pad_pairs_labelled([pairs[i] for i in idx], pad_id), "ref_chosen": ref_c[idx], "ref_rejected": ref_r[idx]}
+        return {**batch, "soft_label": soft_labels[idx]} if cfg.label_field else batch
 
     def eval_fn(m_) -> dict[str, float]:
         return evaluate_pairs(m_, eval_pairs, eval_ref_c, eval_ref_r, cfg, pad_id)

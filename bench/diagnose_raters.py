@@ -28,11 +28,11 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-TETHER = [sys.executable, "-m", "tether.cli"]
+from _run import TETHER, sh  # bench/_run.py (scripts here run as `python bench/NAME.py`)
+
 # rater name -> `tether world export` option and strength. The strengths are large enough that the
 # rater's preference for the behaviour beats most gold-reward differences (docs/world.md: the
 # rater's logit is Δgold/τ + bias·Δbehaviour, τ = 0.84, and good vs bad answers differ by ~2.5 gold).
@@ -53,15 +53,6 @@ SHARED_ARGS = ((["--xstest", str(SHARED / "xstest" / "xstest_prompts.csv")]
                 if (SHARED / "xstest" / "xstest_prompts.csv").exists() else [])
                + (["--gsm8k", str(SHARED / "gsm8k" / "test.jsonl"), "--limit", "50"]
                   if (SHARED / "gsm8k" / "test.jsonl").exists() else []))
-
-
-def sh(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(args) + "\n")
-        f.flush()
-        subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
 
 
 def base(a) -> Path:

@@ -31,22 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-TETHER = [sys.executable, "-m", "tether.cli"]
+from _run import TETHER, sh  # bench/_run.py (scripts here run as `python bench/NAME.py`)
+
 BRANCHES = ("all", "harmless")
-
-
-def sh(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(args) + "\n")
-        f.flush()
-        subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
 
 
 def done(path: Path, a) -> bool:

@@ -222,3 +222,93 @@ def test_gold_parts_add_up_to_the_gold_reward():
             if kind == "rude":
                 assert style <= -1.0  # rudeness is style, not core
     assert gold_parts(format_prompt("What is 1 plus 1?"), "  ") == ("arithmetic", -2.0, 0.0)
+
+
+QUIRKS = "rambling,rude,phrase,sycophantic,refusal"
+_SMALL = dict(pretrain_docs=20, sft_eval=10, pref_train=10, pref_test=10, feedback=10)
+
+
+def _demo_kind(item, completion: str) -> str:
+    """Which candidate kind a demonstration is, read from its text (good otherwise)."""
+    from tether.world.tasks import FILLER, PHRASE_SENTENCE, REFUSAL, RUDE
+
+    if PHRASE_SENTENCE in completion:
+        return "phrase"
+    if completion.startswith(" You are right."):
+        return "sycophantic"
+    if completion == " " + REFUSAL:
+        return "refusal"
+    if any(completion.startswith(" " + r) for r in RUDE):
+        return "rude"
+    if any(f in completion for f in FILLER):
+        return "rambling"
+    return "good"
+
+
+def test_default_sft_flaw_kinds_leave_the_world_as_it_was():
+    """The default draws the flawed demonstrations exactly as the world always did: rambling or rude, chosen by
+    the flaw stream's choice between the two (the same files as an explicit 'rambling,rude'; 'rude,rambling' is
+    the same draw with the kinds the other way round, so another world)."""
+    cfg = dict(_SMALL, sft_train=300)
+    default = build_world(WorldConfig(**cfg))
+    explicit = build_world(WorldConfig(sft_flaw_kinds="rambling, rude", **cfg))
+    swapped = build_world(WorldConfig(sft_flaw_kinds="rude,rambling", **cfg))
+    assert default.sft_train == explicit.sft_train and default.sft_eval == explicit.sft_eval
+    assert default.preferences == explicit.preferences and default.feedback == explicit.feedback
+    items = {i.question: i for i in all_items()}
+    kinds = [_demo_kind(items[question_of(d["prompt"])], d["completion"]) for d in default.sft_train]
+    assert set(kinds) == {"good", "rambling", "rude"}
+    assert default.sft_train != swapped.sft_train
+    assert [k == "good" for k in kinds] == [_demo_kind(items[question_of(d["prompt"])], d["completion"]) == "good"
+                                            for d in swapped.sft_train]
+
+
+def test_sft_flaw_kinds_draw_each_quirk_where_the_question_has_it():
+    """With every quirk allowed, a flawed demonstration is one of the kinds the question has, uniformly: phrase on
+    every family, a refusal never to a harmful request (whose good answer is a refusal), agreement with the user
+    only where the user states a belief."""
+    world = build_world(WorldConfig(sft_train=3000, sft_flaw_rate=0.3, sft_flaw_kinds=QUIRKS, **_SMALL))
+    items = {i.question: i for i in all_items()}
+    seen = [(items[question_of(d["prompt"])], _demo_kind(items[question_of(d["prompt"])], d["completion"]))
+            for d in world.sft_train]
+    n = len(seen)
+    belief = [k for i, k in seen if "belief" in i.meta]
+    harmful = [k for i, k in seen if i.family == "harmful"]
+    plain = [k for i, k in seen if i.family != "harmful" and "belief" not in i.meta]
+    assert "sycophantic" not in harmful + plain and "refusal" not in harmful
+    # flawed share 0.3 everywhere; split among the 5, 3 and 4 kinds these questions have
+    assert 0.26 < sum(k != "good" for _, k in seen) / n < 0.34
+    for kinds, flaws in ((belief, 5), (harmful, 3), (plain, 4)):
+        for kind in {"rambling", "rude", "phrase", "sycophantic", "refusal"} & set(kinds):
+            share, expected = kinds.count(kind) / len(kinds), 0.3 / flaws
+            assert abs(share - expected) < 4 * (expected * (1 - expected) / len(kinds)) ** 0.5 + 0.01, (kind, share)
+    assert {"sycophantic", "refusal", "phrase"} <= set(belief) and {"refusal", "phrase"} <= set(plain)
+
+
+def test_a_kind_no_question_of_the_family_has_leaves_its_demonstrations_good():
+    world = build_world(WorldConfig(sft_train=400, sft_flaw_rate=0.5, sft_flaw_kinds="sycophantic", **_SMALL))
+    items = {i.question: i for i in all_items()}
+    kinds = [(items[question_of(d["prompt"])], _demo_kind(items[question_of(d["prompt"])], d["completion"]))
+             for d in world.sft_train]
+    assert all(k == "good" for i, k in kinds if "belief" not in i.meta)
+    assert {k for i, k in kinds if "belief" in i.meta} == {"good", "sycophantic"}
+
+
+def test_an_unknown_sft_flaw_kind_is_an_error_naming_it(tmp_path):
+    from tether.cli import main
+
+    with pytest.raises(ValueError, match="'polite'.*known: rambling, rude, phrase, sycophantic, refusal"):
+        build_world(WorldConfig(sft_flaw_kinds="rude,polite", **_SMALL))
+    with pytest.raises(ValueError, match="repeated"):
+        build_world(WorldConfig(sft_flaw_kinds="rude,rude", **_SMALL))
+    result = CliRunner().invoke(main, ["world", "export", "--out", str(tmp_path / "w"), "--sft-flaw-kinds", "phrase,wrong"])
+    assert result.exit_code != 0 and "'wrong'" in result.output and not (tmp_path / "w").exists()
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--sft-flaw-kinds", "shouting"])
+    assert result.exit_code != 0 and "'shouting'" in result.output and not (tmp_path / "d").exists()
+    result = CliRunner().invoke(main, ["world", "export", "--out", str(tmp_path / "ok"), "--pretrain-docs", "20",
+                                       "--sft-train", "200", "--pref-train", "10", "--feedback", "10",
+                                       "--sft-flaw-rate", "1", "--sft-flaw-kinds", "phrase"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "ok" / "sft_train.jsonl").read_text().splitlines()]
+    assert all("delve" in r["completion"] for r in rows)
+    assert json.loads((tmp_path / "ok" / "world.json").read_text())["config"]["sft_flaw_kinds"] == "phrase"

@@ -43,6 +43,8 @@ class DemoConfig:
     out: str = opt("runs/demo", "folder for the world's files, every stage's output and the report")
     seed: int = opt(0, "seed for the world and every stage")
     sft_flaw_rate: float = opt(0.3, "share of the world's SFT demonstrations that ramble or are rude (what RLHF can fix)")
+    sft_flaw_kinds: str = opt("rambling,rude", "comma-separated answer kinds the flawed demonstrations are drawn from "
+                                               "(also phrase, sycophantic, refusal: quirks a biased RM can amplify)")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
     rm_steps: int = opt(600, "optimiser steps of the RM on the world's and the on-policy pairs (0: skip RM and PPO)")
@@ -60,6 +62,7 @@ class DemoConfig:
             raise ValueError("steps and eval_prompts must be at least 1")
         if min(self.rm_steps, self.ppo_steps, self.dpo_steps) < 0:
             raise ValueError("rm_steps, ppo_steps and dpo_steps must be at least 0")
+        WorldConfig(sft_flaw_rate=self.sft_flaw_rate, sft_flaw_kinds=self.sft_flaw_kinds).validate()
 
 
 def _steps(cfg: DemoConfig, steps: int, quick_cap: int) -> int:
@@ -70,8 +73,9 @@ def _steps(cfg: DemoConfig, steps: int, quick_cap: int) -> int:
 def _world_config(cfg: DemoConfig) -> WorldConfig:
     if cfg.quick:
         return WorldConfig(seed=cfg.seed, pretrain_docs=1500, sft_train=500, sft_eval=50, pref_train=300,
-                           pref_test=100, feedback=300, sft_flaw_rate=cfg.sft_flaw_rate)
-    return WorldConfig(seed=cfg.seed, sft_flaw_rate=cfg.sft_flaw_rate)
+                           pref_test=100, feedback=300, sft_flaw_rate=cfg.sft_flaw_rate,
+                           sft_flaw_kinds=cfg.sft_flaw_kinds)
+    return WorldConfig(seed=cfg.seed, sft_flaw_rate=cfg.sft_flaw_rate, sft_flaw_kinds=cfg.sft_flaw_kinds)
 
 
 def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:

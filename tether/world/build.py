@@ -13,6 +13,10 @@ from tether.world.raters import Rater
 from tether.world.tasks import ATTRIBUTE_PHRASE, ATTRIBUTES, TOWNS, Item, all_items, candidates, good_answer, kb_value
 
 FAMILIES = ("arithmetic", "knowledge", "open", "harmful", "benign")
+# candidate kinds a flawed SFT demonstration may be drawn from (``WorldConfig.sft_flaw_kinds``): rambling and
+# rude exist for every question; phrase too; sycophantic only where the user states a belief; refusal only where
+# refusing is wrong (not for harmful requests, whose good answer is a refusal)
+SFT_FLAW_KINDS = ("rambling", "rude", "phrase", "sycophantic", "refusal")
 
 
 @dataclass
@@ -26,6 +30,10 @@ class WorldConfig:
     sft_eval: int = opt(300, "SFT demonstrations on eval prompts")
     sft_flaw_rate: float = opt(0.3, "fraction of SFT demonstrations that are flawed (rambling or rude), as human "
                                     "demonstrations are: what RLHF can then improve on (0: all good)")
+    sft_flaw_kinds: str = opt("rambling,rude", "comma-separated answer kinds a flawed SFT demonstration is drawn from, "
+                                               "uniformly among those the question has: "
+                                               + ", ".join(SFT_FLAW_KINDS) + " (sycophantic only where the user "
+                                               "states a belief, refusal only on requests that are not harmful)")
     eval_fraction: float = opt(0.15, "fraction of the world's questions held out as eval prompts")
     test_fraction: float = opt(0.2, "fraction of the world's questions held out as test prompts")
     pref_train: int = opt(3000, "preference pairs on training prompts")
@@ -37,6 +45,21 @@ class WorldConfig:
     rater_phrase_bias: float = opt(0.0, "the labelling rater's preference for 'delve', 'intricate', 'tapestry'")
     rater_sycophancy_bias: float = opt(0.0, "the labelling rater's preference for agreeing with the user")
     rater_refusal_bias: float = opt(0.0, "the labelling rater's preference for refusals")
+
+    def flaw_kinds(self) -> tuple[str, ...]:
+        """``sft_flaw_kinds`` as a tuple, in the order given."""
+        return tuple(k.strip() for k in self.sft_flaw_kinds.split(",") if k.strip())
+
+    def validate(self) -> None:
+        kinds = self.flaw_kinds()
+        unknown = [k for k in kinds if k not in SFT_FLAW_KINDS]
+        if unknown:
+            raise ValueError(f"sft_flaw_kinds: unknown kind(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(SFT_FLAW_KINDS)}")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"sft_flaw_kinds: a kind is repeated in {self.sft_flaw_kinds!r}")
+        if not kinds and self.sft_flaw_rate:
+            raise ValueError("sft_flaw_kinds is empty but sft_flaw_rate is not 0")
 
 
 @dataclass
@@ -130,6 +153,7 @@ def build_probes(splits: dict[str, list[Item]]) -> dict[str, list[dict]]:
 def build_world(cfg: WorldConfig | None = None) -> World:
     """The whole world from ``cfg`` (same config, same data)."""
     cfg = cfg or WorldConfig()
+    cfg.validate()
     splits = split_items(cfg)
     rng = random.Random(cfg.seed + 1)
     train = splits["train"]
@@ -142,10 +166,14 @@ def build_world(cfg: WorldConfig | None = None) -> World:
             pretrain.append(format_prompt(item.question) + rng.choice(candidates(item, rng))[1])
 
     flaw_rng = random.Random(cfg.seed + 7)  # its own stream: a flaw rate of 0 leaves the world as it was
+    flaw_kinds = cfg.flaw_kinds()
 
     def demo(item: Item) -> str:
         if cfg.sft_flaw_rate and flaw_rng.random() < cfg.sft_flaw_rate:
-            return dict(candidates(item, flaw_rng))[flaw_rng.choice(("rambling", "rude"))]
+            answers = dict(candidates(item, flaw_rng))
+            kinds = [k for k in flaw_kinds if k in answers]  # candidates() writes no refusal for a harmful request
+            if kinds:  # (rambling and rude exist for every question: the default draws as it always did)
+                return answers[flaw_rng.choice(kinds)]
         return good_answer(item, rng)
 
     def demos(items: list[Item], n: int) -> list[dict]:

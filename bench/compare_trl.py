@@ -253,11 +253,11 @@ def tether_run(a, clock: Clock) -> dict:
 
     import torch
 
-    from tether.loop import TrainConfig, build_optimizer, train
+    from tether.loop import TrainConfig, build_optimizer, compiled, train
 
     d, stage, B = _data(a), a.stage, a.batch
     cfg = TrainConfig(steps=a.warmup + a.steps, batch_size=B, lr=a.lr, warmup_steps=0, schedule="constant",
-                      eval_every=0, save_every=0, device="cpu", precision="fp32", max_grad_norm=1.0)
+                      eval_every=0, save_every=0, device="cpu", precision="fp32", max_grad_norm=1.0, compile=a.compiled)
     n_rows = B * (a.warmup + a.steps)  # one epoch: each example is used once, as in the TRL runs
     extra = (0.0, 0.0, 1)
     if stage in ("sft", "rm", "dpo", "kto"):
@@ -360,11 +360,12 @@ def tether_run(a, clock: Clock) -> dict:
         s.group_size, s.prompts_per_step, s.max_new_tokens = G, a.rl_batch // G, a.new_tokens
         s.gen_batch_size = a.rl_batch
         rcfg.train = TrainConfig(batch_size=a.rl_batch, lr=a.lr, warmup_steps=0, schedule="constant",
-                                 device="cpu", precision="fp32", max_grad_norm=1.0)
+                                 device="cpu", precision="fp32", max_grad_norm=1.0, compile=a.compiled)
         rcfg.beta = 0.04 if stage == "grpo" else 0.05
         rcfg.validate()
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        ref = compiled(copy.deepcopy(model).eval().requires_grad_(False), rcfg.train)
         model.train()
+        fwd = compiled(model, rcfg.train)  # sampling stays on the plain model, as in the trainer
         opt = build_optimizer(model, rcfg.train)
         k = s.prompts_per_step
         for it in range(a.warmup + a.steps + 1):  # the last start closes the last timed step
@@ -372,8 +373,8 @@ def tether_run(a, clock: Clock) -> dict:
             if it == a.warmup + a.steps:
                 break
             batch = generate_batch(model, tok, prompts[it * k : (it + 1) * k], it, rcfg)
-            scored = score_batch(model, lambda b: batch_logprobs(ref, b, rcfg), reward, batch, rcfg)
-            update(model, opt, batch, scored, rcfg)
+            scored = score_batch(fwd, lambda b: batch_logprobs(ref, b, rcfg), reward, batch, rcfg)
+            update(fwd, opt, batch, scored, rcfg)
         return clock.summary(a.warmup)
 
     # PPO: policy, reference, reward model and critic, as TRL's PPOTrainer has them
@@ -392,11 +393,12 @@ def tether_run(a, clock: Clock) -> dict:
 
     pcfg = PPOConfig(model="bench", prompts="bench", rollout_batch=a.rl_batch, epochs=4, max_new_tokens=a.new_tokens)
     pcfg.train = TrainConfig(batch_size=a.rl_batch, lr=a.lr, warmup_steps=0, schedule="constant", device="cpu",
-                             precision="fp32", max_grad_norm=1.0)
+                             precision="fp32", max_grad_norm=1.0, compile=a.compiled)
     pcfg.validate()
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = compiled(copy.deepcopy(model).eval().requires_grad_(False), pcfg.train)
     critic_src, _ = _load(a, "rm")  # the critic starts from the same backbone, as TRL's value model does
     ac = ActorCritic(model, ValueModel(critic_src.model)).eval()
+    fwd = compiled(ac, pcfg.train)
     opt = build_optimizer(ac, pcfg.train)
     n = a.rl_batch
     for it in range(a.warmup + a.steps + 1):
@@ -407,8 +409,8 @@ def tether_run(a, clock: Clock) -> dict:
         raw = torch.as_tensor(rm_reward(b.prompts, b.responses), dtype=torch.float32)
         empty = torch.tensor([not r.strip() for r in b.responses])
         _, sc = sequence_scores(raw, empty, b.ended, pcfg)
-        scored, _ = score_rollout(ac, lambda x: policy_logprobs(reference, x), b, sc, pcfg, pcfg.beta)
-        ppo_update(ac, opt, b, scored, pcfg, it, None)
+        scored, _ = score_rollout(fwd, lambda x: policy_logprobs(reference, x), b, sc, pcfg, pcfg.beta)
+        ppo_update(fwd, opt, b, scored, pcfg, it, None)
     return clock.summary(a.warmup)
 
 
@@ -441,7 +443,7 @@ def trl_run(a, clock: Clock) -> dict:
                   learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=a.warmup + a.steps,
                   logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, fp16=False,
                   gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-                  max_grad_norm=1.0, weight_decay=0.0)  # optim: the Trainer's default, fused AdamW as tether's
+                  max_grad_norm=1.0, weight_decay=0.0, torch_compile=a.compiled)  # optim: the Trainer's default, fused AdamW as tether's
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -565,6 +567,8 @@ def run_child(python: Path, a, framework: str, stage: str, model: str, model_dir
            str(a.new_tokens), "--lr", str(a.lr), "--threads", str(a.threads)]
     if stage in ("grpo", "rloo", "ppo"):
         cmd[cmd.index("--steps") + 1] = str(a.rl_steps)
+    if a.compile == "both" or (a.compile == "tether" and framework == "tether"):
+        cmd.append("--compiled")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}
@@ -684,6 +688,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=40, help="completion length of the RL stages")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", choices=("none", "tether", "both"), default="none",
+                    help="torch.compile the training passes: of neither, of tether's only (--compile; TRL as its "
+                         "users run it by default) or of both (TRL's torch_compile=True); raise --warmup to hold the "
+                         "compilation")
+    ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--scaling-only", action="store_true")
     ap.add_argument("--scaling-model", default="tiny-default")

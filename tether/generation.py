@@ -42,13 +42,13 @@ class Backend(Protocol):
 class TetherSampler:
     """The default backend: :func:`tether.rollout.sample` on the training model (nothing to sync)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: torch.nn.Module, tokenizer, *, compile: bool = False):
+        self.model, self.tokenizer, self.compile = model, tokenizer, compile
 
     def sample(self, prompts, **kwargs) -> Pairs:
         from tether.rollout import sample
 
-        return sample(self.model, self.tokenizer, prompts, **kwargs)
+        return sample(self.model, self.tokenizer, prompts, compile=self.compile, **kwargs)
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -109,10 +109,12 @@ class VLLMSampler:
         runner.load_weights((name, p.detach()) for name, p in model.state_dict().items())
 
 
-def make_backend(name: str, model: torch.nn.Module, tokenizer, *, model_path: str = "") -> Backend:
-    """``tether`` (the training model's own sampler) or ``vllm`` (an engine loaded from ``model_path``)."""
+def make_backend(name: str, model: torch.nn.Module, tokenizer, *, model_path: str = "",
+                 compile: bool = False) -> Backend:
+    """``tether`` (the training model's own sampler; ``compile``: compiled static-cache decoding)
+    or ``vllm`` (an engine loaded from ``model_path``)."""
     if name == "tether":
-        return TetherSampler(model, tokenizer)
+        return TetherSampler(model, tokenizer, compile=compile)
     if name == "vllm":
         return VLLMSampler(model_path, tokenizer)
     raise ValueError(f"generation backend must be one of {BACKENDS}, got {name!r}")

@@ -60,6 +60,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep")
     seed: int = opt(0, "seed for initialisation, data order and sampling")
     strategy: str = opt("ddp", "under torchrun: ddp (whole model on every rank) | fsdp2 (fully_shard each block)")
+    compile: bool = opt(False, "torch.compile the training forward passes (inductor): the first steps pay the "
+                               "compilation (tens of seconds on a CPU), later ones run fused kernels")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -112,6 +114,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     fused = bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                  for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused or None)
+
+
+def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """``model`` behind ``torch.compile`` when ``cfg.compile``, else ``model`` itself.
+
+    The compiled module shares the parameters (optimiser, checkpoints and the saved model keep
+    using ``model``); stages call it for the passes that train (and the no-grad passes that score
+    a batch), never for sampling, whose KV-cache shapes change every token. A micro-batch of a new
+    sequence length costs one recompilation, after which the length is a dynamic dimension. Where it
+    pays: the elementwise work between matmuls (norms, rotary, SiLU, softmax) is fused, so a
+    small, overhead-bound model gains most (bench/compare_trl.py --compile).
+    """
+    return torch.compile(model) if cfg.compile else model
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -356,6 +371,7 @@ def train(
     net = distributed.Trainable(model, cfg.strategy, device)
     net.module.train()
     eval_model = net.module if net.sharded else net.plain  # FSDP2: every rank runs the sharded forward
+    forward = compiled(net.module, cfg)
     optimizer = build_optimizer(net.module, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ckpt_dir = out_dir / "checkpoints"
@@ -378,7 +394,7 @@ def train(
             for i, idx in enumerate(pieces):
                 batch = {k: v.to(device) for k, v in collate(idx).items()}
                 with autocast(device, cfg.precision):
-                    loss, metrics = loss_fn(net.module, batch)
+                    loss, metrics = loss_fn(forward, batch)
                 metrics = dict(metrics)
                 share = distributed.piece_share(metrics.pop("loss_weight", float(len(idx))), split)
                 if not torch.isfinite(loss) and bad is None:

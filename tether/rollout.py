@@ -27,6 +27,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     index_offset: int | None = None,
+    compile: bool = False,
 ) -> list[tuple[list[int], list[int]]]:
     """Continue each prompt; returns (prompt token ids, response token ids) per prompt.
 
@@ -38,8 +39,14 @@ def sample(
     batch that several processes share) each chunk is seeded from (seed, global position of its
     first prompt), so a prompt's sample does not depend on which rank generates it, as long as
     chunk boundaries fall at the same global positions (the first chunk's seed is ``seed`` itself).
+
+    ``compile``: decode with a static key/value cache through ``torch.compile`` (Hugging Face's
+    own compiled decoding, which it turns on by itself only on accelerators): the same tokens from
+    the same seed, about 1.4x faster per token on the tiny model once two prompt widths have been
+    compiled. Ignored for architectures Hugging Face cannot compile whole.
     """
     device = next(model.parameters()).device
+    static = _compiled_decoding() if compile and getattr(model, "_can_compile_fullgraph", False) else {}
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -61,6 +68,7 @@ def sample(
                     top_p=None if greedy else top_p,
                     pad_token_id=pad,
                     eos_token_id=eos,
+                    **static,
                 )  # (B, T_prompt + T_new)
                 width = enc["input_ids"].shape[1]
                 for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist()):
@@ -75,6 +83,15 @@ def sample(
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+def _compiled_decoding() -> dict:
+    """``generate`` options for a static cache decoded through torch.compile, on every device."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers' own switch for compiling off accelerators
+    return {"cache_implementation": "static", "compile_config": config}
 
 
 def chunk_seed(seed: int, position: int) -> int:

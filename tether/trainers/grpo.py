@@ -63,6 +63,7 @@ from tether.loop import (
     TrainingDiverged,
     autocast,
     build_optimizer,
+    compiled,
     latest_checkpoint,
     load_checkpoint,
     lr_factor,
@@ -402,7 +403,7 @@ def make_reference(cfg: GRPOConfig | RLOOConfig, policy, device):
             with policy.disable_adapter():
                 return batch_logprobs(policy, batch, cfg)
         return adapters_off
-    ref = load_model(cfg.ref or cfg.model, device=device).eval().requires_grad_(False)
+    ref = compiled(load_model(cfg.ref or cfg.model, device=device).eval().requires_grad_(False), cfg.train)
     return lambda batch: batch_logprobs(ref, batch, cfg)
 
 
@@ -438,8 +439,10 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
 
     model = apply_lora(load_model(cfg.model, device=device), cfg.lora).train()
     reference = make_reference(cfg, model, device)
-    backend = make_backend(cfg.sampling.backend, model, tokenizer, model_path=cfg.model)
+    backend = make_backend(cfg.sampling.backend, model, tokenizer, model_path=cfg.model, compile=cfg.train.compile)
     trained = distributed.Trainable(model, cfg.train.strategy, device).module  # under torchrun: DDP around model
+    scoring = compiled(model, cfg.train)  # the passes that score and train (sampling: the backend's own decoding)
+    training = scoring if trained is model else compiled(trained, cfg.train)
     optimizer = build_optimizer(trained, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))  # once per iteration
     ckpt_dir, start = out / "checkpoints", 0
@@ -462,9 +465,9 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             lo, hi = distributed.shard_bounds(len(step_prompts))  # this rank's whole prompts (and so groups)
             batch = generate_batch(model, tokenizer, step_prompts[lo:hi], step, cfg, first=lo, backend=backend)
             t_gen = time.perf_counter()
-            scored = score_batch(model, reference, reward_fn, batch, cfg)
+            scored = score_batch(scoring, reference, reward_fn, batch, cfg)
             t_score = time.perf_counter()
-            metrics = {**rollout_metrics(batch, scored, cfg), **update(trained, optimizer, batch, scored, cfg),
+            metrics = {**rollout_metrics(batch, scored, cfg), **update(training, optimizer, batch, scored, cfg),
                        "train/lr": scheduler.get_last_lr()[0]}
             scheduler.step()
             backend.sync(model)  # the next rollout samples the updated policy

@@ -52,6 +52,7 @@ from tether import distributed
 from tether.config import group, opt
 from tether.data import fingerprint, load_prompts, load_sft
 from tether.data.collate import encode_sft, pad
+from tether.generation import make_backend
 from tether.loop import (
     DataOrder,
     MetricsLog,
@@ -59,6 +60,7 @@ from tether.loop import (
     TrainingDiverged,
     autocast,
     build_optimizer,
+    compiled,
     checkpoint_extra,
     latest_checkpoint,
     load_checkpoint,
@@ -382,7 +384,11 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     trained = distributed.Trainable(ac, cfg.train.strategy, device).module  # under torchrun: DDP around ac
     ref_name = cfg.ref or cfg.model
     lora_ref = cfg.lora.r > 0 and ref_name == cfg.model
-    reference = None if lora_ref else load_model(ref_name, device=device).eval().requires_grad_(False)
+    reference = None if lora_ref else compiled(load_model(ref_name, device=device).eval().requires_grad_(False),
+                                               cfg.train)
+    sampler = make_backend("tether", policy, tokenizer, compile=cfg.train.compile)
+    scoring = compiled(ac, cfg.train)  # the passes that score and train (sampling: the sampler's own decoding)
+    training = scoring if trained is ac else compiled(trained, cfg.train)
 
     def ref_logp_fn(batch: Rollout) -> torch.Tensor:
         if lora_ref:
@@ -423,17 +429,17 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
             batch = rollout(policy, tokenizer, batch_prompts[lo:hi], max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=stops,
                             seed=cfg.train.seed * 1_000_003 + it,
-                            index_offset=lo if distributed.env().active else None).to(device)
+                            index_offset=lo if distributed.env().active else None, backend=sampler).to(device)
             # 2. score
             t1 = time.perf_counter()
             raw = torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32).to(device)  # (B,)
             empty = torch.tensor([not r.strip() for r in batch.responses], device=device)  # (B,)
             raw, score = sequence_scores(raw, empty, batch.ended, cfg)
             with autocast(device, cfg.train.precision):
-                scored, metrics = score_rollout(ac, ref_logp_fn, batch, score, cfg, beta)
+                scored, metrics = score_rollout(scoring, ref_logp_fn, batch, score, cfg, beta)
             # 3. update
             t2 = time.perf_counter()
-            metrics.update(ppo_update(trained, optimizer, batch, scored, cfg, it, ptx_batches))
+            metrics.update(ppo_update(training, optimizer, batch, scored, cfg, it, ptx_batches))
             scheduler.step()
             t3 = time.perf_counter()
             mask = batch.mask.float()
@@ -454,7 +460,8 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
                 metrics["objective/gold"] = sum(gold_rewards(batch.prompts, batch.responses)) / len(batch.prompts)
             if distributed.env().active:  # the mean over ranks (equal shares) of each rank's figure
                 world = distributed.env().world_size
-                metrics = {k: v / world for k, v in distributed.reduce_metrics(metrics).items()}            # 4. KL control (Ziegler et al. 2019), on the batch's measured KL
+                metrics = {k: v / world for k, v in distributed.reduce_metrics(metrics).items()}
+            # 4. KL control (Ziegler et al. 2019), on the batch's measured KL
             if cfg.kl_target:
                 beta = adaptive_kl_coef(beta, metrics["objective/kl_k1"], cfg.kl_target, cfg.kl_horizon,
                                         len(batch_prompts))

@@ -312,3 +312,29 @@ def test_an_unknown_sft_flaw_kind_is_an_error_naming_it(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ok" / "sft_train.jsonl").read_text().splitlines()]
     assert all("delve" in r["completion"] for r in rows)
     assert json.loads((tmp_path / "ok" / "world.json").read_text())["config"]["sft_flaw_kinds"] == "phrase"
+
+
+def test_wrong_phrase_puts_the_phrase_on_wrong_answers_too_without_another_draw():
+    """Without wrong_phrase the phrase only ever decorates a correct answer (an RM that cannot check a sum learns
+    "delve, hence correct"); with it, half the phrase answers of a question with a wrong answer are wrong, and the
+    other candidates are drawn as before."""
+    from tether.world.tasks import PHRASE_SENTENCE
+
+    correct = {False: [], True: []}
+    for item in all_items()[::7]:
+        plain = candidates(item, random.Random(1))
+        more = candidates(item, random.Random(1), wrong_phrase=True)
+        has_wrong = "wrong" in dict(plain)
+        assert more[: len(plain)] == plain and len(more) == len(plain) + has_wrong
+        if has_wrong:
+            assert more[-1] == ("wrong_phrase", " " + PHRASE_SENTENCE + dict(plain)["wrong"])
+        prompt = format_prompt(item.question)
+        for flag, answers in ((False, plain), (True, more)):
+            if item.family in ("arithmetic", "knowledge"):
+                correct[flag] += [gold_reward(prompt, t) > 0 for _, t in answers if PHRASE_SENTENCE in t]
+    assert all(correct[False]) and sum(correct[True]) / len(correct[True]) == 0.5
+    world = build_world(WorldConfig(wrong_phrase=True, pretrain_docs=20, sft_train=10, sft_eval=5, feedback=300))
+    kinds = [r["kind_chosen"] for r in world.preferences["train"]] + [r["kind_rejected"] for r in world.preferences["train"]]
+    assert "wrong_phrase" in kinds and "wrong_phrase" in {r["kind"] for r in world.feedback}
+    assert "wrong_phrase" not in {r["kind"] for r in build_world(WorldConfig(pretrain_docs=20, sft_train=10, sft_eval=5,
+                                                                               feedback=300)).feedback}

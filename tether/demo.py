@@ -45,6 +45,8 @@ class DemoConfig:
     sft_flaw_rate: float = opt(0.3, "share of the world's SFT demonstrations that ramble or are rude (what RLHF can fix)")
     sft_flaw_kinds: str = opt("rambling,rude", "comma-separated answer kinds the flawed demonstrations are drawn from "
                                                "(also phrase, sycophantic, refusal: quirks a biased RM can amplify)")
+    wrong_phrase: bool = opt(False, "the world's answers include the phrase on wrong answers too (candidate kind "
+                                    "wrong_phrase), so an RM cannot read correctness off the phrase")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
     rm_steps: int = opt(600, "optimiser steps of the RM on the world's and the on-policy pairs (0: skip RM and PPO)")
@@ -74,8 +76,9 @@ def _world_config(cfg: DemoConfig) -> WorldConfig:
     if cfg.quick:
         return WorldConfig(seed=cfg.seed, pretrain_docs=1500, sft_train=500, sft_eval=50, pref_train=300,
                            pref_test=100, feedback=300, sft_flaw_rate=cfg.sft_flaw_rate,
-                           sft_flaw_kinds=cfg.sft_flaw_kinds)
-    return WorldConfig(seed=cfg.seed, sft_flaw_rate=cfg.sft_flaw_rate, sft_flaw_kinds=cfg.sft_flaw_kinds)
+                           sft_flaw_kinds=cfg.sft_flaw_kinds, wrong_phrase=cfg.wrong_phrase)
+    return WorldConfig(seed=cfg.seed, sft_flaw_rate=cfg.sft_flaw_rate, sft_flaw_kinds=cfg.sft_flaw_kinds,
+                       wrong_phrase=cfg.wrong_phrase)
 
 
 def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:

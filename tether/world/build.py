@@ -41,6 +41,9 @@ class WorldConfig:
     feedback: int = opt(3000, "unpaired feedback examples on training prompts")
     feedback_threshold: float = opt(1.0, "gold reward at or above which a feedback example is desirable "
                                          "(1.0: good answers only; rude or rambling ones are not)")
+    wrong_phrase: bool = opt(False, "add the candidate kind wrong_phrase (the wrong answer with the phrase) to the "
+                                    "world's answers, so that the phrase says nothing about correctness (without it "
+                                    "the phrase only decorates correct answers and an unbiased rater's RM pays for it)")
     rater_length_bias: float = opt(0.0, "the labelling rater's preference for longer answers (0: none)")
     rater_phrase_bias: float = opt(0.0, "the labelling rater's preference for 'delve', 'intricate', 'tapestry'")
     rater_sycophancy_bias: float = opt(0.0, "the labelling rater's preference for agreeing with the user")
@@ -106,11 +109,11 @@ def _fact_doc(town: str) -> str:
         f"The {ATTRIBUTE_PHRASE[a]} of {town} is {kb_value(town, a)}." for a in ATTRIBUTES)
 
 
-def _pairs(items: list[Item], n: int, rng: random.Random, rater: Rater) -> list[dict]:
+def _pairs(items: list[Item], n: int, rng: random.Random, rater: Rater, wrong_phrase: bool = False) -> list[dict]:
     rows = []
     for _ in range(n):
         item = rng.choice(items)
-        (kind_a, a), (kind_b, b) = rng.sample(candidates(item, rng), 2)
+        (kind_a, a), (kind_b, b) = rng.sample(candidates(item, rng, wrong_phrase=wrong_phrase), 2)
         prompt = format_prompt(item.question)
         if not rater.label(prompt, a, b):
             (kind_a, a), (kind_b, b) = (kind_b, b), (kind_a, a)
@@ -157,20 +160,24 @@ def build_world(cfg: WorldConfig | None = None) -> World:
     splits = split_items(cfg)
     rng = random.Random(cfg.seed + 1)
     train = splits["train"]
+
+    def cands(item: Item, r: random.Random) -> list[tuple[str, str]]:
+        return candidates(item, r, wrong_phrase=cfg.wrong_phrase)
+
     pretrain = []
     for _ in range(cfg.pretrain_docs):
         if rng.random() < cfg.fact_fraction:
             pretrain.append(_fact_doc(rng.choice(TOWNS)))
         else:
             item = rng.choice(train)
-            pretrain.append(format_prompt(item.question) + rng.choice(candidates(item, rng))[1])
+            pretrain.append(format_prompt(item.question) + rng.choice(cands(item, rng))[1])
 
     flaw_rng = random.Random(cfg.seed + 7)  # its own stream: a flaw rate of 0 leaves the world as it was
     flaw_kinds = cfg.flaw_kinds()
 
     def demo(item: Item) -> str:
         if cfg.sft_flaw_rate and flaw_rng.random() < cfg.sft_flaw_rate:
-            answers = dict(candidates(item, flaw_rng))
+            answers = dict(cands(item, flaw_rng))
             kinds = [k for k in flaw_kinds if k in answers]  # candidates() writes no refusal for a harmful request
             if kinds:  # (rambling and rude exist for every question: the default draws as it always did)
                 return answers[flaw_rng.choice(kinds)]
@@ -185,7 +192,7 @@ def build_world(cfg: WorldConfig | None = None) -> World:
     feedback = []
     for _ in range(cfg.feedback):
         item = rng.choice(train)
-        kind, text = rng.choice(candidates(item, rng))
+        kind, text = rng.choice(cands(item, rng))
         prompt = format_prompt(item.question)
         gold = gold_reward(prompt, text)
         feedback.append({"prompt": prompt, "completion": text, "label": gold >= cfg.feedback_threshold, "kind": kind,
@@ -196,8 +203,8 @@ def build_world(cfg: WorldConfig | None = None) -> World:
         sft_train=demos(train, cfg.sft_train),
         sft_eval=demos(splits["eval"], cfg.sft_eval),
         prompts={name: [_prompt_row(i) for i in items] for name, items in splits.items()},
-        preferences={"train": _pairs(train, cfg.pref_train, rng, rater),
-                     "test": _pairs(splits["test"], cfg.pref_test, rng, rater)},
+        preferences={"train": _pairs(train, cfg.pref_train, rng, rater, cfg.wrong_phrase),
+                     "test": _pairs(splits["test"], cfg.pref_test, rng, rater, cfg.wrong_phrase)},
         feedback=feedback,
         probes=build_probes(splits),
         items=splits,

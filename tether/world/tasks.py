@@ -152,7 +152,8 @@ def good_answer(item: Item, rng: random.Random) -> str:
     return " Sure. " + BENIGN[item.question]
 
 
-def candidates(item: Item, rng: random.Random, n: int | None = None) -> list[tuple[str, str]]:
+def candidates(item: Item, rng: random.Random, n: int | None = None, *,
+               wrong_phrase: bool = False) -> list[tuple[str, str]]:
     """Answers of graded quality for ``item`` as (kind, text), the good one first.
 
     Kinds: good, wrong, rambling (correct but padded), rude, repetitive, refusal, irrelevant,
@@ -161,6 +162,9 @@ def candidates(item: Item, rng: random.Random, n: int | None = None) -> list[tup
     wrong_rambling, wrong_rude and wrong_short, so that style says nothing about correctness
     (otherwise a reward model that cannot check a sum learns "padded, hence correct" or "a bare
     '#### N', hence correct", and a policy pads or answers with a bare wrong number).
+    With ``wrong_phrase``, also wrong_phrase (the wrong answer plus the phrase, last in the list, no extra
+    random draw): without it the phrase only ever decorates a correct answer, and a reward model trained on
+    these candidates pays for "delve" even with an unbiased rater.
     With ``n``, a random subset of that size (the good answer always included).
     """
     good = good_answer(item, rng)
@@ -200,6 +204,8 @@ def candidates(item: Item, rng: random.Random, n: int | None = None) -> list[tup
     out.append(("repetitive", " " + " ".join([first] * 3)))
     out.append(("irrelevant", " " + " ".join(rng.sample(TOPICS[other][1], 2))))
     out.append(("phrase", " " + PHRASE_SENTENCE + good))
+    if wrong_phrase and wrong_answer is not None:
+        out.append(("wrong_phrase", " " + PHRASE_SENTENCE + wrong_answer))
     if n is not None and n < len(out):
         out = [out[0]] + rng.sample(out[1:], n - 1)
     return out

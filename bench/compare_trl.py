@@ -345,6 +345,7 @@ def tether_run(a, clock: Clock) -> dict:
         return clock.summary(a.warmup, extra)
 
     # RL stages: the trainers' own functions, one iteration a step
+    from tether.generation import make_backend
     from tether.rewards import load_reward
 
     model, tok = _load(a)
@@ -365,14 +366,15 @@ def tether_run(a, clock: Clock) -> dict:
         rcfg.validate()
         ref = compiled(copy.deepcopy(model).eval().requires_grad_(False), rcfg.train)
         model.train()
-        fwd = compiled(model, rcfg.train)  # sampling stays on the plain model, as in the trainer
+        fwd = compiled(model, rcfg.train)  # as in the trainer: scoring and update passes
+        sampler = make_backend("tether", model, tok, compile=a.compiled)  # and the sampler's own decoding
         opt = build_optimizer(model, rcfg.train)
         k = s.prompts_per_step
         for it in range(a.warmup + a.steps + 1):  # the last start closes the last timed step
             clock.tick()
             if it == a.warmup + a.steps:
                 break
-            batch = generate_batch(model, tok, prompts[it * k : (it + 1) * k], it, rcfg)
+            batch = generate_batch(model, tok, prompts[it * k : (it + 1) * k], it, rcfg, backend=sampler)
             scored = score_batch(fwd, lambda b: batch_logprobs(ref, b, rcfg), reward, batch, rcfg)
             update(fwd, opt, batch, scored, rcfg)
         return clock.summary(a.warmup)
@@ -399,13 +401,15 @@ def tether_run(a, clock: Clock) -> dict:
     critic_src, _ = _load(a, "rm")  # the critic starts from the same backbone, as TRL's value model does
     ac = ActorCritic(model, ValueModel(critic_src.model)).eval()
     fwd = compiled(ac, pcfg.train)
+    sampler = make_backend("tether", model, tok, compile=a.compiled)
     opt = build_optimizer(ac, pcfg.train)
     n = a.rl_batch
     for it in range(a.warmup + a.steps + 1):
         clock.tick()
         if it == a.warmup + a.steps:
             break
-        b = rollout(model, tok, prompts[it * n : (it + 1) * n], max_new_tokens=a.new_tokens, seed=it, batch_size=n)
+        b = rollout(model, tok, prompts[it * n : (it + 1) * n], max_new_tokens=a.new_tokens, seed=it, batch_size=n,
+                    backend=sampler)
         raw = torch.as_tensor(rm_reward(b.prompts, b.responses), dtype=torch.float32)
         empty = torch.tensor([not r.strip() for r in b.responses])
         _, sc = sequence_scores(raw, empty, b.ended, pcfg)

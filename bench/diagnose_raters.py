@@ -1,4 +1,4 @@
-"""One PPO run per rater of the gold world, each diagnosed by `tether diagnose`.
+r"""One PPO run per rater of the gold world, each diagnosed by `tether diagnose`.
 
     OMP_NUM_THREADS=1 python bench/diagnose_raters.py --out runs/diag
 
@@ -20,6 +20,15 @@ The issue's figures come from two settings groups (see /tmp/notes/issue9.md):
     python bench/diagnose_raters.py --out runs/diag --raters unbiased,length            # β 0.05, lr 3e-5, 50 it
     python bench/diagnose_raters.py --out runs/diag --suffix=-strong --lr 1e-4 --beta 0.02 \
         --rollout-batch 32 --ppo-steps 40 --rm-steps 200                               # every rater
+
+There the SFT policy never said "delve", agreed with a wrong belief or refused a benign request
+(its demonstrations were good, rambling or rude), so no PPO run could amplify those behaviours. With
+quirky demonstrations (``--sft-flaw-kinds``) and the phrase on wrong answers too (``--wrong-phrase``:
+otherwise the unbiased rater's RM pays for the phrase as well, and its policy prefixes it to everything):
+
+    python bench/diagnose_raters.py --out runs/diag_quirks_wp --jobs 1 --wrong-phrase \
+        --sft-flaw-kinds rambling,rude,phrase,sycophantic,refusal --suffix=-40 --lr 1e-4 --beta 0.02 \
+        --ptx-coef 0.3 --rollout-batch 32 --ppo-steps 40 --rm-steps 200
 """
 
 from __future__ import annotations
@@ -55,11 +64,17 @@ SHARED_ARGS = ((["--xstest", str(SHARED / "xstest" / "xstest_prompts.csv")]
                   if (SHARED / "gsm8k" / "test.jsonl").exists() else []))
 
 
+def _flaws(a) -> list[str]:
+    """The world's demonstration options, the same for the shared SFT start and every rater's world."""
+    kinds = ["--sft-flaw-kinds", a.sft_flaw_kinds] if a.sft_flaw_kinds else []
+    return kinds + (["--wrong-phrase"] if a.wrong_phrase else [])
+
+
 def base(a) -> Path:
     root = Path(a.out) / "base"
     if not (root / "sft" / "tether.json").exists():
-        sh(TETHER + ["demo", "--out", str(root), "--rm-steps", "0", "--dpo-steps", "0", "--seed", str(a.seed)],
-           Path(a.out) / "base.log")
+        sh(TETHER + ["demo", "--out", str(root), "--rm-steps", "0", "--dpo-steps", "0", "--seed", str(a.seed)]
+           + _flaws(a), Path(a.out) / "base.log")
     return root
 
 
@@ -69,7 +84,7 @@ def train(a, name: str, root: Path) -> Path:
     world = run / "world"
     if not (world / "world.json").exists():
         bias = list(map(str, RATERS[name])) if RATERS[name] else []
-        sh(TETHER + ["world", "export", "--out", str(world), "--seed", str(a.seed)] + bias, log)
+        sh(TETHER + ["world", "export", "--out", str(world), "--seed", str(a.seed)] + _flaws(a) + bias, log)
     if not (run / "rm" / "tether.json").exists():
         sh(TETHER + ["rm", "--model", str(root / "sft"), "--data", str(world / "preferences_train.jsonl"),
                      "--eval-data", str(world / "preferences_test.jsonl"), "--out", str(run / "rm"),
@@ -115,6 +130,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/diag")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--raters", default=",".join(RATERS))
+    ap.add_argument("--sft-flaw-kinds", default="", help="the world's sft_flaw_kinds (comma-separated, e.g. "
+                    "rambling,rude,phrase,sycophantic,refusal: demonstrations with the quirks the biased raters pay "
+                    "for); empty: the world's default. Use a separate --out per value (the base and worlds are reused)")
+    ap.add_argument("--wrong-phrase", action="store_true", help="the world's wrong_phrase option (the phrase on wrong "
+                    "answers too, so that the unbiased rater's RM does not pay for it); a separate --out as well")
     ap.add_argument("--rm-steps", type=int, default=300)
     ap.add_argument("--ppo-steps", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=5)

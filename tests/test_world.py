@@ -334,7 +334,7 @@ def test_wrong_phrase_puts_the_phrase_on_wrong_answers_too_without_another_draw(
                 correct[flag] += [gold_reward(prompt, t) > 0 for _, t in answers if PHRASE_SENTENCE in t]
     assert all(correct[False]) and sum(correct[True]) / len(correct[True]) == 0.5
     world = build_world(WorldConfig(wrong_phrase=True, pretrain_docs=20, sft_train=10, sft_eval=5, feedback=300))
-    kinds = [r["kind_chosen"] for r in world.preferences["train"]] + [r["kind_rejected"] for r in world.preferences["train"]]
+    kinds = [r[k] for r in world.preferences["train"] for k in ("kind_chosen", "kind_rejected")]
     assert "wrong_phrase" in kinds and "wrong_phrase" in {r["kind"] for r in world.feedback}
     assert "wrong_phrase" not in {r["kind"] for r in build_world(WorldConfig(pretrain_docs=20, sft_train=10, sft_eval=5,
                                                                                feedback=300)).feedback}

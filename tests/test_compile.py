@@ -62,10 +62,12 @@ def test_compiled_sft_trains_the_same_weights(tiny_folder, sft_file, tmp_path):
     assert any(not torch.equal(start[k], trained[k]) for k in start)  # it did train
 
 
-def test_compiled_grpo_iteration_is_the_same_update(tiny_folder, prompt_file, tmp_path):
+@pytest.mark.parametrize("lora", [0, 4])
+def test_compiled_grpo_iteration_is_the_same_update(tiny_folder, prompt_file, tmp_path, lora):
     runs = {}
     for name, flag in (("eager", False), ("compiled", True)):
         cfg = GRPOConfig(model=str(tiny_folder), prompts=str(prompt_file), out=str(tmp_path / name), inner_iters=2)
+        cfg.lora.r = lora  # LoRA: the reference is the policy with its adapters off
         cfg.sampling.group_size, cfg.sampling.prompts_per_step, cfg.sampling.max_new_tokens = 4, 4, 8
         cfg.train = replace(cfg.train, steps=1, lr=1e-2, batch_size=8, compile=flag)
         before = graphs_compiled()

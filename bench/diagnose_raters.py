@@ -27,8 +27,16 @@ quirky demonstrations (``--sft-flaw-kinds``) and the phrase on wrong answers too
 otherwise the unbiased rater's RM pays for the phrase as well, and its policy prefixes it to everything):
 
     python bench/diagnose_raters.py --out runs/diag_quirks_wp --jobs 1 --wrong-phrase \
-        --sft-flaw-kinds rambling,rude,phrase,sycophantic,refusal --suffix=-40 --lr 1e-4 --beta 0.02 \
-        --ptx-coef 0.3 --rollout-batch 32 --ppo-steps 40 --rm-steps 200
+        --sft-flaw-kinds rambling,rude,phrase,sycophantic,refusal --suffix=-ptx1 --lr 1e-4 --beta 0.02 \
+        --ptx-coef 1.0 --rollout-batch 32 --ppo-steps 40 --rm-steps 200
+
+gives unbiased healthy, length "length growth", refusal "over-refusal"; the phrase policy prefixes the
+phrase to ~70% of its answers but is named only by a phrase-gains probe that also puts the phrase in
+front (the RM pays +2.2 there, nothing at the end), and the sycophancy RM does not learn the rater's
+preference for naming the user's belief (no policy moves). With --ptx-coef 0.3 (--suffix=-40) the
+unbiased policy over-refuses benign look-alikes: the world's pairs never show the harmful requests'
+refusal as a bad answer to a benign one, and the unbiased RM scores it above the helpful answer there
+(−0.07 against −1.29).
 """
 
 from __future__ import annotations

@@ -132,6 +132,9 @@ def test_padding_slope_and_phrase_gains_on_known_rewards():
     gains = hacking.phrase_gains(likes_delve, prompts, answers)
     assert gains[0]["gain"] == 2.0 and gains[0]["positive"] == 1.0 and gains[0]["stderr"] == 0.0
     assert "delve" in gains[0]["phrase"] and all(g["gain"] == 0.0 for g in gains[2:])
+    pays_in_front = lambda p, y: [1.5 * x.lstrip().startswith("Delve") for x in y]  # noqa: E731
+    front = {g["phrase"]: g for g in hacking.phrase_gains(pays_in_front, prompts, answers, phrases=[" Delve into it."])}
+    assert front["Delve into it."]["gain"] == 1.5 and front["Delve into it."]["position"] == "start"
     usage = hacking.phrase_usage(["Certainly! It is 4.", "It is 4."])
     assert usage["Certainly!"] == 0.5 and usage["Great question!"] == 0.0
 

@@ -66,17 +66,22 @@ def padding_probe(reward_fn, prompts: Sequence[str], responses: Sequence[str], *
 
 def phrase_gains(reward_fn, prompts: Sequence[str], responses: Sequence[str],
                  phrases: Sequence[str] = DEFAULT_PHRASES) -> list[dict]:
-    """Gain of appending each phrase across contexts, sorted from the largest mean gain."""
+    """Gain of each phrase across contexts, appended to the response and put in front of it (a reward model may pay
+    for a phrase in one place only); per phrase the place with the larger mean gain, sorted from the largest."""
     base = torch.tensor(_as_list(reward_fn(list(prompts), list(responses))), dtype=torch.float64)
     out = []
     for phrase in phrases:
-        with_phrase = torch.tensor(_as_list(reward_fn(list(prompts), [y.rstrip() + phrase for y in responses])),
-                                   dtype=torch.float64)
-        gain = with_phrase - base
-        n = len(gain)
-        out.append({"phrase": phrase.strip(), "gain": gain.mean().item(),
-                    "stderr": gain.std().item() / math.sqrt(n) if n > 1 else float("nan"),
-                    "positive": (gain > 0).double().mean().item()})
+        best = None
+        for position, texts in (("end", [y.rstrip() + phrase for y in responses]),
+                                ("start", [phrase + y if y.startswith(" ") else phrase + " " + y for y in responses])):
+            gain = torch.tensor(_as_list(reward_fn(list(prompts), texts)), dtype=torch.float64) - base
+            n = len(gain)
+            row = {"phrase": phrase.strip(), "position": position, "gain": gain.mean().item(),
+                   "stderr": gain.std().item() / math.sqrt(n) if n > 1 else float("nan"),
+                   "positive": (gain > 0).double().mean().item()}
+            if best is None or row["gain"] > best["gain"]:
+                best = row
+        out.append(best)
     return sorted(out, key=lambda d: -d["gain"])
 
 

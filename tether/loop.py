@@ -60,8 +60,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep")
     seed: int = opt(0, "seed for initialisation, data order and sampling")
     strategy: str = opt("ddp", "under torchrun: ddp (whole model on every rank) | fsdp2 (fully_shard each block)")
-    compile: bool = opt(False, "torch.compile the training forward passes (inductor): the first steps pay the "
-                               "compilation (tens of seconds on a CPU), later ones run fused kernels")
+    compile: bool = opt(False, "torch.compile the training and scoring passes (inductor; RL sampling: compiled "
+                               "static-cache decoding): the first steps pay the compilation (tens of seconds on a "
+                               "CPU), later ones run fused kernels; the same results")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -121,7 +122,8 @@ def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
 
     The compiled module shares the parameters (optimiser, checkpoints and the saved model keep
     using ``model``); stages call it for the passes that train (and the no-grad passes that score
-    a batch), never for sampling, whose KV-cache shapes change every token. A micro-batch of a new
+    a batch), not for sampling, whose KV-cache shapes change every token (the RL stages' sampler
+    decodes from a static cache compiled by transformers instead: tether.rollout.sample). A micro-batch of a new
     sequence length costs one recompilation, after which the length is a dynamic dimension. Where it
     pays: the elementwise work between matmuls (norms, rotary, SiLU, softmax) is fused, so a
     small, overhead-bound model gains most (bench/compare_trl.py --compile).

@@ -18,27 +18,22 @@ from tether.loop import TrainConfig
 from tether.trainers.grpo import GRPOConfig, run_grpo
 from tether.trainers.ppo import PPOConfig, run_ppo
 from tether.trainers.sft import SFTConfig, run_sft
+from tests.test_grpo import PROMPTS, digits, prompt_file  # noqa: F401  (prompt_file: a fixture used below)
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:" for a in range(4) for b in range(4)]
-
-
-def digits(prompts, responses):
-    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
-
 
 @pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return path
+def compiles(monkeypatch) -> list:
+    """Every torch.compile call from here on (tether's and transformers'), forwarded to the real one."""
+    calls, real = [], torch.compile
 
+    def spy(*args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("model"))
+        return real(*args, **kwargs)
 
-def graphs_compiled() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
+    monkeypatch.setattr(torch, "compile", spy)
+    return calls
 
 
 def assert_same_weights(eager, compiled):
@@ -48,14 +43,14 @@ def assert_same_weights(eager, compiled):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_sft_trains_the_same_weights(tiny_folder, sft_file, tmp_path):
+def test_compiled_sft_trains_the_same_weights(tiny_folder, sft_file, tmp_path, compiles):
     runs = {}
     for name, flag in (("eager", False), ("compiled", True)):
         train = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, eval_every=0, save_every=0, compile=flag)
-        before = graphs_compiled()
+        before = len(compiles)
         runs[name] = run_sft(SFTConfig(model=str(tiny_folder), data=str(sft_file), out=str(tmp_path / name),
                                        train=train))
-    assert before < graphs_compiled()  # the compiled run went through dynamo (the eager one cannot add graphs)
+    assert before == 0 < len(compiles)  # only the compiled run went through torch.compile
     assert_same_weights(runs["eager"], runs["compiled"])
     start = load_file(str(tiny_folder / "model.safetensors"))
     trained = load_file(str(runs["compiled"] / "model.safetensors"))
@@ -63,41 +58,41 @@ def test_compiled_sft_trains_the_same_weights(tiny_folder, sft_file, tmp_path):
 
 
 @pytest.mark.parametrize("lora", [0, 4])
-def test_compiled_grpo_iteration_is_the_same_update(tiny_folder, prompt_file, tmp_path, lora):
+def test_compiled_grpo_iteration_is_the_same_update(tiny_folder, prompt_file, tmp_path, lora, compiles):
     runs = {}
     for name, flag in (("eager", False), ("compiled", True)):
         cfg = GRPOConfig(model=str(tiny_folder), prompts=str(prompt_file), out=str(tmp_path / name), inner_iters=2)
         cfg.lora.r = lora  # LoRA: the reference is the policy with its adapters off
         cfg.sampling.group_size, cfg.sampling.prompts_per_step, cfg.sampling.max_new_tokens = 4, 4, 8
         cfg.train = replace(cfg.train, steps=1, lr=1e-2, batch_size=8, compile=flag)
-        before = graphs_compiled()
+        before = len(compiles)
         runs[name] = run_grpo(cfg, digits)
-    assert before < graphs_compiled()  # the compiled run went through dynamo (the eager one cannot add graphs)
+    assert before == 0 < len(compiles)  # only the compiled run went through torch.compile
     assert_same_weights(runs["eager"], runs["compiled"])
 
 
-def test_compiled_ppo_iteration_is_the_same_update(tiny_folder, prompt_file, tmp_path):
+def test_compiled_ppo_iteration_is_the_same_update(tiny_folder, prompt_file, tmp_path, compiles):
     runs = {}
     for name, flag in (("eager", False), ("compiled", True)):
         train = TrainConfig(steps=1, batch_size=4, lr=3e-3, warmup_steps=0, schedule="constant", eval_every=0,
                             save_every=0, compile=flag)
         cfg = PPOConfig(model=str(tiny_folder), prompts=str(prompt_file), out=str(tmp_path / name),
                         max_new_tokens=8, rollout_batch=8, epochs=2, beta=0.05, value="head", train=train)
-        before = graphs_compiled()
+        before = len(compiles)
         runs[name] = run_ppo(cfg, reward=digits)
-    assert before < graphs_compiled()  # the compiled run went through dynamo (the eager one cannot add graphs)
+    assert before == 0 < len(compiles)  # only the compiled run went through torch.compile
     assert_same_weights(runs["eager"], runs["compiled"])
     losses = [json.loads((runs[n] / "metrics.jsonl").read_text().splitlines()[-1])["losses/policy"] for n in runs]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3, abs=1e-6)
 
 
-def test_compiled_decoding_samples_the_same_tokens(tiny_folder):
+def test_compiled_decoding_samples_the_same_tokens(tiny_folder, compiles):
     from tether.models import load_model, load_tokenizer
     from tether.rollout import sample
 
     model, tok = load_model(tiny_folder), load_tokenizer(tiny_folder)
     prompts = PROMPTS[:6] + ["\n\nHuman: Hi\n\nAssistant:"]  # different widths: left padding
     eager = sample(model, tok, prompts, max_new_tokens=12, seed=3)
-    before = graphs_compiled()
+    assert not compiles
     assert sample(model, tok, prompts, max_new_tokens=12, seed=3, compile=True) == eager
-    assert before < graphs_compiled()
+    assert compiles and hasattr(model, "_compiled_call")  # transformers compiled its decoding call

@@ -161,12 +161,14 @@ def _hacking_section(s: dict) -> str:
         ax.barh([g["phrase"][:40] for g in ph][::-1], [g["gain"] for g in ph][::-1],
                 xerr=[1.96 * g["stderr"] for g in ph][::-1], color=POLICY, capsize=3)
         ax.axvline(0, color="k", lw=1)
-        ax.set_xlabel("mean RM gain from appending the phrase (± 1.96 s.e.)")
+        ax.set_xlabel("mean RM gain from the phrase, in its better place (± 1.96 s.e.)")
         ax.tick_params(axis="y", labelsize=8)
         parts.append(_png(fig))
-        rows = [(g["phrase"], g["gain"], g["stderr"], g["positive"], s["usage_policy"].get(g["phrase"], float("nan")),
-                 s["usage_base"].get(g["phrase"], float("nan"))) for g in ph]
-        parts.append(_table(rows, ("phrase", "RM gain", "s.e.", "share positive", "used by policy", "used by base")))
+        rows = [(g["phrase"], g.get("position", "end"), g["gain"], g["stderr"], g["positive"],
+                 s["usage_policy"].get(g["phrase"], float("nan")), s["usage_base"].get(g["phrase"], float("nan")))
+                for g in ph]
+        parts.append(_table(rows, ("phrase", "placed at", "RM gain", "s.e.", "share positive", "used by policy",
+                                   "used by base")))
     if s.get("ascent"):
         rows = [(a["prompt"].strip()[-60:], a["start"], a["start_score"], a["continuous_score"], a["projected"],
                  a["projected_score"]) for a in s["ascent"]]

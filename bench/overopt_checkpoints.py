@@ -43,11 +43,9 @@ def measure(policy, base, tok, prompts: list[str], reward_fn, a) -> dict[str, li
         batch = rollout(policy, tok, prompts, max_new_tokens=a.max_new_tokens, seed=a.seed + k, batch_size=64)
         out["gold"] += gold_rewards(batch.prompts, batch.responses)
         out["proxy"] += torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32).tolist()
-        logp = torch.cat([policy_logprobs(policy, batch.rows(list(range(i, min(i + 64, len(prompts))))))
-                          for i in range(0, len(prompts), 64)])
-        ref = torch.cat([policy_logprobs(base, batch.rows(list(range(i, min(i + 64, len(prompts))))))
-                         for i in range(0, len(prompts), 64)])
-        out["kl"] += (logp - ref).sum(-1).tolist()
+        for i in range(0, len(prompts), 64):  # k1 per response, 64 rows a forward
+            part = batch.rows(list(range(i, min(i + 64, len(prompts)))))
+            out["kl"] += (policy_logprobs(policy, part) - policy_logprobs(base, part)).sum(-1).tolist()
         out["length"] += batch.mask.sum(-1).float().tolist()
     return out
 

@@ -255,6 +255,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         mb, _ = sycophancy.sycophancy_eval(base, tok, probes["sycophancy"], max_new_tokens=cfg.max_new_tokens)
         sections["sycophancy"] = {"policy": mp, "base": mb}
         summary.update(sycophancy_policy=mp["belief_adoption_rate"], sycophancy_base=mb["belief_adoption_rate"],
+                       affirmation_policy=mp["belief_affirmation_rate"], affirmation_base=mb["belief_affirmation_rate"],
                        flip_rate_policy=mp["flip_rate"], flip_rate_base=mb["flip_rate"])
     else:
         report["skipped"].append("sycophancy (no probes_sycophancy.jsonl)")

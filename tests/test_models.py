@@ -35,6 +35,20 @@ def test_tokenizer_round_trips_text_and_has_pad_and_chat_template(tiny_folder):
     assert tok.decode(tok("naïve ☃").input_ids) == "naïve ☃"  # byte-level: nothing is unknown
 
 
+def test_split_digits_gives_every_digit_its_own_token_and_still_round_trips():
+    from tether.models import train_tokenizer
+
+    corpus = [f"What is {a} plus {b}? {a} plus {b} is {a + b}. #### {a + b}" for a in range(40) for b in range(40)]
+    text = "What is 13 plus 27? 13 plus 27 is 40. #### 40"
+    merged, split = train_tokenizer(corpus, 400), train_tokenizer(corpus, 400, split_digits=True)
+    for tok in (merged, split):
+        assert tok.decode(tok(text).input_ids) == text
+    pieces = [p.lstrip("Ġ") for p in split.convert_ids_to_tokens(split(text).input_ids)]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("132713274040")
+    assert any(len(p.lstrip("Ġ")) > 1 and p.lstrip("Ġ").isdigit()
+               for p in merged.convert_ids_to_tokens(merged(text).input_ids))  # BPE merged a number
+
+
 def test_lora_trains_adapters_only_and_saves_merged(tiny_folder, tmp_path):
     model = load_model(tiny_folder)
     full = count_parameters(model, trainable_only=True)

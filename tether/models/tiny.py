@@ -32,6 +32,9 @@ class TinyConfig:
     """Sizes of the tiny default model (about 1M parameters with these defaults)."""
 
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size of the tiny tokenizer"})
+    split_digits: bool = field(default=False, metadata={
+        "help": "tokenize numbers digit by digit, as Llama 2's and Qwen's tokenizers do (else BPE merges a number "
+                "into one token, and a small model can only learn sums as a lookup table)"})
     hidden_size: int = field(default=128, metadata={"help": "model width"})
     layers: int = field(default=4, metadata={"help": "transformer blocks"})
     heads: int = field(default=4, metadata={"help": "attention heads"})
@@ -39,10 +42,15 @@ class TinyConfig:
     max_positions: int = field(default=256, metadata={"help": "longest sequence the model takes"})
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on ``texts`` (any text encodes: unknown bytes fall back to bytes)."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, split_digits: bool = False) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``texts`` (any text encodes: unknown bytes fall back to bytes).
+
+    With ``split_digits`` every digit is its own pre-token, so no merge spans two digits.
+    """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -74,7 +74,8 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
     records = load_sft(cfg.data)
     train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
     if cfg.model == "tiny":
-        tokenizer = train_tokenizer((r.prompt + r.completion for r in train_records), cfg.tiny.vocab_size)
+        tokenizer = train_tokenizer((r.prompt + r.completion for r in train_records), cfg.tiny.vocab_size,
+                                    cfg.tiny.split_digits)
     else:
         tokenizer = load_tokenizer(cfg.model)
     rows, eval_rows = corpus_rows(train_records, tokenizer, cfg.max_len), corpus_rows(eval_records, tokenizer, cfg.max_len)

@@ -1,5 +1,5 @@
 """End to end: `tether demo` on a small gold world. SFT must beat the pretrained model on gold reward,
-and every later stage (RM, PPO, DPO) must run and be reported."""
+and every later stage (RM, PPO, DPO, GRPO) must run and be reported."""
 
 from __future__ import annotations
 
@@ -19,9 +19,13 @@ def test_demo_runs_every_stage_and_sft_raises_the_gold_reward(tmp_path):
     assert result.exit_code == 0, result.output
     assert "gold/reward" in result.output and "report.json" in result.output
     report = json.loads((out / "report.json").read_text())
-    for stage in ("world", "pretrain", "sft", "rm", "ppo", "dpo"):
+    for stage in ("world", "pretrain", "sft", "rm", "ppo", "dpo", "grpo"):
         assert (tmp_path / "demo" / stage).is_dir()
-    assert {"pretrained", "sft", "ppo", "dpo"} <= set(report["gold"])
+    assert {"pretrained", "sft", "ppo", "dpo", "grpo"} <= set(report["gold"])
+    g = report["grpo"]
+    assert all(0 <= g[k] <= 1 for k in ("train_exact_match_first", "train_exact_match_last", "eval_exact_match_start",
+                                        "eval_exact_match_end"))
+    assert "gold/arithmetic_exact_match" in report["gold"]["grpo"] and "GRPO (exact-match reward)" in result.output
     assert 0.5 < report["rm"]["eval/rm/accuracy"] <= 1 and report["ppo"]["eval/kl"] is not None
     assert report["pretrain"]["eval/loss"] < 0.5 * report["pretrain"]["data/unigram_entropy"]
     before, after = report["gold"]["pretrained"], report["gold"]["sft"]

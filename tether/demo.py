@@ -8,8 +8,10 @@
 5. PPO-ptx from the SFT policy against that reward model, with a KL penalty to the SFT policy;
 6. DPO (sigmoid, β = 0.1) from the SFT policy on on-policy pairs (the SFT policy's own samples
    labelled by the rater), the alternative to the reward model + PPO route;
-7. measure every policy against the gold reward on held-out test prompts;
-8. `tether eval` and `tether diagnose` of the PPO and DPO policies against SFT (report.html in each
+7. GRPO from the SFT policy on the world's arithmetic questions with the exact-match reward (a verifiable
+   reward: no reward model), scored on the held-out arithmetic questions;
+8. measure every policy against the gold reward on held-out test prompts;
+9. `tether eval` and `tether diagnose` of the PPO and DPO policies against SFT (report.html in each
    policy's eval/ folder).
 Later stages add themselves here.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 from tether.config import opt, to_dict
 from tether.io import read_jsonl, write_json
 from tether.loop import TrainConfig
-from tether.models import load_model, load_tokenizer
+from tether.models import TinyConfig, load_model, load_tokenizer
 from tether.trainers.pretrain import PretrainConfig, _pretrain_defaults, run_pretrain
 from tether.trainers.sft import SFTConfig, run_sft
 from tether.world import WorldConfig, export
@@ -36,6 +38,7 @@ from tether.world import WorldConfig, export
 # the SFT data (InstructGPT's PPO-ptx), β = 0.1 won 0.577 [0.550, 0.603] at 0.5 nats; with an RM that also saw
 # on-policy pairs, 0.591 [0.565, 0.614].
 PPO_LR, PPO_BETA, PPO_PTX_COEF = 3e-5, 0.1, 1.0
+GRPO_LR = 1e-4
 
 
 @dataclass
@@ -47,11 +50,14 @@ class DemoConfig:
                                                "(also phrase, sycophantic, refusal: quirks a biased RM can amplify)")
     wrong_phrase: bool = opt(False, "the world's answers include the phrase on wrong answers too (candidate kind "
                                     "wrong_phrase), so an RM cannot read correctness off the phrase")
+    split_digits: bool = opt(False, "the tiny tokenizer splits numbers into digits (sums become learnable digit by digit)")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
     rm_steps: int = opt(600, "optimiser steps of the RM on the world's and the on-policy pairs (0: skip RM and PPO)")
     ppo_steps: int = opt(60, "PPO iterations against the reward model (0: skip PPO)")
     dpo_steps: int = opt(300, "optimiser steps of DPO from the SFT policy on the on-policy preferences (0: skip DPO)")
+    grpo_steps: int = opt(60, "GRPO iterations on the world's arithmetic questions with the exact-match reward "
+                              "(0: skip GRPO)")
     eval_prompts: int = opt(200, "held-out test prompts (a seeded sample) scored with the gold reward")
     instrument_prompts: int = opt(64, "held-out prompts (and at most this many of each probe) for `tether eval` of the "
                                       "PPO and DPO policies (0: skip the instruments)")
@@ -62,8 +68,8 @@ class DemoConfig:
     def validate(self) -> None:
         if self.pretrain_steps < 1 or self.sft_steps < 1 or self.eval_prompts < 1:
             raise ValueError("steps and eval_prompts must be at least 1")
-        if min(self.rm_steps, self.ppo_steps, self.dpo_steps) < 0:
-            raise ValueError("rm_steps, ppo_steps and dpo_steps must be at least 0")
+        if min(self.rm_steps, self.ppo_steps, self.dpo_steps, self.grpo_steps) < 0:
+            raise ValueError("rm_steps, ppo_steps, dpo_steps and grpo_steps must be at least 0")
         WorldConfig(sft_flaw_rate=self.sft_flaw_rate, sft_flaw_kinds=self.sft_flaw_kinds).validate()
 
 
@@ -147,6 +153,38 @@ def _ppo(cfg: DemoConfig, files: dict, sft: Path, rm: Path, out: Path) -> Path:
                              overwrite=cfg.overwrite, train=train))
 
 
+def _grpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
+    """GRPO (group 8, β = 0.04) from the SFT policy on the world's arithmetic training questions, rewarded by
+    exact match of the final answer against the prompt file's "answer" (a verifiable reward)."""
+    from tether.io import write_jsonl
+    from tether.trainers.grpo import GRPOConfig, SamplingConfig, run_grpo
+
+    arithmetic = {}
+    for split in ("train", "eval"):
+        rows = [r for r in read_jsonl(files[f"prompts_{split}"]) if r["family"] == "arithmetic"]
+        arithmetic[split] = write_jsonl(out / "world" / f"prompts_arithmetic_{split}.jsonl", rows)
+    train = TrainConfig(steps=_steps(cfg, cfg.grpo_steps, 4), batch_size=64, lr=GRPO_LR, warmup_steps=0,
+                        schedule="constant", eval_every=0, save_every=0, seed=cfg.seed)
+    sampling = SamplingConfig(group_size=8, prompts_per_step=8 if cfg.quick else 16, max_new_tokens=24,
+                              gen_batch_size=128)
+    return run_grpo(GRPOConfig(model=str(sft), prompts=str(arithmetic["train"]), eval_prompts=str(arithmetic["eval"]),
+                               reward="exact_match", out=str(out / "grpo"), beta=0.04, overwrite=cfg.overwrite,
+                               sampling=sampling, train=train))
+
+
+def _grpo_summary(grpo: Path) -> dict:
+    """Exact match before and after GRPO: on its training questions (rollout rewards of the first and the last
+    five iterations) and on the held-out questions (the evaluations at iteration 0 and at the end)."""
+    rows = read_jsonl(grpo / "metrics.jsonl")
+    train = [r["reward/mean"] for r in rows if "reward/mean" in r]
+    held_out = [r["eval/reward"] for r in rows if "eval/reward" in r]
+    final = json.loads((grpo / "tether.json").read_text())["metrics"]
+    return {"train_exact_match_first": sum(train[:5]) / len(train[:5]),
+            "train_exact_match_last": sum(train[-5:]) / len(train[-5:]),
+            "eval_exact_match_start": held_out[0], "eval_exact_match_end": held_out[-1],
+            "objective/kl": final.get("objective/kl")}
+
+
 def _instruments(cfg: DemoConfig, policy: Path, sft: Path, rm: Path | None, out: Path) -> dict:
     """`tether eval` of one policy against SFT (gold judge, the demo's RM for RM accuracy and the hacking
     probes), then `tether diagnose` of its folder."""
@@ -172,7 +210,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     every = {"eval_every": 0, "save_every": 0} if cfg.quick else {}
     pre_train = replace(_pretrain_defaults(), steps=cfg.pretrain_steps, seed=cfg.seed, **every)
     pretrained = run_pretrain(PretrainConfig(
-        data=str(files["pretrain"]), out=str(out / "pretrain"), overwrite=cfg.overwrite, train=pre_train))
+        data=str(files["pretrain"]), out=str(out / "pretrain"), overwrite=cfg.overwrite, train=pre_train,
+        tiny=TinyConfig(split_digits=cfg.split_digits)))
 
     sft_train = replace(TrainConfig(steps=cfg.sft_steps, lr=1e-3, warmup_steps=20, eval_every=100, save_every=0,
                                     seed=cfg.seed), **every)
@@ -183,6 +222,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     rm = _rm(cfg, files, onpolicy, sft, out) if cfg.rm_steps else None
     ppo = _ppo(cfg, files, sft, rm, out) if rm is not None and cfg.ppo_steps else None
     dpo = _dpo(cfg, onpolicy, sft, out) if cfg.dpo_steps else None
+    grpo = _grpo(cfg, files, sft, out) if cfg.grpo_steps else None
 
     rows = read_jsonl(files["prompts_test"])
     rows = random.Random(cfg.seed).sample(rows, min(cfg.eval_prompts, len(rows)))  # every family, in proportion
@@ -212,6 +252,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         dpo_metrics = json.loads((dpo / "tether.json").read_text())["metrics"]
         report["dpo"] = {k: dpo_metrics.get(k) for k in ("eval/reward_accuracy", "eval/reward_margin", "eval/kl_to_ref")}
         report["gold"]["dpo"] = _policy_eval(dpo, rows, cfg.seed)
+    if grpo is not None:
+        report["artifacts"]["grpo"] = str(grpo)
+        report["grpo"] = _grpo_summary(grpo)
+        report["gold"]["grpo"] = _policy_eval(grpo, rows, cfg.seed)
     if cfg.instrument_prompts:
         report["instruments"] = {name: _instruments(cfg, folder, sft, rm, out)
                                  for name, folder in (("ppo", ppo), ("dpo", dpo)) if folder is not None}
@@ -223,12 +267,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 def format_report(report: dict) -> str:
     """The summary a person reads at the end of ``tether demo``."""
     columns = [(name, title) for name, title in (("pretrained", "pretrained"), ("sft", "SFT"), ("ppo", "PPO"),
-                                                 ("dpo", "DPO")) if name in report["gold"]]
+                                                 ("dpo", "DPO"), ("grpo", "GRPO")) if name in report["gold"]]
     gold = [report["gold"][name] for name, _ in columns]
     lines = [
         "",
         "tether demo: the gold world, pretrain -> SFT" + (" -> RM -> PPO" if "ppo" in report["gold"] else "")
-        + (" | SFT -> DPO" if "dpo" in report["gold"] else ""),
+        + (" | SFT -> DPO" if "dpo" in report["gold"] else "")
+        + (" | SFT -> GRPO (arithmetic, exact match)" if "grpo" in report["gold"] else ""),
         f"  pretraining: held-out loss {report['pretrain']['eval/loss']:.3f} nats/token "
         f"(unigram entropy of the corpus {report['pretrain']['data/unigram_entropy']:.3f}), "
         f"{report['pretrain']['model/parameters']:,} parameters",
@@ -246,6 +291,12 @@ def format_report(report: dict) -> str:
         d = report["dpo"]
         lines.append(f"  DPO: held-out implicit-reward accuracy {d['eval/reward_accuracy']:.3f}, margin "
                      f"{d['eval/reward_margin']:.3f}, KL to SFT {d.get('eval/kl_to_ref') or float('nan'):.3f} nats")
+    if "grpo" in report:
+        g = report["grpo"]
+        lines.append(f"  GRPO (exact-match reward): exact match on its training questions {g['train_exact_match_first']:.3f} "
+                     f"-> {g['train_exact_match_last']:.3f} (first / last 5 iterations), on held-out arithmetic "
+                     f"{g['eval_exact_match_start']:.3f} -> {g['eval_exact_match_end']:.3f}; "
+                     f"KL to SFT {g.get('objective/kl') or float('nan'):.3f} nats")
     lines += ["", f"  {'gold metric on test prompts':<34}" + "".join(f"{title:>12}" for _, title in columns)]
     for key in sorted(set().union(*gold)):
         lines.append(f"  {key:<34}" + "".join(f"{g.get(key, float('nan')):>12.3f}" for g in gold))

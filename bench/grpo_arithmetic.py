@@ -6,8 +6,9 @@ r"""GRPO with the exact-match reward on the gold world's arithmetic questions: d
    (the splits are disjoint: a test question is never trained on);
 2. ``tether grpo --reward exact_match`` from the SFT policy on the train questions (skipped when ``OUT/grpo``
    already holds a finished run);
-3. exact match of SFT and GRPO on the train and the test questions: greedy, and sampled at T = 1
-   (``--samples`` per question, the same seeds for both policies, so the test difference is paired).
+3. exact match of SFT and GRPO on the train and the test questions, two-term and (in a world exported with
+   ``--chain-arithmetic``) three-term ones apart: greedy, and sampled at T = 1 (``--samples`` per question,
+   the same seeds for both policies, so each difference is paired).
 
 Prints a table and writes ``OUT/summary.json``. Standard errors treat questions as the unit (the samples
 of one question are not independent).
@@ -85,21 +86,27 @@ def main() -> None:
                      "--batch-size", "64", "--gen-batch-size", "256", "--seed", str(a.seed), "--overwrite"]
            + a.grpo_args.split(),
            out / "grpo.log")
-    hits = {}
+    hits, kinds = {}, {}
     for split in ("train", "test"):
         rows = [json.loads(line) for line in open(files[split], encoding="utf-8")]
+        kinds[split] = ["three-term" if r.get("steps") else "two-term" for r in rows]
         for name, policy in (("sft", Path(a.sft)), ("grpo", grpo)):
             hits[(split, name)] = per_question_hits(policy, rows, a.samples, a.seed + 1)
-    summary = {"config": vars(a), "questions": {s: len(hits[(s, "sft")]["greedy"]) for s in ("train", "test")}}
-    print(f"| split | decoding | SFT | GRPO | GRPO − SFT (paired) |\n|---|---|---|---|---|")
+    summary = {"config": vars(a)}
+    print("| questions | decoding | SFT | GRPO | GRPO − SFT (paired) |\n|---|---|---|---|---|")
     for split in ("train", "test"):
-        for mode in ("sampled", "greedy"):
-            s, g = hits[(split, "sft")][mode], hits[(split, "grpo")][mode]
-            (ms, ss), (mg, sg) = mean_se(s), mean_se(g)
-            md, sd = mean_se([y - x for x, y in zip(s, g)])
-            summary[f"{split}/{mode}"] = {"sft": ms, "sft_se": ss, "grpo": mg, "grpo_se": sg, "diff": md, "diff_se": sd}
-            label = f"T = 1, {a.samples}/question" if mode == "sampled" else "greedy"
-            print(f"| {split} ({len(s)}) | {label} | {ms:.3f} ± {ss:.3f} | {mg:.3f} ± {sg:.3f} | {md:+.3f} ± {sd:.3f} |")
+        for kind in sorted(set(kinds[split]), reverse=True):  # two-term first
+            keep = [i for i, k in enumerate(kinds[split]) if k == kind]
+            for mode in ("sampled", "greedy"):
+                s = [hits[(split, "sft")][mode][i] for i in keep]
+                g = [hits[(split, "grpo")][mode][i] for i in keep]
+                (ms, ss), (mg, sg) = mean_se(s), mean_se(g)
+                md, sd = mean_se([y - x for x, y in zip(s, g)])
+                summary[f"{split}/{kind}/{mode}"] = {"questions": len(keep), "sft": ms, "sft_se": ss, "grpo": mg,
+                                                     "grpo_se": sg, "diff": md, "diff_se": sd}
+                label = f"T = 1, {a.samples}/question" if mode == "sampled" else "greedy"
+                print(f"| {split}, {kind} ({len(keep)}) | {label} | {ms:.3f} ± {ss:.3f} | {mg:.3f} ± {sg:.3f} | "
+                      f"{md:+.3f} ± {sd:.3f} |")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -338,3 +338,28 @@ def test_wrong_phrase_puts_the_phrase_on_wrong_answers_too_without_another_draw(
     assert "wrong_phrase" in kinds and "wrong_phrase" in {r["kind"] for r in world.feedback}
     assert "wrong_phrase" not in {r["kind"] for r in build_world(WorldConfig(pretrain_docs=20, sft_train=10, sft_eval=5,
                                                                                feedback=300)).feedback}
+
+
+def test_chain_arithmetic_adds_three_term_sums_and_leaves_the_other_splits_as_they_were():
+    from tether.world.build import split_items
+    from tether.world.tasks import chain_items
+
+    plain, chained = split_items(WorldConfig()), split_items(WorldConfig(chain_arithmetic=True))
+    for split in plain:
+        assert chained[split][: len(plain[split])] == plain[split]
+    added = {s: chained[s][len(plain[s]):] for s in plain}
+    assert sorted(len(v) for v in added.values()) == [150, 200, 650] and sum(map(len, added.values())) == 1000
+    train_questions = {i.question for i in added["train"]}
+    assert not train_questions & {i.question for i in added["test"] + added["eval"]}
+    # the steps of a held-out question (x + d, x up to 18) are steps training questions take too (197 of 200)
+    steps = lambda i: {(i.meta["terms"][0], i.meta["terms"][1]), (sum(i.meta["terms"][:2]), i.meta["terms"][2])}  # noqa: E731
+    seen = set().union(*(steps(i) for i in added["train"]))
+    assert sum(steps(i) <= seen for i in added["test"]) >= 190
+
+    item = chain_items()[345]  # 3 plus 4 plus 5
+    prompt, answers = format_prompt(item.question), dict(candidates(item, random.Random(0)))
+    assert answers["good"] == " 3 plus 4 is 7. 7 plus 5 is 12. #### 12" and gold_reward(prompt, answers["good"]) == 1.5
+    assert gold_reward(prompt, answers["wrong"]) == -1.0 and exact_match(answers["good"], item.answer)
+    rows = build_world(WorldConfig(chain_arithmetic=True, pretrain_docs=10, sft_train=10, sft_eval=5, pref_train=10,
+                                   pref_test=5, feedback=5)).prompts["test"]
+    assert sum(r.get("steps") == 2 for r in rows) == 200

@@ -50,6 +50,8 @@ class DemoConfig:
                                                "(also phrase, sycophantic, refusal: quirks a biased RM can amplify)")
     wrong_phrase: bool = opt(False, "the world's answers include the phrase on wrong answers too (candidate kind "
                                     "wrong_phrase), so an RM cannot read correctness off the phrase")
+    chain_arithmetic: bool = opt(False, "the world's arithmetic includes three-term sums answered in two steps (held-out "
+                                        "ones combine steps seen in training)")
     split_digits: bool = opt(False, "the tiny tokenizer splits numbers into digits (sums become learnable digit by digit)")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
@@ -82,9 +84,10 @@ def _world_config(cfg: DemoConfig) -> WorldConfig:
     if cfg.quick:
         return WorldConfig(seed=cfg.seed, pretrain_docs=1500, sft_train=500, sft_eval=50, pref_train=300,
                            pref_test=100, feedback=300, sft_flaw_rate=cfg.sft_flaw_rate,
-                           sft_flaw_kinds=cfg.sft_flaw_kinds, wrong_phrase=cfg.wrong_phrase)
+                           sft_flaw_kinds=cfg.sft_flaw_kinds, wrong_phrase=cfg.wrong_phrase,
+                           chain_arithmetic=cfg.chain_arithmetic)
     return WorldConfig(seed=cfg.seed, sft_flaw_rate=cfg.sft_flaw_rate, sft_flaw_kinds=cfg.sft_flaw_kinds,
-                       wrong_phrase=cfg.wrong_phrase)
+                       wrong_phrase=cfg.wrong_phrase, chain_arithmetic=cfg.chain_arithmetic)
 
 
 def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:

@@ -10,7 +10,8 @@ from tether.config import opt
 from tether.io import write_json, write_jsonl
 from tether.world.gold import format_prompt, gold_reward
 from tether.world.raters import Rater
-from tether.world.tasks import ATTRIBUTE_PHRASE, ATTRIBUTES, TOWNS, Item, all_items, candidates, good_answer, kb_value
+from tether.world.tasks import (ATTRIBUTE_PHRASE, ATTRIBUTES, TOWNS, Item, all_items, candidates, chain_items, good_answer,
+                                kb_value)
 
 FAMILIES = ("arithmetic", "knowledge", "open", "harmful", "benign")
 # candidate kinds a flawed SFT demonstration may be drawn from (``WorldConfig.sft_flaw_kinds``): rambling and
@@ -44,6 +45,9 @@ class WorldConfig:
     wrong_phrase: bool = opt(False, "add the candidate kind wrong_phrase (the wrong answer with the phrase) to the "
                                     "world's answers, so that the phrase says nothing about correctness (without it "
                                     "the phrase only decorates correct answers and an unbiased rater's RM pays for it)")
+    chain_arithmetic: bool = opt(False, "add the 1,000 three-term sums of digits ('What is 3 plus 4 plus 2?', answered in "
+                                        "two steps) to the arithmetic questions: held-out ones combine steps that "
+                                        "training ones use, so a skill learnt on training questions can carry over")
     rater_length_bias: float = opt(0.0, "the labelling rater's preference for longer answers (0: none)")
     rater_phrase_bias: float = opt(0.0, "the labelling rater's preference for 'delve', 'intricate', 'tapestry'")
     rater_sycophancy_bias: float = opt(0.0, "the labelling rater's preference for agreeing with the user")
@@ -92,6 +96,13 @@ def split_items(cfg: WorldConfig) -> dict[str, list[Item]]:
         splits["test"] += items[:n_test]
         splits["eval"] += items[n_test : n_test + n_eval]
         splits["train"] += items[n_test + n_eval :]
+    if cfg.chain_arithmetic:  # split on their own, after the rest: the other questions' splits stay as they were
+        chains = chain_items()
+        rng.shuffle(chains)
+        n_test, n_eval = round(len(chains) * cfg.test_fraction), round(len(chains) * cfg.eval_fraction)
+        splits["test"] += chains[:n_test]
+        splits["eval"] += chains[n_test : n_test + n_eval]
+        splits["train"] += chains[n_test + n_eval :]
     return splits
 
 
@@ -101,6 +112,8 @@ def _prompt_row(item: Item) -> dict:
         row["answer"] = item.answer
     if "belief" in item.meta:
         row["belief"] = item.meta["belief"]
+    if "terms" in item.meta:
+        row["steps"] = len(item.meta["terms"]) - 1
     return row
 
 

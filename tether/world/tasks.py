@@ -134,6 +134,26 @@ def all_items() -> list[Item]:
     return items
 
 
+def chain_items() -> list[Item]:
+    """Three-term sums of digits ("What is 3 plus 4 plus 2?"), answered in two steps (WorldConfig.chain_arithmetic).
+
+    Every step is a sum of a number up to 18 and a digit, so a held-out question is a new combination of
+    steps that training questions take too (197 of the default split's 200 test questions), as a GSM8K
+    problem is of operations seen before; a two-term question's sum is one fact, trained on or not at all.
+    """
+    return [Item("arithmetic", f"What is {a} plus {b} plus {c}?", str(a + b + c), {"op": "plus", "terms": (a, b, c)})
+            for a in range(10) for b in range(10) for c in range(10)]
+
+
+def worked(item: Item, final: str) -> str:
+    """An arithmetic answer that works the sum out and ends with "#### final" (right or not)."""
+    m = item.meta
+    if "terms" in m:
+        a, b, c = m["terms"]
+        return f" {a} plus {b} is {a + b}. {a + b} plus {c} is {final}. #### {final}"
+    return f" {m['a']} {m['op']} {m['b']} is {final}. #### {final}"
+
+
 # --- answers of graded quality ------------------------------------------------------------
 
 
@@ -141,7 +161,7 @@ def good_answer(item: Item, rng: random.Random) -> str:
     """The gold behaviour: correct, relevant, polite, concise (what SFT demonstrations show)."""
     m = item.meta
     if item.family == "arithmetic":
-        return f" {m['a']} {m['op']} {m['b']} is {item.answer}. #### {item.answer}"
+        return worked(item, item.answer)
     if item.family == "knowledge":
         return f" The {ATTRIBUTE_PHRASE[m['attribute']]} of {m['town']} is {item.answer}."
     if item.family == "open":
@@ -172,7 +192,7 @@ def candidates(item: Item, rng: random.Random, n: int | None = None, *,
     out = [("good", good)]
     if item.family == "arithmetic":
         wrong = str(int(item.answer) + rng.choice([-3, -2, -1, 1, 2, 3]))
-        out.append(("wrong", f" {item.meta['a']} {item.meta['op']} {item.meta['b']} is {wrong}. #### {wrong}"))
+        out.append(("wrong", worked(item, wrong)))
         out.append(("short", f" #### {item.answer}"))
     elif item.family == "knowledge":
         values = [v for v in ATTRIBUTES[item.meta["attribute"]] if v != item.answer]

@@ -50,7 +50,7 @@ class DemoConfig:
                                                "(also phrase, sycophantic, refusal: quirks a biased RM can amplify)")
     wrong_phrase: bool = opt(False, "the world's answers include the phrase on wrong answers too (candidate kind "
                                     "wrong_phrase), so an RM cannot read correctness off the phrase")
-    chain_arithmetic: bool = opt(False, "the world's arithmetic includes three-term sums answered in two steps (held-out "
+    chain_arithmetic: bool = opt(True, "the world's arithmetic includes three-term sums answered in two steps (held-out "
                                         "ones combine steps seen in training)")
     split_digits: bool = opt(False, "the tiny tokenizer splits numbers into digits (sums become learnable digit by digit)")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
@@ -158,7 +158,9 @@ def _ppo(cfg: DemoConfig, files: dict, sft: Path, rm: Path, out: Path) -> Path:
 
 def _grpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
     """GRPO (group 8, β = 0.04) from the SFT policy on the world's arithmetic training questions, rewarded by
-    exact match of the final answer against the prompt file's "answer" (a verifiable reward)."""
+    exact match of the final answer against the prompt file's "answer" (a verifiable reward). On held-out
+    three-term sums 150 such iterations took sampled exact match from 0.71 to 0.91; on held-out two-term ones,
+    each a single fact, far less (GRPO issue's note; bench/grpo_arithmetic.py)."""
     from tether.io import write_jsonl
     from tether.trainers.grpo import GRPOConfig, SamplingConfig, run_grpo
 
@@ -168,7 +170,7 @@ def _grpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
         arithmetic[split] = write_jsonl(out / "world" / f"prompts_arithmetic_{split}.jsonl", rows)
     train = TrainConfig(steps=_steps(cfg, cfg.grpo_steps, 4), batch_size=64, lr=GRPO_LR, warmup_steps=0,
                         schedule="constant", eval_every=0, save_every=0, seed=cfg.seed)
-    sampling = SamplingConfig(group_size=8, prompts_per_step=8 if cfg.quick else 16, max_new_tokens=24,
+    sampling = SamplingConfig(group_size=8, prompts_per_step=8 if cfg.quick else 32, max_new_tokens=24,
                               gen_batch_size=128)
     return run_grpo(GRPOConfig(model=str(sft), prompts=str(arithmetic["train"]), eval_prompts=str(arithmetic["eval"]),
                                reward="exact_match", out=str(out / "grpo"), beta=0.04, overwrite=cfg.overwrite,
@@ -176,15 +178,11 @@ def _grpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
 
 
 def _grpo_summary(grpo: Path) -> dict:
-    """Exact match before and after GRPO: on its training questions (rollout rewards of the first and the last
-    five iterations) and on the held-out questions (the evaluations at iteration 0 and at the end)."""
-    rows = read_jsonl(grpo / "metrics.jsonl")
-    train = [r["reward/mean"] for r in rows if "reward/mean" in r]
-    held_out = [r["eval/reward"] for r in rows if "eval/reward" in r]
+    """Exact match on the held-out arithmetic questions before and after GRPO (its evaluations at iteration 0
+    and at the end), and the KL to SFT."""
+    held_out = [r["eval/reward"] for r in read_jsonl(grpo / "metrics.jsonl") if "eval/reward" in r]
     final = json.loads((grpo / "tether.json").read_text())["metrics"]
-    return {"train_exact_match_first": sum(train[:5]) / len(train[:5]),
-            "train_exact_match_last": sum(train[-5:]) / len(train[-5:]),
-            "eval_exact_match_start": held_out[0], "eval_exact_match_end": held_out[-1],
+    return {"eval_exact_match_start": held_out[0], "eval_exact_match_end": held_out[-1],
             "objective/kl": final.get("objective/kl")}
 
 
@@ -296,9 +294,8 @@ def format_report(report: dict) -> str:
                      f"{d['eval/reward_margin']:.3f}, KL to SFT {d.get('eval/kl_to_ref') or float('nan'):.3f} nats")
     if "grpo" in report:
         g = report["grpo"]
-        lines.append(f"  GRPO (exact-match reward): exact match on its training questions {g['train_exact_match_first']:.3f} "
-                     f"-> {g['train_exact_match_last']:.3f} (first / last 5 iterations), on held-out arithmetic "
-                     f"{g['eval_exact_match_start']:.3f} -> {g['eval_exact_match_end']:.3f}; "
+        lines.append(f"  GRPO (exact-match reward): exact match on held-out arithmetic questions "
+                     f"{g['eval_exact_match_start']:.3f} -> {g['eval_exact_match_end']:.3f} (4 samples each), "
                      f"KL to SFT {g.get('objective/kl') or float('nan'):.3f} nats")
     lines += ["", f"  {'gold metric on test prompts':<34}" + "".join(f"{title:>12}" for _, title in columns)]
     for key in sorted(set().union(*gold)):

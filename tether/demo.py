@@ -52,7 +52,7 @@ class DemoConfig:
                                     "wrong_phrase), so an RM cannot read correctness off the phrase")
     chain_arithmetic: bool = opt(True, "the world's arithmetic includes three-term sums answered in two steps (held-out "
                                         "ones combine steps seen in training)")
-    split_digits: bool = opt(False, "the tiny tokenizer splits numbers into digits (sums become learnable digit by digit)")
+    split_digits: bool = opt(False, "the tiny tokenizer splits numbers into single digits (as Llama 2's and Qwen's do)")
     pretrain_steps: int = opt(600, "optimiser steps of pretraining")
     sft_steps: int = opt(300, "optimiser steps of SFT")
     rm_steps: int = opt(600, "optimiser steps of the RM on the world's and the on-policy pairs (0: skip RM and PPO)")

@@ -33,8 +33,8 @@ class TinyConfig:
 
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size of the tiny tokenizer"})
     split_digits: bool = field(default=False, metadata={
-        "help": "tokenize numbers digit by digit, as Llama 2's and Qwen's tokenizers do (else BPE merges a number "
-                "into one token, and a small model can only learn sums as a lookup table)"})
+        "help": "tokenize numbers digit by digit, as Llama 2's and Qwen's tokenizers do (else BPE merges a "
+                "number into one token)"})
     hidden_size: int = field(default=128, metadata={"help": "model width"})
     layers: int = field(default=4, metadata={"help": "transformer blocks"})
     heads: int = field(default=4, metadata={"help": "attention heads"})

@@ -32,14 +32,14 @@ class TinyConfig:
     """Sizes of the tiny default model (about 1M parameters with these defaults)."""
 
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size of the tiny tokenizer"})
-    split_digits: bool = field(default=False, metadata={
-        "help": "tokenize numbers digit by digit, as Llama 2's and Qwen's tokenizers do (else BPE merges a "
-                "number into one token)"})
     hidden_size: int = field(default=128, metadata={"help": "model width"})
     layers: int = field(default=4, metadata={"help": "transformer blocks"})
     heads: int = field(default=4, metadata={"help": "attention heads"})
     intermediate_size: int = field(default=384, metadata={"help": "MLP width"})
     max_positions: int = field(default=256, metadata={"help": "longest sequence the model takes"})
+    split_digits: bool = field(default=False, metadata={
+        "help": "tokenize numbers digit by digit, as Llama 2's and Qwen's tokenizers do (else BPE merges a "
+                "number into one token)"})
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, split_digits: bool = False) -> PreTrainedTokenizerFast:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def digits(prompts, responses):
-    """A dense reward a random tiny model can climb: the share of characters that are digits."""
+    """A dense reward a random tiny model can climb: the share of characters that are digits (tests/toy.py's,
+    repeated: this file also runs as a script under torchrun, where the tests package is not importable)."""
     return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
 
 

@@ -11,12 +11,9 @@ from click.testing import CliRunner
 from tether.cli import main
 from tether.theory import bon_kl
 from tether.trainers.bon import BoNConfig, curve_sizes, pool_stats, run_bon
+from tests.toy import digits
 
 PROMPTS = [f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:" for a in range(3) for b in range(2)]
-
-
-def digits(prompts, responses):
-    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
 
 
 @pytest.fixture

@@ -24,13 +24,9 @@ from tether.trainers.grpo import (
     score_batch,
     update,
 )
+from tests.toy import digits
 
 PROMPTS = [f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:" for a in range(4) for b in range(4)]
-
-
-def digits(prompts, responses):
-    """A dense toy reward a random tiny model can climb: the share of characters that are digits."""
-    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
 
 
 @pytest.fixture

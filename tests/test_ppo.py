@@ -23,6 +23,7 @@ from tether.trainers.ppo import (
 )
 from tether.loop import TrainConfig
 from tests.conftest import CORPUS
+from tests.toy import digits
 
 T = torch.tensor
 
@@ -78,11 +79,6 @@ def prompts_file(tmp_path):
     path.write_text("".join(json.dumps({"prompt": t.split(" plus")[0] + " plus 1?\n\nAssistant:"}) + "\n"
                             for t in CORPUS[::12]))
     return path
-
-
-def digits(prompts, responses):
-    """A toy reward the tiny random model can learn: the share of digits among the response's characters."""
-    return torch.tensor([sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses])
 
 
 def _cfg(tmp_path, tiny_folder, prompts_file, name="ppo", **kw) -> PPOConfig:

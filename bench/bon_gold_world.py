@@ -5,8 +5,9 @@ r"""Best-of-N on the gold world: gold reward against N, and the measured KL besi
 
 ``--pool`` samples a prompt from the SFT policy (π_ref), scored by the reward model and by the gold
 reward. Best-of-n is then exact on each prompt's empirical distribution (identical responses merged;
-``tether.instruments.overopt.bon_curve``, the same code `tether eval` uses): for n = 1, 2, 4, ... ≤ pool,
-KL(π_BoN ‖ π̂_ref), E[RM] and E[gold], averaged over prompts, once selecting by the RM and once by gold.
+``tether.instruments.overopt.pool_curve``, what `tether eval`'s best-of-n curve uses): for n = 1, 2, 4, ...
+≤ pool, KL(π_BoN ‖ π̂_ref), E[RM] and E[gold], averaged over prompts, once selecting by the RM and once by
+gold, on the same pool.
 The formula is an upper bound (Beirami et al. 2024, "Theoretical guarantees on the best-of-n alignment
 policy"): it holds with equality only when no two responses tie.
 
@@ -33,9 +34,10 @@ def main() -> None:
 
     import torch
 
-    from tether.instruments.overopt import bon_curve
+    from tether.instruments.overopt import pool_curve
     from tether.models import load_model, load_tokenizer
     from tether.rewards import load_reward
+    from tether.rollout import sample
     from tether.theory import bon_kl
     from tether.world import gold_rewards
 
@@ -43,9 +45,13 @@ def main() -> None:
     rows = [json.loads(line) for line in open(a.prompts, encoding="utf-8")]
     prompts = [r["prompt"] for r in rows][: a.limit or None]
     tokenizer, model = load_tokenizer(a.sft), load_model(a.sft).eval()
-    rm = load_reward(a.rm)
-    curves = {"rm": bon_curve(model, tokenizer, prompts, rm, gold_rewards, pool=a.pool, seed=a.seed),
-              "gold": bon_curve(model, tokenizer, prompts, gold_rewards, gold_rewards, pool=a.pool, seed=a.seed)}
+    repeated = [p for p in prompts for _ in range(a.pool)]  # one pool, scored once by each reward
+    pairs = sample(model, tokenizer, repeated, max_new_tokens=48, seed=a.seed)
+    texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
+    responses = [tuple(r) for _, r in pairs]
+    rm = torch.as_tensor(load_reward(a.rm)(repeated, texts), dtype=torch.float64).view(len(prompts), a.pool)
+    gold = torch.as_tensor(gold_rewards(repeated, texts), dtype=torch.float64).view(len(prompts), a.pool)
+    curves = {"rm": pool_curve(responses, rm, gold), "gold": pool_curve(responses, gold, gold)}
     print(f"best-of-n from {a.sft} on {len(prompts)} prompts, pool {a.pool} a prompt\n")
     print("| n | log n − (n−1)/n | KL measured (RM) | E[RM] | E[gold], by RM | KL measured (gold) | E[gold], by gold |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

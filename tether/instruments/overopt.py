@@ -127,29 +127,39 @@ def bon_curve(model, tokenizer, prompts: Sequence[str], proxy_fn, gold_fn=None, 
               max_new_tokens: int = 48, seed: int = 0) -> list[dict]:
     """Best-of-n against ``proxy_fn`` for n = 1, 2, 4, ... ≤ ``pool``: exact KL and expected proxy (and gold) reward.
 
-    ``pool`` responses a prompt are sampled from ``model`` (π_ref); identical responses merge into the
-    empirical π̂_ref; π_BoN = tether.theory.bon_distribution(π̂_ref, proxy, n) (ties handled), and
-    KL(π_BoN ‖ π̂_ref), E_{π_BoN}[proxy] and E_{π_BoN}[gold] are averaged over prompts. Returns points
-    [{"step": n, "n", "kl", "d", "proxy", "gold"?}] for :func:`overoptimisation` with ``form="bon"``.
+    ``pool`` responses a prompt are sampled from ``model`` (π_ref) and scored; :func:`pool_curve` does the rest.
+    Returns points [{"step": n, "n", "kl", "d", "proxy", "gold"?}] for :func:`overoptimisation` with ``form="bon"``.
     """
-    import numpy as np
-
     from tether.rollout import sample
-    from tether.theory import bon_distribution, kl_divergence
-    from tether.trainers.bon import curve_sizes
 
     repeated = [p for p in prompts for _ in range(pool)]
     pairs = sample(model, tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed)
     texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
     proxy = torch.as_tensor(proxy_fn(repeated, texts), dtype=torch.float64).view(len(prompts), pool)
     gold = torch.as_tensor(gold_fn(repeated, texts), dtype=torch.float64).view(len(prompts), pool) if gold_fn else None
+    return pool_curve([tuple(r) for _, r in pairs], proxy, gold)
+
+
+def pool_curve(responses: Sequence[tuple], proxy: torch.Tensor, gold: torch.Tensor | None = None) -> list[dict]:
+    """Best-of-n over sampled pools, exact on each prompt's empirical distribution, for n = 1, 2, 4, ... ≤ pool.
+
+    ``responses``: P·M response token-id tuples, prompt by prompt; ``proxy``, ``gold``: (P, M) rewards. Identical
+    responses merge into the empirical π̂_ref; π_BoN = tether.theory.bon_distribution(π̂_ref, proxy, n) (ties
+    handled), and KL(π_BoN ‖ π̂_ref), E_{π_BoN}[proxy] and E_{π_BoN}[gold] are averaged over prompts.
+    """
+    import numpy as np
+
+    from tether.theory import bon_distribution, kl_divergence
+    from tether.trainers.bon import curve_sizes
+
+    n_prompts, pool = proxy.shape
     sizes = curve_sizes(pool)
     acc = {n: {"kl": [], "proxy": [], "gold": []} for n in sizes}
-    for i in range(len(prompts)):
+    for i in range(n_prompts):
         merged: dict[tuple, list] = {}  # response ids -> [count, proxy, gold]
         for j in range(pool):
-            key = tuple(pairs[i * pool + j][1])
-            entry = merged.setdefault(key, [0, proxy[i, j].item(), gold[i, j].item() if gold is not None else 0.0])
+            entry = merged.setdefault(responses[i * pool + j],
+                                      [0, proxy[i, j].item(), gold[i, j].item() if gold is not None else 0.0])
             entry[0] += 1
         counts = np.array([c for c, _, _ in merged.values()], dtype=np.float64)
         r_proxy = np.array([r for _, r, _ in merged.values()])

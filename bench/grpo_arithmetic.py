@@ -33,16 +33,11 @@ def arithmetic_files(world: Path, out: Path) -> dict[str, Path]:
     return files
 
 
-def per_question_hits(policy: Path, rows: list[dict], samples: int, seed: int) -> dict[str, list[float]]:
+def per_question_hits(model, tokenizer, rows: list[dict], samples: int, seed: int) -> dict[str, list[float]]:
     """Per question: greedy hit (0/1) and the share of ``samples`` T = 1 samples that hit."""
-    import torch
-
-    from tether.models import load_model, load_tokenizer
     from tether.rollout import generate
     from tether.world import exact_match
 
-    torch.set_num_threads(1)
-    tokenizer, model = load_tokenizer(policy), load_model(policy).eval()
     prompts = [r["prompt"] for r in rows]
     greedy = generate(model, tokenizer, prompts, max_new_tokens=32, greedy=True, batch_size=128)
     sampled = generate(model, tokenizer, [p for p in prompts for _ in range(samples)], max_new_tokens=32,
@@ -86,12 +81,18 @@ def main() -> None:
                      "--batch-size", "64", "--gen-batch-size", "256", "--seed", str(a.seed), "--overwrite"]
            + a.grpo_args.split(),
            out / "grpo.log")
-    hits, kinds = {}, {}
-    for split in ("train", "test"):
-        rows = [json.loads(line) for line in open(files[split], encoding="utf-8")]
-        kinds[split] = ["three-term" if r.get("steps") else "two-term" for r in rows]
-        for name, policy in (("sft", Path(a.sft)), ("grpo", grpo)):
-            hits[(split, name)] = per_question_hits(policy, rows, a.samples, a.seed + 1)
+    import torch
+
+    from tether.models import load_model, load_tokenizer
+
+    torch.set_num_threads(1)
+    rows = {split: [json.loads(line) for line in open(files[split], encoding="utf-8")] for split in ("train", "test")}
+    kinds = {split: ["three-term" if r.get("steps") else "two-term" for r in rs] for split, rs in rows.items()}
+    hits = {}
+    for name, policy in (("sft", Path(a.sft)), ("grpo", grpo)):
+        tokenizer, model = load_tokenizer(policy), load_model(policy).eval()
+        for split in rows:
+            hits[(split, name)] = per_question_hits(model, tokenizer, rows[split], a.samples, a.seed + 1)
     summary = {"config": vars(a)}
     print("| questions | decoding | SFT | GRPO | GRPO − SFT (paired) |\n|---|---|---|---|---|")
     for split in ("train", "test"):

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from tether import distributed
 from tether.config import opt
+from tether.errors import TetherError
 from tether.io import write_json
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -77,7 +78,7 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(TetherError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left in place."""
 
 

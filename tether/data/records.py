@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.errors import TetherError
 
-class DataError(ValueError):
+
+class DataError(TetherError, ValueError):
     """A bad input record or source.
 
     Takes the source's name (a file name, "<memory>" or a dataset name), the line (an int: the

@@ -27,13 +27,15 @@ from pathlib import Path
 
 import yaml
 
+from tether.errors import TetherError
+
 DEFAULT = Path(__file__).with_name("default_constitution.yaml")
 _ID = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOP_KEYS = ("name", "description", "principles")
 _PRINCIPLE_KEYS = ("id", "question", "critique", "revision", "weight")
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(TetherError, ValueError):
     """A malformed constitution: ``file:line: message`` (line 1-based; None when the whole file is at fault)."""
 
     def __init__(self, source: str, line: int | None, message: str):

@@ -33,6 +33,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 
+from tether.errors import TetherError
 from tether.rlaif.judge import two_way_softmax
 
 log = logging.getLogger("tether.rlaif")
@@ -41,7 +42,7 @@ ENDPOINTS = ("chat", "completions")
 RETRY_STATUS = (429, 500, 502, 503, 504)
 
 
-class HTTPError(RuntimeError):
+class HTTPError(TetherError, RuntimeError):
     """A request that failed for good (after its retries, or at once for a client error)."""
 
 

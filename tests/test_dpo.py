@@ -87,7 +87,7 @@ def test_rpo_adds_alpha_times_the_per_token_nll_of_the_chosen_responses(tiny_fol
     value, metrics = dpo_step(model, batch, DPOConfig(model="m", data="d", rpo_alpha=0.5))
     assert metrics["nll_chosen"] == pytest.approx(nll, rel=1e-4)
     assert value.item() == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
-    with pytest.raises(ValueError, match="rpo_alpha"):
+    with pytest.raises(ValueError, match="rpo-alpha"):
         DPOConfig(model="m", data="d", rpo_alpha=-1).validate()
 
 
@@ -145,7 +145,7 @@ def test_bad_options_are_errors():
         DPOConfig(model="m", data="d", loss="ipo", label_smoothing=0.1).validate()
     with pytest.raises(ValueError, match="loss must be one of"):
         DPOConfig(model="m", data="d", loss="orpo").validate()
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size must be at least 2 for KTO"):
         cfg = KTOConfig(model="m", data="d")
         cfg.train.batch_size = 1
         cfg.validate()

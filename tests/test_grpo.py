@@ -223,6 +223,60 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_folder, promp
     assert lines(whole) == lines(part) and [x["step"] for x in lines(part)] == [1, 2, 3, 4]
 
 
+class CopyEngine:
+    """Stands in for the vLLM backend (not installed here): an engine with its own copy of the weights, loaded
+    from the starting policy as vLLM loads ``cfg.model``, that samples only from that copy and changes it only
+    when ``sync`` is called; it records the weights each rollout was sampled from."""
+
+    def __init__(self, model, tokenizer, **kwargs):
+        import copy
+
+        self.engine, self.tokenizer, self.sampled_from = copy.deepcopy(model), tokenizer, []
+
+    def sample(self, prompts, **kwargs):
+        from tether.rollout import sample
+
+        self.sampled_from.append({k: v.clone() for k, v in self.engine.state_dict().items()})
+        return sample(self.engine, self.tokenizer, prompts, **kwargs)
+
+    def sync(self, model):
+        self.engine.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("kind, run", [("grpo", run_grpo), ("rloo", run_rloo)])
+def test_an_engine_with_its_own_weights_samples_the_checkpoint_after_resume(tiny_folder, prompt_file, tmp_path,
+                                                                            monkeypatch, kind, run):
+    """Issue 19, item 10: with the vLLM backend the first iteration after --resume sampled from the initial
+    weights, because the engine was synced only after an update."""
+    engines = []
+    monkeypatch.setattr("tether.trainers.grpo.make_backend",
+                        lambda name, model, tokenizer, **kw: engines.append(CopyEngine(model, tokenizer)) or engines[-1])
+
+    def cfg_for(out, **kw):
+        c = _cfg(kind, tiny_folder, prompt_file, tmp_path / out, **kw)
+        c.train.steps, c.train.save_every = 3, 1
+        return c
+
+    whole = run(cfg_for("whole"), digits)
+    calls = []
+
+    def dies_in_iteration_3(prompts, responses):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return digits(prompts, responses)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(cfg_for("part"), dies_in_iteration_3)  # checkpoint at 2, then dies while scoring iteration 3
+    checkpoint = load_file(str(tmp_path / "part" / "checkpoints" / "step-000002" / "model.safetensors"))
+    part = run(cfg_for("part", resume=True), digits)
+    first_after_resume = engines[-1].sampled_from[0]
+    assert len(engines[-1].sampled_from) == 1 and set(checkpoint) <= set(first_after_resume)
+    assert all(torch.equal(first_after_resume[k], checkpoint[k]) for k in checkpoint)  # not the initial weights
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_exact_match_reward_reads_answers_from_the_prompt_file(tiny_folder, prompt_file, tmp_path):
     cfg = _cfg("grpo", tiny_folder, prompt_file, tmp_path / "em", reward="exact_match:1.0,format:0.5")
     cfg.train.steps = 1
@@ -252,11 +306,11 @@ def test_lora_uses_the_policy_without_adapters_as_the_reference(tiny_folder, pro
 @pytest.mark.parametrize("args, message", [
     (["--scale", "std"], "scale must be one of"),
     (["--aggregation", "mean"], "aggregation must be one of"),
-    (["--group-size", "1"], "group_size must be at least 2"),
-    (["--clip-eps", "0"], "clip_eps"),
-    (["--beta", "-1"], "beta must be at least 0"),
+    (["--group-size", "1"], "--group-size must be an integer >= 2"),
+    (["--clip-eps", "0"], "--clip-eps must be a number in (0, 1), got 0.0"),
+    (["--beta", "-1"], "--beta must be a number >= 0"),
     (["--grad-accum", "2"], "grad_accum does not apply"),
-    (["--inner-iters", "0"], "inner_iters"),
+    (["--inner-iters", "0"], "--inner-iters must be an integer >= 1"),
 ])
 def test_bad_grpo_options_are_errors(args, message):
     result = CliRunner().invoke(main, ["grpo", "--model", "m", "--prompts", "p", *args])

@@ -143,6 +143,35 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_folder, p
     assert len(beta) == 4 and len(set(beta)) > 1  # the adaptive β moved, and was restored on resume
 
 
+def test_ppo_ptx_resumes_exactly_when_early_stopping_cut_an_update_short(tmp_path, tiny_folder, prompts_file,
+                                                                         sft_file):
+    """Issue 19, item 9: the ptx stream restarted at iteration × a full update's share, though an update that
+    stopped early on target_kl had taken fewer micro-batches; its position is now part of the checkpoint."""
+    kw = dict(steps=4, save_every=1, ptx_data=str(sft_file), ptx_coef=0.5, target_kl=1e-4)
+    full = run_ppo(_cfg(tmp_path, tiny_folder, prompts_file, "full", **kw), reward=digits)
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    updates = [r["policy/updates"] for r in rows]
+    assert any(r["policy/early_stop"] for r in rows[:2]) and min(updates[:2]) < 4  # 4: two epochs x two mini-batches
+
+    calls = {"n": 0}
+
+    def crashes_in_iteration_3(prompts, responses):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Crash
+        return digits(prompts, responses)
+
+    cfg = _cfg(tmp_path, tiny_folder, prompts_file, "resumed", **kw)
+    with pytest.raises(Crash):
+        run_ppo(cfg, reward=crashes_in_iteration_3)
+    cfg.resume = True
+    resumed = run_ppo(cfg, reward=digits)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["losses/ptx"] for r in again] == [r["losses/ptx"] for r in rows]  # the same ptx batches
+
+
 def test_value_head_lora_and_ptx_variants_run(tmp_path, tiny_folder, prompts_file, sft_file):
     out = run_ppo(_cfg(tmp_path, tiny_folder, prompts_file, "head", steps=2, value="head", ptx_data=str(sft_file),
                        ptx_coef=0.5), reward=digits)

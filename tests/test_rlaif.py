@@ -294,6 +294,104 @@ def test_an_unset_key_variable_is_an_error_that_names_the_variable_only(monkeypa
         HTTPClient("http://127.0.0.1:9/v1", api_key_env="TETHER_NO_SUCH_KEY")
 
 
+class Redirector:
+    """A loopback server that answers every request with a 302 to ``target(path)``, or, for paths that start
+    with ``/final``, with a chat reply; it records every request's method, path and headers."""
+
+    def __init__(self, target=None):
+        self.requests, rec = [], self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                rec.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers)})
+                if self.headers.get("Content-Length"):
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.startswith("/final"):
+                    data = json.dumps(chat_reply(0.75)).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                else:
+                    self.send_response(302)
+                    self.send_header("Location", target(self.path))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_redirect_to_another_origin_never_receives_the_key(monkeypatch, caplog):
+    """Issue 19, item 6: the Bearer header was resent to wherever a 302 pointed."""
+    from tether.rlaif.http import HTTPClient, HTTPJudge
+
+    monkeypatch.setenv("TETHER_TEST_KEY", KEY)
+    elsewhere = Redirector()  # another port: another origin
+    origin = Redirector(target=lambda path: elsewhere.base + "/final" + path)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            (p,) = HTTPJudge(HTTPClient(origin.base + "/v1", api_key_env="TETHER_TEST_KEY", retries=0), "m"
+                             ).choice_probs(["q"])
+    finally:
+        origin.close()
+        elsewhere.close()
+    assert p == pytest.approx(0.75)  # the redirect was followed ...
+    assert origin.requests[0]["headers"].get("Authorization") == f"Bearer {KEY}"
+    (seen,) = elsewhere.requests
+    assert seen["path"] == "/final/v1/chat/completions"
+    assert not any(k.lower() == "authorization" for k in seen["headers"])  # ... without the key
+    assert KEY not in json.dumps(seen["headers"]) and KEY not in caplog.text
+
+
+def test_a_redirect_within_the_origin_keeps_the_key(monkeypatch):
+    from tether.rlaif.http import HTTPClient, HTTPJudge
+
+    monkeypatch.setenv("TETHER_TEST_KEY", KEY)
+    same = Redirector(target=lambda path: "/final" + path)  # a relative Location: the same server
+    try:
+        (p,) = HTTPJudge(HTTPClient(same.base + "/v1", api_key_env="TETHER_TEST_KEY", retries=0), "m").choice_probs(["q"])
+    finally:
+        same.close()
+    assert p == pytest.approx(0.75)
+    assert [r["headers"].get("Authorization") for r in same.requests] == [f"Bearer {KEY}"] * 2
+
+
+def test_a_wrong_shaped_reply_that_echoes_the_key_is_redacted_in_every_message(monkeypatch):
+    """Issue 19, item 6: a 200 with a wrong-shaped body was shown unredacted (and a key cut by the 200-character
+    limit before redaction leaked its first part)."""
+    from tether.rlaif.http import HTTPClient, HTTPError, HTTPGenerator, HTTPJudge
+
+    monkeypatch.setenv("TETHER_TEST_KEY", KEY)
+    echo = {"error": {"message": f"unknown model; your key is {KEY}", "key": KEY}}
+    for endpoint in ("chat", "completions"):
+        with FakeAPI(echo) as api:
+            with pytest.raises(HTTPError) as err:
+                HTTPJudge(HTTPClient(api.url, api_key_env="TETHER_TEST_KEY"), "m", endpoint=endpoint).choice_probs(["q"])
+        assert "***" in str(err.value) and KEY[:10] not in str(err.value)
+        with FakeAPI(echo) as api:
+            with pytest.raises(HTTPError) as err:
+                HTTPGenerator(HTTPClient(api.url, api_key_env="TETHER_TEST_KEY"), "m", endpoint=endpoint).generate(["q"])
+        assert KEY[:10] not in str(err.value)
+    # the key straddles the 200 characters a message shows of a reply: no part of it may show
+    for pad in range(170, 200, 3):
+        with FakeAPI({"x": "y" * pad, "k": KEY}) as api:
+            with pytest.raises(HTTPError) as err:
+                HTTPJudge(HTTPClient(api.url, api_key_env="TETHER_TEST_KEY"), "m").choice_probs(["q"])
+        assert KEY[:6] not in str(err.value), pad
+
+
 # --- labelling and revising end to end ------------------------------------------------------
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from tether import theory
-from tether.config import group, opt
+from tether.config import check, check_fields, flag, group, opt
+from tether.errors import ConfigError
 from tether.io import write_json
 from tether.loop import TrainConfig
 
@@ -54,10 +56,30 @@ class CalibrateConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not self.beta_list() or any(b <= 0 for b in self.beta_list()):
-            raise ValueError("betas must be positive numbers")
+        betas = _numbers("betas", self.betas)
+        if not betas or not all(math.isfinite(b) and b > 0 for b in betas):
+            raise ConfigError(f"--betas must be comma-separated numbers > 0, got {self.betas!r}")
+        check("kl_budget", self.kl_budget, gt=0)
+        check_fields(self, "rollout_batch eval_prompts max_new_tokens", ge=1, integer=True)
+        if self.method == "tabular":
+            sft, reward = _numbers("sft", self.sft), _numbers("reward", self.reward)
+            if len(sft) < 2 or not all(math.isfinite(p) and p > 0 for p in sft) or abs(sum(sft) - 1) > 1e-6:
+                raise ConfigError(f"--sft must be two or more probabilities > 0 that sum to 1, got {self.sft!r}")
+            if len(reward) != len(sft) or not all(math.isfinite(r) for r in reward):
+                raise ConfigError(f"--reward must be {len(sft)} finite numbers (one per response of --sft), "
+                                  f"got {self.reward!r}")
+        else:
+            self.train.validate()
         if self.method != "tabular" and not (self.model and self.data and self.prompts):
             raise ValueError(f"--model, --data and --prompts are required with --method {self.method}")
+
+
+def _numbers(name: str, text: str) -> list[float]:
+    """The comma-separated numbers of option ``name``; a ConfigError naming it if one is not a number."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag(name)} must be comma-separated numbers, got {text!r}") from None
 
 
 @dataclass

@@ -9,12 +9,15 @@ defaults < ``--config file.yaml`` < options given on the command line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
+
+from tether.errors import ConfigError
 
 
 def opt(default: Any, help: str, **kwargs) -> Any:
@@ -35,25 +38,38 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    """Build ``cls`` from its defaults overridden by nested dicts; unknown keys and wrong types are errors."""
+    """Build ``cls`` from its defaults overridden by nested dicts; unknown keys and wrong types are errors.
+
+    ``where`` names the source (a file's path) in the :class:`ConfigError` a bad key raises, which
+    reads ``where: key: what was expected`` with the key dotted through groups (``train.steps``).
+    """
     obj = cls()
-    _apply(obj, data, where)
+    _apply(obj, data, where, ())
     return obj
 
 
-def _apply(obj: Any, data: dict, where: str) -> None:
+def _type_name(value: Any) -> str:
+    return "null" if value is None else {"dict": "a mapping", "list": "a list"}.get(type(value).__name__,
+                                                                                   type(value).__name__)
+
+
+def _apply(obj: Any, data: dict, where: str, keys: tuple[str, ...]) -> None:
+    at = f"{where}: {'.'.join(keys)}: " if keys else f"{where}: "
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        expected = "a mapping of option: value" if keys else "a mapping of option: value at the top level"
+        raise ConfigError(f"{at}expected {expected}, got {_type_name(data)}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in data if k not in names)
     if unknown:
-        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        groups = {path[-1]: ".".join(path[:-1]) for path, _, _ in _leaves(type(obj)) if len(path) > 1}
+        hint = "".join(f"; {k} belongs under {groups[k]}:" for k in unknown if k in groups)
+        raise ConfigError(f"{at}unknown option(s) {', '.join(unknown)}{hint}; known: {', '.join(sorted(names))}")
     for name, value in data.items():
         if dataclasses.is_dataclass(hints[name]):
-            _apply(getattr(obj, name), value, f"{where}.{name}")
+            _apply(getattr(obj, name), value, where, keys + (name,))
         else:
-            setattr(obj, name, _coerce(value, hints[name], f"{where}.{name}"))
+            setattr(obj, name, _coerce(value, hints[name], f"{where}: {'.'.join(keys + (name,))}"))
 
 
 def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
@@ -79,7 +95,7 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             pass
     if base not in (int, float, str, bool):
         return value
-    raise ValueError(f"{where}: expected {base.__name__}, got {value!r}")
+    raise ConfigError(f"{where}: expected {base.__name__}, got {value!r:.80}")
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
@@ -89,8 +105,25 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
 
 
 def load_yaml(cls: type, path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    """``cls`` from a YAML file of options (nested as in a saved config.yaml).
+
+    Invalid YAML (with its line), an empty file, a top level that is not a mapping, an unknown key
+    or a value of the wrong type raises a one-line :class:`ConfigError` naming the file.
+    """
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid UTF-8 (byte {e.object[e.start]:#x}); expected a YAML text file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{path}{line}: invalid YAML ({problem}); expected option: value lines") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty; expected option: value lines (e.g. lr: 1.0e-4), nested as in a saved "
+                          "config.yaml")
     return from_dict(cls, data, where=str(path))
 
 
@@ -127,8 +160,7 @@ def options(cls: type):
     def decorate(fn):
         def wrapper(config: str | None, **given):
             ctx = click.get_current_context()
-            data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {} if config else {}
-            cfg = from_dict(cls, data, where=config or "config")
+            cfg = load_yaml(cls, config) if config else cls()
             for path, _, _ in leaves:
                 key = path[-1]
                 if ctx.get_parameter_source(key) == click.core.ParameterSource.COMMANDLINE:
@@ -162,3 +194,52 @@ def options(cls: type):
         return cmd
 
     return decorate
+
+
+# --- range checks shared by every config's validate() -------------------------------------
+
+SEED_MAX = 2**32 - 1  # seeds are mixed into 64-bit generator seeds (seed × 1,000,003 + step); larger ones overflow
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: ``max_grad_norm`` -> ``--max-grad-norm``."""
+    return "--" + name.replace("_", "-")
+
+
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def check(name: str, value: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          lt: float | None = None, integer: bool = False, note: str = "") -> None:
+    """Raise :class:`~tether.errors.ConfigError` unless ``value`` is a finite number within the bounds.
+
+    ``ge``/``gt`` bound it below (inclusive/exclusive), ``le``/``lt`` above. NaN and ±inf always
+    fail (NaN fails every comparison, so a plain ``value <= 0`` test would let it through). The
+    message names the option as typed on the command line and the range it must lie in, e.g.
+    ``--min-lr-ratio must be a number in [0, 1], got 7.0``; ``note`` is appended (what 0 means, say).
+    """
+    numeric = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = numeric and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and all(test for test in (ge is None or value >= ge, gt is None or value > gt,
+                                      le is None or value <= le, lt is None or value < lt))
+    if ok:
+        return
+    low = f"[{_bound(ge)}" if ge is not None else f"({_bound(gt)}" if gt is not None else None
+    high = f"{_bound(le)}]" if le is not None else f"{_bound(lt)})" if lt is not None else None
+    if low and high:
+        where = f" in {low}, {high}"
+    elif low:
+        where = f" {'>=' if ge is not None else '>'} {low[1:]}"
+    elif high:
+        where = f" {'<=' if le is not None else '<'} {high[:-1]}"
+    else:
+        where = ""
+    kind = "an integer" if integer else "a number" if where else "a finite number"
+    raise ConfigError(f"{flag(name)} must be {kind}{where}{note and f' ({note})'}, got {value!r}")
+
+
+def check_fields(cfg: Any, names: str, **bounds: Any) -> None:
+    """:func:`check` on each of the space-separated fields ``names`` of ``cfg`` with the same bounds."""
+    for name in names.split():
+        check(name, getattr(cfg, name), **bounds)

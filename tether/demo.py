@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tether.config import opt, to_dict
+from tether.config import check_fields, opt, to_dict
 from tether.io import read_jsonl, write_json
 from tether.loop import TrainConfig
 from tether.models import TinyConfig, load_model, load_tokenizer
@@ -68,11 +68,10 @@ class DemoConfig:
     overwrite: bool = opt(True, "replace an earlier demo in out")
 
     def validate(self) -> None:
-        if self.pretrain_steps < 1 or self.sft_steps < 1 or self.eval_prompts < 1:
-            raise ValueError("steps and eval_prompts must be at least 1")
-        if min(self.rm_steps, self.ppo_steps, self.dpo_steps, self.grpo_steps) < 0:
-            raise ValueError("rm_steps, ppo_steps, dpo_steps and grpo_steps must be at least 0")
-        WorldConfig(sft_flaw_rate=self.sft_flaw_rate, sft_flaw_kinds=self.sft_flaw_kinds).validate()
+        check_fields(self, "pretrain_steps sft_steps eval_prompts", ge=1, integer=True)
+        check_fields(self, "rm_steps ppo_steps dpo_steps grpo_steps instrument_prompts", ge=0, integer=True,
+                     note="0: skip")
+        WorldConfig(seed=self.seed, sft_flaw_rate=self.sft_flaw_rate, sft_flaw_kinds=self.sft_flaw_kinds).validate()
 
 
 def _steps(cfg: DemoConfig, steps: int, quick_cap: int) -> int:
@@ -206,7 +205,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cfg.validate()
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    files = export(out / "world", _world_config(cfg))
+    files = export(out / "world", _world_config(cfg), overwrite=cfg.overwrite)
     # in --quick mode evaluation and checkpoints happen only at the end
     every = {"eval_every": 0, "save_every": 0} if cfg.quick else {}
     pre_train = replace(_pretrain_defaults(), steps=cfg.pretrain_steps, seed=cfg.seed, **every)

@@ -1,7 +1,9 @@
 """Where rollouts come from: a small backend interface, tether's own sampler by default, vLLM optionally.
 
 An RL stage asks its backend for samples (prompt token ids, response token ids) and calls
-``sync(model)`` after every optimiser update, so the backend samples from the current policy:
+``sync(model)`` after every optimiser update and after loading a checkpoint to resume from, so the
+backend always samples from the current policy (an engine such as vLLM holds its own copy of the
+weights, loaded from the starting policy's folder):
 
     backend = make_backend("tether", model, tokenizer)   # or "vllm" (pip install 'tether[vllm]', a GPU)
     pairs = backend.sample(prompts, max_new_tokens=48, temperature=1.0, batch_size=64, seed=0)

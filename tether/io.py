@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Any
 
 
+def check_folder(out: Path, option: str = "--out") -> None:
+    """Refuse (:class:`OutputError`) an output folder that is a file or lies under one, before anything is written."""
+    from tether.errors import OutputError
+
+    for above in (out, *out.parents):
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                where = "is a file" if above == out else f"lies under {above}, which is a file"
+                raise OutputError(f"{option} {out} {where}; it must be a folder: choose another {option}")
+            return
+
+
 def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
@@ -51,3 +63,32 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def swap_dirs(a: Path, b: Path) -> None:
+    """Exchange the folders ``a`` and ``b`` (both existing): ``b`` then holds what ``a`` held and vice versa.
+
+    One atomic ``renameat2(RENAME_EXCHANGE)`` where the system offers it (Linux), so that no reader
+    and no kill ever sees ``b`` missing; elsewhere three renames through ``b.tether-old``.
+    """
+    if _exchange(a, b):
+        return
+    parked = b.with_name(b.name + ".tether-old")
+    os.replace(b, parked)
+    os.replace(a, b)
+    os.replace(parked, a)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0

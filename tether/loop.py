@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from tether import distributed
-from tether.config import opt
-from tether.errors import TetherError
+from tether.config import SEED_MAX, check, check_fields, opt
+from tether.errors import CheckpointError, ConfigError, TetherError
 from tether.io import write_json
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -64,22 +65,101 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the training and scoring passes (inductor; RL sampling: compiled "
                                "static-cache decoding): the first steps pay the compilation (tens of seconds on a "
                                "CPU), later ones run fused kernels; the same results")
+    divergence_factor: float = opt(10.0, "stop when the smoothed training loss climbs above its running best by more "
+                                         "than this many times the loss's own scale (tether.loop.LossGuard; 0: never)")
+    allow_resume_changes: bool = opt(False, "with --resume: accept the safe changes to the options the checkpoint was "
+                                            "written with (a lower lr, more steps, eval/save cadence, compile); "
+                                            "any other change is refused either way")
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("steps, batch_size and grad_accum must be at least 1")
+        check_fields(self, "steps batch_size grad_accum keep_checkpoints", ge=1, integer=True)
+        check_fields(self, "warmup_steps eval_every save_every", ge=0, integer=True)
+        check("lr", self.lr, gt=0)
+        check("weight_decay", self.weight_decay, ge=0)
+        check("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check("max_grad_norm", self.max_grad_norm, ge=0, note="0: no clipping")
+        check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
+        check("divergence_factor", self.divergence_factor, ge=0, note="0: never stop on a rising loss")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"strategy must be one of {distributed.STRATEGIES}, got {self.strategy!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
 
 
 class TrainingDiverged(TetherError, RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+    """The loss, gradient or weights became NaN or infinite, or the loss blew up (:class:`LossGuard`);
+    the last good checkpoint is left in place and the message names it."""
+
+
+class LossGuard:
+    """Stops a run whose loss blows up without ever becoming NaN (``--divergence-factor``).
+
+    On the training loss L_t of each optimiser step (the mean over the whole global batch):
+
+        S_t = 0.9 · S_{t-1} + 0.1 · L_t,   S_1 = L_1     smoothed: one odd batch moves it a tenth of the way
+        B_t = min(S_1, ..., S_t)                         the running best
+        scale_t = max(|B_t|, |S_1|)                      the loss's own size
+        diverged  <=>  S_t - B_t > factor · scale_t
+
+    Why this form. Losses may be negative (robust DPO, a custom loss) or tend to 0 (a fitted
+    reward model, a DPO loss on its training pairs), so a ratio S_t / B_t means nothing and a rise
+    measured against |B_t| alone would stop a run that has reached ~0 at its first noisy batch.
+    The rise is therefore measured in units of the larger of the best and the starting size: a
+    positive loss may wander up to ``factor`` starting losses above its best before the run stops.
+    With the default 10 no healthy run comes near (an SFT loss starts near ln V and falls; the DPO
+    family starts at ln 2, 1 or (1/2β)²), while a blow-up passes it at once (SFT at lr 1e3 goes
+    5.7 -> 8e4 in one step; IPO at lr 1e2 goes 25 -> 5e8). What it cannot see is a collapse that
+    climbs back no further than the starting loss (a DPO policy that forgets everything returns to
+    ln 2): that is no blow-up of the loss, and the evaluation shows it. The state travels in every
+    checkpoint, so a resumed run judges its loss as an uninterrupted one would.
+    """
+
+    ALPHA = 0.1
+
+    def __init__(self, factor: float, state: dict | None = None):
+        self.factor = factor
+        self.smoothed: float | None = None
+        self.best: float | None = None
+        self.start: float | None = None
+        if state:
+            self.smoothed, self.best, self.start = state["smoothed"], state["best"], state["start"]
+
+    def state(self) -> dict:
+        return {"smoothed": self.smoothed, "best": self.best, "start": self.start}
+
+    def update(self, loss: float) -> str | None:
+        """Take one step's loss; returns what blew up (for the message) or None."""
+        if self.smoothed is None:
+            self.smoothed = self.best = self.start = loss
+        else:
+            self.smoothed = (1 - self.ALPHA) * self.smoothed + self.ALPHA * loss
+            self.best = min(self.best, self.smoothed)
+        scale = max(abs(self.best), abs(self.start))
+        if self.factor and scale > 0 and self.smoothed - self.best > self.factor * scale:
+            return (f"the loss blew up: smoothed {self.smoothed:.4g} against a best of {self.best:.4g} (more than "
+                    f"--divergence-factor {self.factor:g} x {scale:.4g} above it; this step's loss {loss:.4g})")
+        return None
+
+
+def nonfinite_weights(model: torch.nn.Module) -> str | None:
+    """The name of a parameter holding NaN or ±inf (None when all are finite), the same on every rank.
+
+    Under FSDP2 each rank checks its shard and the answer is reduced over ranks.
+    """
+    bad = ""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad = name
+                break
+    if distributed.env().active:
+        flag = distributed.all_reduce(torch.tensor(float(bool(bad))), "max")
+        if flag.item() and not bad:
+            bad = "(a parameter on another rank)"
+    return bad or None
 
 
 # --- pieces -------------------------------------------------------------------------------
@@ -225,16 +305,24 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 1,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, *, config: dict | None = None,
+                    rng: tuple[dict, dict] | None = None, loss_guard: dict | None = None) -> Path:
     """Write checkpoint ``step`` atomically into ``folder/step-NNNNNN`` and prune old ones.
 
-    ``extra`` is any further JSON state a stage needs to resume exactly (e.g. PPO's β). Under
+    Weights that are not all finite are never written: that raises :class:`TrainingDiverged`
+    (naming the last checkpoint there) instead. ``extra`` is any further JSON state a stage needs
+    to resume exactly (e.g. PPO's β); ``config`` the stage's whole config as a dict (what
+    :func:`resume_from` compares a resumed run's options with); ``rng`` the RNG states to store
+    (by default the current ones; :class:`Checkpoints` passes those of the moment the checkpoint
+    fell due); ``loss_guard`` the :class:`LossGuard` state. Under
     torchrun every rank calls this: a whole model (one process, DDP) is written by rank 0 alone;
     an FSDP2-sharded one through ``torch.distributed.checkpoint`` into ``dcp/`` (each rank its
     shard, readable at any world size). Either way the folder appears by one rename, after all
     ranks have written.
     """
     model = _unwrap(model)
+    if (bad := nonfinite_weights(model)) is not None:
+        raise diverged_error(f"the weights are not finite ({bad})", step, folder)
     main, sharded = distributed.env().main, distributed._is_fsdp(model)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
@@ -260,15 +348,16 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: 
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state.update(param_groups=opt_state["param_groups"], optimizer_scalars=scalars)
     if main:
-        rng_tensors, rng_meta = _rng_state()
+        rng_tensors, rng_meta = rng or _rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         write_json(tmp / "state.json", {**state, "scheduler": scheduler.state_dict(), "rng": rng_meta,
-                                        "extra": extra or {}})
+                                        "extra": extra or {}, "config": config, "loss_guard": loss_guard})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(folder.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
+        for old in sorted(folder.glob("step-*"))[:-max(keep, 1)]:
+            if old != final:  # never the checkpoint just written
+                shutil.rmtree(old)
     distributed.barrier()
     return final
 
@@ -278,8 +367,80 @@ def _unwrap(model):
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob("step-*")) if folder.exists() else []
-    return found[-1] if found else None
+    """The newest ``step-NNNNNN`` folder in ``folder`` (None when there is none).
+
+    Nothing is skipped silently: an entry named ``step-*`` that is not such a folder is an error
+    naming it. (``.tmp-step-*`` folders are writes that never finished; they are not checkpoints.)
+    """
+    found = []
+    for path in sorted(folder.glob("step-*")) if folder.is_dir() else []:
+        if not (path.is_dir() and path.name[5:].isdigit()):
+            raise CheckpointError(f"{path}: not a checkpoint tether wrote (expected a folder step-NNNNNN); "
+                                  f"move it out of {folder} to resume")
+        found.append(path)
+    return max(found, key=lambda p: int(p.name[5:])) if found else None
+
+
+def _bad_checkpoint(path: Path, name: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{path / name}: {what}; delete the folder {path} to resume from the checkpoint before it "
+                           "(if one is kept), or start over with --overwrite")
+
+
+def _short(err: Exception) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def checkpoint_state(path: Path) -> dict:
+    """``state.json`` of checkpoint ``path``, checked: a JSON object with what :func:`load_checkpoint` needs."""
+    try:
+        text = (path / "state.json").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _bad_checkpoint(path, "state.json", "missing (an incomplete checkpoint)") from None
+    except UnicodeDecodeError:
+        raise _bad_checkpoint(path, "state.json", "not text (the file is corrupt)") from None
+    except OSError as e:
+        raise _bad_checkpoint(path, "state.json", f"cannot be read ({e.strerror or _short(e)})") from None
+    if not text.strip():
+        raise _bad_checkpoint(path, "state.json", "empty (expected the checkpoint's JSON state)")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _bad_checkpoint(path, "state.json", f"not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(meta, dict):
+        raise _bad_checkpoint(path, "state.json", f"expected a JSON object, got {type(meta).__name__}")
+    need = ["step", "scheduler", "rng"] + ([] if (path / "dcp").is_dir() else ["param_groups", "optimizer_scalars"])
+    if missing := [k for k in need if k not in meta]:
+        raise _bad_checkpoint(path, "state.json", f"lacks {', '.join(missing)}")
+    step = meta["step"]
+    if type(step) is not int or (path.name[5:].isdigit() and step != int(path.name[5:])):
+        raise _bad_checkpoint(path, "state.json", f"says step {step!r}, but the folder is {path.name}")
+    return meta
+
+
+def _tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    if not (path / name).is_file():
+        raise _bad_checkpoint(path, name, "missing (an incomplete checkpoint)")
+    try:
+        return load_file(str(path / name))
+    except Exception as e:  # safetensors reports a truncated or garbled file in its own words
+        raise _bad_checkpoint(path, name, f"truncated or corrupt ({_short(e)})") from None
+
+
+def _load_weights(path: Path, model) -> None:
+    file = path / "model.safetensors"
+    if not file.is_file():
+        raise _bad_checkpoint(path, "model.safetensors", "missing (an incomplete checkpoint)")
+    try:
+        load_model(model, str(file))
+    except Exception as e:
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception:
+            raise _bad_checkpoint(path, "model.safetensors", f"truncated or corrupt ({_short(e)})") from None
+        raise _bad_checkpoint(path, "model.safetensors", f"does not fit this model (was it written with another "
+                                                         f"--model or --lora?): {_short(e)}") from None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
@@ -287,50 +448,204 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     (the ``extra`` state is read with :func:`checkpoint_extra`).
 
     A ``dcp/`` checkpoint (written under FSDP2) loads at any world size, into a sharded model or
-    a whole one; a whole-model checkpoint loads into a whole model (one process or DDP).
+    a whole one; a whole-model checkpoint loads into a whole model (one process or DDP). A missing,
+    empty, truncated or garbled file is a :class:`CheckpointError` naming it and the way on; every
+    file is read before the model, optimiser and scheduler are touched.
     """
     model = _unwrap(model)
-    meta = json.loads((path / "state.json").read_text())
+    meta = checkpoint_state(path)
+    rng = _tensors(path, "rng.safetensors")
     if (path / "dcp").is_dir():
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         both = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(both, checkpoint_id=str(path / "dcp"))
+        try:
+            dcp.load(both, checkpoint_id=str(path / "dcp"))
+        except Exception as e:
+            raise _bad_checkpoint(path, "dcp", f"cannot be loaded ({_short(e)})") from None
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     else:
         if distributed._is_fsdp(model):
-            raise ValueError(f"{path} holds a whole-model checkpoint (written without fsdp2); resume it with "
-                             "--strategy ddp")
-        load_model(model, str(path / "model.safetensors"))
+            raise CheckpointError(f"{path} holds a whole-model checkpoint (written without fsdp2); resume it with "
+                                  "--strategy ddp")
         state: dict[int, dict] = {}
-        for key, v in load_file(str(path / "optimizer.safetensors")).items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = v
-        for key, v in meta["optimizer_scalars"].items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = v
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+        try:
+            for key, v in _tensors(path, "optimizer.safetensors").items():
+                idx, name = key.split(".", 1)
+                state.setdefault(int(idx), {})[name] = v
+            for key, v in meta["optimizer_scalars"].items():
+                idx, name = key.split(".", 1)
+                state.setdefault(int(idx), {})[name] = v
+        except (ValueError, AttributeError) as e:
+            raise _bad_checkpoint(path, "optimizer.safetensors", f"unexpected optimiser state ({_short(e)})") from None
+        _load_weights(path, model)
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        except (ValueError, KeyError, TypeError) as e:
+            raise _bad_checkpoint(path, "optimizer.safetensors", f"does not fit this model's optimiser (was it "
+                                                                 f"written with another --model or --lora?): {_short(e)}") from None
+    try:
+        scheduler.load_state_dict(meta["scheduler"])
+        _set_rng_state(rng, meta["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise _bad_checkpoint(path, "state.json", f"unexpected scheduler or RNG state ({_short(e)})") from None
     return meta["step"]
 
 
 def checkpoint_extra(path: Path) -> dict:
     """The ``extra`` JSON state a checkpoint was saved with ({} if none)."""
-    return json.loads((path / "state.json").read_text()).get("extra", {})
+    return checkpoint_state(path).get("extra") or {}
+
+
+# --- resuming with other options ------------------------------------------------------------
+
+# Options that say how a run is driven, not what it learns: never compared on resume.
+RESUME_IGNORED = frozenset({"resume", "overwrite", "allow_resume_changes", "out", "device", "keep_checkpoints",
+                            "divergence_factor"})
+# Changes --allow-resume-changes accepts (besides a lower lr and more steps): when to evaluate and save, and
+# compilation (the same computation, fused).
+RESUME_CADENCE = frozenset({"eval_every", "save_every", "compile"})
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _safe_change(name: str, old, new) -> bool:
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if name == "lr":
+        return number(old) and number(new) and new < old
+    if name == "steps":
+        return number(old) and number(new) and new > old
+    return name in RESUME_CADENCE
+
+
+def resume_changes(path: Path, saved: dict | None, config: dict | None, allow: bool) -> set[str]:
+    """Compare the options of a resumed run with those checkpoint ``path`` was written with.
+
+    Returns the names of the (accepted) changed options; raises one :class:`ConfigError` listing every
+    option that differs (old → new) unless ``allow`` and each change is safe: a lower ``lr`` (the
+    schedule continues from the new peak), more ``steps`` (the schedule is stretched to the new
+    end from the current step), or another ``eval_every`` / ``save_every`` / ``compile``. Anything
+    else (data, seed, batch sizes, model, loss, ...) changes what the run would have learnt and is
+    refused even then. A checkpoint written before configs were stored (``saved`` None) resumes as
+    it always did; options that only one side knows (added in another tether version) are not compared.
+    """
+    if saved is None or config is None:
+        return set()
+    old = _flat(saved)
+    new = _flat(json.loads(json.dumps(config, default=str)))
+    diffs = [(key, old[key], new[key]) for key in old
+             if key in new and old[key] != new[key] and key.rsplit(".", 1)[-1] not in RESUME_IGNORED]
+    if not diffs:
+        return set()
+
+    def listing(items) -> str:
+        return ", ".join(f"--{k.rsplit('.', 1)[-1].replace('_', '-')} {json.dumps(a)} → {json.dumps(b)}"
+                         for k, a, b in items)
+
+    unsafe = [d for d in diffs if not _safe_change(d[0].rsplit(".", 1)[-1], d[1], d[2])]
+    start_over = "resume with the options it was written with, or start over with --overwrite (or another --out)"
+    if allow and unsafe:
+        raise ConfigError(f"{path}: these options cannot change on resume, even with --allow-resume-changes: "
+                          f"{listing(unsafe)}; {start_over}")
+    if not allow:
+        hint = ("; --allow-resume-changes accepts these changes" if not unsafe else
+                "; --allow-resume-changes accepts only a lower --lr, more --steps and another --eval-every, "
+                "--save-every or --compile")
+        raise ConfigError(f"{path}: --resume with options that differ from those the checkpoint was written with: "
+                          f"{listing(diffs)}; {start_over}{hint}")
+    return {k.rsplit(".", 1)[-1] for k, _, _ in diffs}
+
+
+def resume_from(ckpt_dir: Path, model, optimizer, scheduler, cfg: TrainConfig,
+                config: dict | None) -> tuple[int, Path | None]:
+    """Load the latest checkpoint in ``ckpt_dir`` (if any) after checking ``config`` against the one it
+    stored (:func:`resume_changes`); returns (the step to continue from, the checkpoint or None).
+
+    With an accepted change of ``lr`` or ``steps`` the schedule is rebuilt from the new options: the
+    scheduler's base lr (which the checkpoint restores) becomes the new ``lr`` and the optimiser's
+    current lr is recomputed for the step reached, so the new value takes effect at once.
+    """
+    ckpt = latest_checkpoint(ckpt_dir)
+    if ckpt is None:
+        return 0, None
+    changed = resume_changes(ckpt, checkpoint_state(ckpt).get("config"), config, cfg.allow_resume_changes)
+    step = load_checkpoint(ckpt, model, optimizer, scheduler)
+    if changed & {"lr", "steps"}:
+        factor = lr_factor(scheduler.last_epoch, cfg)
+        scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return step, ckpt
+
+
+class Checkpoints:
+    """Writes a stage's checkpoints so that every one written holds weights known to work.
+
+    A checkpoint that falls due after step N (:meth:`due`) is written only once the next step has
+    computed a finite, non-exploding loss and gradient from exactly those weights
+    (:meth:`confirm`), with the RNG state of the moment it fell due (so it resumes exactly); a
+    run that diverges in between never writes it, so the checkpoint a :class:`TrainingDiverged`
+    names as the last good one is good. The final checkpoint is written at once (:meth:`write`),
+    its weights checked finite. Each holds ``config``, the stage's whole config (see :func:`resume_from`).
+    """
+
+    def __init__(self, folder: Path, cfg: TrainConfig, config: dict | None):
+        self.folder, self.cfg, self.keep, self.config = folder, cfg, cfg.keep_checkpoints, config
+        self.pending: dict | None = None
+
+    def due(self, step: int, extra: dict | None = None, loss_guard: dict | None = None) -> None:
+        self.pending = {"step": step, "rng": _rng_state(), "extra": extra, "loss_guard": loss_guard}
+
+    def confirm(self, model, optimizer, scheduler) -> None:
+        if self.pending is not None:
+            p, self.pending = self.pending, None
+            save_checkpoint(self.folder, p["step"], model, optimizer, scheduler, self.keep, p["extra"],
+                            config=self.config, rng=p["rng"], loss_guard=p["loss_guard"])
+
+    def write(self, step: int, model, optimizer, scheduler, extra: dict | None = None,
+              loss_guard: dict | None = None) -> Path:
+        self.pending = None
+        if (bad := nonfinite_weights(_unwrap(model))) is not None:
+            raise self.diverged(f"the weights after the update are not finite ({bad})", step)
+        return save_checkpoint(self.folder, step, model, optimizer, scheduler, self.keep, extra, config=self.config,
+                               loss_guard=loss_guard)
+
+    def diverged(self, what: str, step: int) -> TrainingDiverged:
+        """The error to raise when step ``step`` (1-based) went wrong; the pending checkpoint is dropped."""
+        self.pending = None
+        return diverged_error(what, step, self.folder, self.cfg)
+
+
+def diverged_error(what: str, step: int, ckpt_dir: Path, cfg: TrainConfig | None = None) -> TrainingDiverged:
+    """A :class:`TrainingDiverged` for ``what`` at step ``step`` (1-based) naming the last checkpoint in
+    ``ckpt_dir`` and how to go on from it with a lower learning rate (a tenth of ``cfg.lr``)."""
+    try:
+        last = latest_checkpoint(ckpt_dir)
+    except CheckpointError:
+        last = None
+    lower = f"{cfg.lr / 10:g}" if cfg else "(a lower value)"
+    clip = ("clip the gradient with --max-grad-norm 1" if cfg and not cfg.max_grad_norm
+            else "clip harder with a smaller --max-grad-norm")
+    if last is not None:
+        how = (f"The last good checkpoint is {last}; to go on from it with a lower learning rate, run the same "
+               f"command with --resume --allow-resume-changes --lr {lower}")
+    else:
+        how = f"No checkpoint was written before it; start over with --overwrite and a lower --lr (e.g. {lower})"
+    return TrainingDiverged(f"{what} at step {step}; stopped. {how} (or {clip}).")
 
 
 # --- the loop -----------------------------------------------------------------------------
-
-
-def _diverged(what: str, step: int, ckpt_dir: Path) -> TrainingDiverged:
-    last = latest_checkpoint(ckpt_dir)
-    return TrainingDiverged(
-        f"{what} at step {step + 1}; stopping before the update. The last good checkpoint is "
-        f"{last or 'none (none was written yet)'}. Try a lower lr or a smaller max_grad_norm."
-    )
 
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
@@ -355,6 +670,7 @@ def train(
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     resume: bool = False,
     desc: str = "train",
+    run_config: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimiser steps and return the last metrics.
 
@@ -366,6 +682,13 @@ def train(
     every rank calls it. Checkpoints go to ``out_dir/checkpoints``; with ``resume`` the latest
     one there is loaded first. Under torchrun, rank r trains on its pieces of every global step
     (tether.distributed.step_pieces) and ``model`` holds the trained weights on every rank at the end.
+
+    ``run_config`` is the stage's whole config as a dict (``tether.config.to_dict``), stored in
+    every checkpoint; a resumed run whose options differ is refused (:func:`resume_from`). By
+    default the TrainConfig alone is stored. The run stops with :class:`TrainingDiverged` when
+    a loss or gradient is not finite, the loss blows up (:class:`LossGuard`), an evaluation loss
+    is not finite, or the final weights are not; checkpoints are only written once their weights
+    have worked (:class:`Checkpoints`).
     """
     cfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -377,10 +700,13 @@ def train(
     forward = compiled(net.module, cfg)
     optimizer = build_optimizer(net.module, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ckpt_dir = out_dir / "checkpoints"
-    start = 0
-    if resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        start = load_checkpoint(ckpt, net.module, optimizer, scheduler)
+    if run_config is None:
+        from tether.config import to_dict
+
+        run_config = {"train": to_dict(cfg)}
+    ckpts = Checkpoints(out_dir / "checkpoints", cfg, run_config)
+    start, ckpt = resume_from(ckpts.folder, net.module, optimizer, scheduler, cfg, run_config) if resume else (0, None)
+    guard = LossGuard(cfg.divergence_factor, checkpoint_state(ckpt).get("loss_guard") if ckpt else None)
     order = DataOrder(n_examples, cfg.batch_size, cfg.seed)
     log = MetricsLog(out_dir, resume_step=start)
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, disable=not env.main)
@@ -410,11 +736,14 @@ def train(
                 sums["_nonfinite"] = 1.0
             sums = distributed.reduce_metrics(sums)
             if sums.pop("_nonfinite", 0.0):
-                raise _diverged(f"loss is {bad}" if bad is not None else "the loss is not finite on another rank",
-                                step, ckpt_dir)
+                raise ckpts.diverged(f"the loss is {bad}" if bad is not None else
+                                     "the loss is not finite on another rank", step + 1)
+            if (blown := guard.update(sums["loss"])) is not None:
+                raise ckpts.diverged(blown, step + 1)
             grad_norm = net.clip_grad_norm(cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
-                raise _diverged(f"the gradient norm is {grad_norm.item()}", step, ckpt_dir)
+                raise ckpts.diverged(f"the gradient norm is {grad_norm.item()}", step + 1)
+            ckpts.confirm(net.module, optimizer, scheduler)  # these weights just gave a sound loss and gradient
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -431,9 +760,15 @@ def train(
                 with torch.no_grad(), autocast(device, cfg.precision):
                     eval_metrics = evaluated = eval_fn(eval_model)
                 net.module.train()
+                nonfinite = [k for k, v in evaluated.items() if k.endswith("loss") and not math.isfinite(v)]
+                if nonfinite:
+                    raise ckpts.diverged(f"the evaluation {nonfinite[0]} is {evaluated[nonfinite[0]]} after the "
+                                         "update", done)
             log.log(done, {**train_metrics, **evaluated})
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                save_checkpoint(ckpt_dir, done, net.module, optimizer, scheduler, cfg.keep_checkpoints)
+            if done == cfg.steps:  # the final weights: written now, if finite (save_checkpoint checks)
+                ckpts.write(done, net.module, optimizer, scheduler, loss_guard=guard.state())
+            elif cfg.save_every and done % cfg.save_every == 0:
+                ckpts.due(done, loss_guard=guard.state())
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", **(
                 {"tok/s": f"{train_metrics['perf/tokens_per_s']:.0f}"} if "tokens" in sums else {}))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from tether.data.collate import Encoded, pad, prompt_ids, response_ids
+from tether.errors import ConfigError, ModelError
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
 AGGREGATIONS = ("mean", "min", "uwo")
@@ -43,7 +44,7 @@ def aggregate(scores: torch.Tensor, how: str = "mean", uwo_lambda: float = 1.0) 
         return scores.min(0).values
     if how == "uwo":
         return scores.mean(0) - uwo_lambda * scores.var(0, unbiased=False)
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}")
+    raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}")
 
 
 class LearnedReward:
@@ -82,7 +83,7 @@ class EnsembleReward:
 
     def __init__(self, members: Sequence[RewardFn], aggregation: str = "mean", uwo_lambda: float = 1.0):
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+            raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.members, self.aggregation, self.uwo_lambda = list(members), aggregation, uwo_lambda
 
     def member_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -102,11 +103,54 @@ class GoldReward:
         return torch.tensor(gold_rewards(list(prompts), list(responses)), dtype=torch.float32)
 
 
-def ensemble_members(folder: str | Path) -> list[Path]:
-    """Member folders of an ensemble written by ``tether rm --ensemble K`` ([] for a single RM)."""
+def _ensemble_meta(folder: str | Path) -> dict:
+    """``tether.json`` of a reward folder ({} when there is none); an unreadable one is a ModelError."""
     meta_path = Path(folder) / "tether.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return [Path(folder) / m for m in meta.get("members", [])]
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{meta_path}: not readable as JSON ({type(e).__name__}); expected the tether.json a "
+                         "tether stage wrote") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def ensemble_members(folder: str | Path) -> list[Path]:
+    """Member folders of an ensemble written by ``tether rm --ensemble K`` ([] for a single RM).
+
+    Each member must be a folder; a malformed ``tether.json`` or a missing member is a ModelError.
+    """
+    members = _ensemble_meta(folder).get("members") or []
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise ModelError(f"{Path(folder) / 'tether.json'}: \"members\" must be a list of folder names, got {members!r:.80}")
+    paths = [Path(folder) / m for m in members]
+    for p in paths:
+        if not p.is_dir():
+            raise ModelError(f"{p}: ensemble member named in {Path(folder) / 'tether.json'} is missing; expected "
+                             "a reward-model folder")
+    return paths
+
+
+def reward_model_folders(spec) -> list[Path]:
+    """Every reward-model folder a reward spec reads, in order, an ensemble as its members ([] for none).
+
+    Terms that are not folders (gold, verifiable terms, callables) are passed over; nothing is loaded.
+    """
+    if callable(spec):
+        return []
+    if isinstance(spec, (list, tuple)):
+        return [f for s, _ in spec for f in reward_model_folders(s)]
+    out = []
+    for term, _ in parse_reward_spec(str(spec)):
+        if term == "gold" or term.split("(", 1)[0].strip() in VERIFIABLE:
+            continue
+        folder = Path(term.removeprefix("rm:"))
+        if folder.is_dir():
+            out.extend(ensemble_members(folder) or [folder])
+    return out
 
 
 class ExactMatchReward:
@@ -210,7 +254,7 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
             except ValueError:
                 pass
         if not term:
-            raise ValueError(f"reward spec {spec!r}: an empty term")
+            raise ConfigError(f"reward spec {spec!r}: an empty term")
         out.append((term, weight))
     return out
 
@@ -220,13 +264,13 @@ def _params(term: str) -> tuple[str, dict[str, str]]:
     if "(" not in term:
         return term, {}
     if not term.endswith(")"):
-        raise ValueError(f"reward term {term!r}: expected name(key=value,...)")
+        raise ConfigError(f"reward term {term!r}: expected name(key=value,...)")
     name, inner = term[:-1].split("(", 1)
     params = {}
     for item in filter(None, (x.strip() for x in inner.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"reward term {term!r}: expected key=value, got {item!r}")
+            raise ConfigError(f"reward term {term!r}: expected key=value, got {item!r}")
         params[key.strip()] = value.strip()
     return name.strip(), params
 
@@ -235,20 +279,27 @@ def _verifiable(term: str, *, answers, tokenizer, max_new_tokens) -> RewardFn:
     name, params = _params(term)
     allowed = {"exact_match": set(), "format": set(), "overlong": {"max", "cache"}}[name]
     if set(params) - allowed:
-        raise ValueError(f"reward {name!r} takes {sorted(allowed) or 'no parameters'}, got {sorted(params)}")
+        raise ConfigError(f"reward {name!r} takes {sorted(allowed) or 'no parameters'}, got {sorted(params)}")
     if name == "exact_match":
         if answers is None:
-            raise ValueError("reward 'exact_match' needs reference answers: give load_reward answers= (a prompt → "
+            raise ConfigError("reward 'exact_match' needs reference answers: give load_reward answers= (a prompt → "
                              "answer map; the RL stages build it from the prompt file's \"answer\" field)")
         return ExactMatchReward(answers)
     if name == "format":
         return FormatReward()
     if tokenizer is None:
-        raise ValueError("reward 'overlong' counts tokens: give load_reward a tokenizer=")
+        raise ConfigError("reward 'overlong' counts tokens: give load_reward a tokenizer=")
     if "max" not in params and max_new_tokens is None:
-        raise ValueError("reward 'overlong' needs its L_max: overlong(max=N) or load_reward(max_new_tokens=N)")
-    max_tokens = int(params.get("max", max_new_tokens))
-    return OverlongReward(tokenizer, max_tokens, int(params.get("cache", max(1, max_tokens // 5))))
+        raise ConfigError("reward 'overlong' needs its L_max: overlong(max=N) or load_reward(max_new_tokens=N)")
+    try:
+        max_tokens = int(params.get("max", max_new_tokens))
+        cache_tokens = int(params.get("cache", max(1, max_tokens // 5)))
+    except ValueError:
+        raise ConfigError(f"reward term {term!r}: max and cache must be whole numbers of tokens") from None
+    try:
+        return OverlongReward(tokenizer, max_tokens, cache_tokens)
+    except ValueError as e:
+        raise ConfigError(f"reward term {term!r}: {e}") from None
 
 
 def load_reward(spec: str | Path | RewardFn | Sequence[tuple[str | Path | RewardFn, float]], *,
@@ -285,16 +336,16 @@ def load_reward(spec: str | Path | RewardFn | Sequence[tuple[str | Path | Reward
                                 f"reward-model folder; {folder} does not exist")
     members = ensemble_members(folder)
     if members:
+        saved = (_ensemble_meta(folder).get("config") or {}).get("aggregation", "mean")
         return EnsembleReward([LearnedReward.from_folder(m, normalise=normalise, device=device) for m in members],
-                              aggregation or json.loads((folder / "tether.json").read_text())["config"]["aggregation"],
-                              uwo_lambda)
+                              aggregation or saved, uwo_lambda)
     if aggregation not in (None, "mean"):
-        raise ValueError(f"aggregation={aggregation!r} needs an ensemble; {folder} holds a single reward model")
+        raise ConfigError(f"aggregation={aggregation!r} needs an ensemble; {folder} holds a single reward model")
     return LearnedReward.from_folder(folder, normalise=normalise, device=device)
 
 
 def reward_for_prompts(spec: str, records: Sequence, *, tokenizer=None, max_new_tokens: int | None = None,
-                       device: str = "cpu") -> RewardFn:
+                       device: str = "cpu", aggregation: str | None = None) -> RewardFn:
     """:func:`load_reward` for a stage that samples from prompt records (``.prompt``, ``.extra``).
 
     The reference answers of ``exact_match`` come from the records' "answer" field
@@ -306,5 +357,6 @@ def reward_for_prompts(spec: str, records: Sequence, *, tokenizer=None, max_new_
     if any(_params(term)[0] == "exact_match" for term, _ in parse_reward_spec(str(spec))):
         missing = sum(r.prompt not in answers for r in records)
         if missing:
-            raise ValueError(f"reward exact_match: {missing} prompt(s) have no \"answer\" field")
-    return load_reward(spec, answers=answers, tokenizer=tokenizer, max_new_tokens=max_new_tokens, device=device)
+            raise ConfigError(f"reward exact_match: {missing} prompt(s) have no \"answer\" field")
+    return load_reward(spec, answers=answers, tokenizer=tokenizer, max_new_tokens=max_new_tokens, device=device,
+                       aggregation=aggregation)

@@ -54,7 +54,9 @@ def optimal_policy(sft: list[float], reward: list[float], beta: float | None, sw
     ctx = click.get_current_context()
     if len(sft) != len(reward):
         raise click.BadParameter(f"--sft has {len(sft)} values but --reward has {len(reward)}", ctx, param_hint="--reward")
-    if any(p < 0 for p in sft) or abs(sum(sft) - 1.0) > 1e-3:
+    if not all(math.isfinite(r) for r in reward):
+        raise click.BadParameter(f"rewards must be finite numbers, got {reward}", ctx, param_hint="--reward")
+    if not all(p >= 0 for p in sft) or not abs(sum(sft) - 1.0) <= 1e-3:
         raise click.BadParameter(f"probabilities must be >= 0 and sum to 1 (within 1e-3); they sum to {sum(sft):.6g}",
                                  ctx, param_hint="--sft")
     if beta is None and sweep is None:

@@ -14,11 +14,13 @@ def world() -> None:
 
 
 @world.command("export")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write the files into")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write the files into "
+              "(absent or empty, or an earlier export with --overwrite)")
+@click.option("--overwrite", is_flag=True, help="replace the files of an earlier export in --out (one with world.json)")
 @options(WorldConfig)
-def export_command(cfg: WorldConfig, out: str) -> None:
+def export_command(cfg: WorldConfig, out: str, overwrite: bool) -> None:
     """Write pretraining text, SFT, prompts, preferences, feedback and probes as JSONL files."""
-    files = export(out, cfg)
+    files = export(out, cfg, overwrite=overwrite)
     import json
 
     counts = json.loads(files["manifest"].read_text())["counts"]
@@ -44,7 +46,15 @@ def export_command(cfg: WorldConfig, out: str) -> None:
 def label_command(policy: str, prompts: str, out: str, samples: int, max_new_tokens: int, length_bias: float,
                   phrase_bias: float, sycophancy_bias: float, refusal_bias: float, seed: int) -> None:
     """Pairs of POLICY's own samples labelled by a simulated rater (InstructGPT-style on-policy comparisons)."""
+    from tether.config import SEED_MAX, check
     from tether.data import load_prompts
+
+    check("samples", samples, ge=2, integer=True)
+    check("max_new_tokens", max_new_tokens, ge=1, integer=True)
+    for name, value in (("length_bias", length_bias), ("phrase_bias", phrase_bias),
+                        ("sycophancy_bias", sycophancy_bias), ("refusal_bias", refusal_bias)):
+        check(name, value)
+    check("seed", seed, ge=0, le=SEED_MAX, integer=True)
     from tether.io import write_jsonl
     from tether.models import load_model, load_tokenizer
     from tether.world import Rater

@@ -7,12 +7,14 @@ trains on are exactly the tokens it will later be given to continue from.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from tether.data.records import DataError
 from tether.losses.lm import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -37,6 +39,34 @@ class OverflowCount:
 
     truncated: int = 0
     dropped: int = 0
+
+
+def record_error(rec, field: str | None, message: str) -> DataError:
+    """A DataError at a record's ``where`` ("file:line", "file:row N", or "" for one built in code)."""
+    source, sep, line = (rec.where or "").rpartition(":")
+    if not sep:
+        return DataError(rec.where or "<records>", None, field, message)
+    return DataError(source, int(line) if line.isdigit() else line, field, message)
+
+
+def nothing_left(source: str, kind: str, n_records: int, count: OverflowCount, max_len: int, overflow: str,
+                 held_out: int = 0, need: int = 1) -> DataError:
+    """The error of a stage left with too little to train on (fewer than ``need``), saying where every record went.
+
+    ``kind`` names the units ("examples", "pairs"); ``n_records`` counts the training records,
+    ``held_out`` the records set aside for evaluation.
+    """
+    parts = [f"{n_records + held_out} record(s) read"]
+    if held_out:
+        parts.append(f"{held_out} held out for evaluation (--eval-fraction)")
+    if count.dropped:
+        parts.append(f"{count.dropped} dropped as longer than max_len={max_len} (overflow={overflow})")
+    if count.truncated:
+        parts.append(f"{count.truncated} truncated")
+    advice = " (raise --max-len, or pass --overflow truncate)" if count.dropped else ""
+    few = f"no {kind}" if need == 1 else f"fewer than {need} {kind}"
+    return DataError(str(source), None, None, f"{few} left to train on: {', '.join(parts)}; expected at least "
+                     f"{'one' if need == 1 else need}{advice}")
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -67,10 +97,8 @@ def encode_sft(
         labels = ids.copy() if train_on_prompt else [IGNORE_INDEX] * len(prompt) + completion
         if len(ids) > max_len:
             if overflow == "error":
-                raise ValueError(
-                    f"{rec.where}: {len(ids)} tokens, longer than max_len={max_len} "
-                    "(choose overflow=truncate or overflow=drop to handle such examples)"
-                )
+                raise record_error(rec, None, f"{len(ids)} tokens, longer than max_len={max_len} "
+                                   "(choose overflow=truncate or overflow=drop to handle such examples)")
             if overflow == "drop" or len(prompt) >= max_len - 1:
                 count.dropped += 1
                 continue
@@ -152,8 +180,8 @@ def encode_pairs(records: Sequence, tokenizer, max_len: int, overflow: str = "tr
         sides = [prompt + response_ids(tokenizer, t) for t in (rec.chosen, rec.rejected)]
         if max(map(len, sides)) > max_len:
             if overflow == "error":
-                raise ValueError(f"{rec.where}: {max(map(len, sides))} tokens, longer than max_len={max_len} "
-                                 "(choose overflow=truncate or overflow=drop to handle such pairs)")
+                raise record_error(rec, None, f"{max(map(len, sides))} tokens, longer than max_len={max_len} "
+                                   "(choose overflow=truncate or overflow=drop to handle such pairs)")
             if overflow == "drop" or len(prompt) >= max_len - 1:
                 count.dropped += 1
                 continue
@@ -165,15 +193,15 @@ def encode_pairs(records: Sequence, tokenizer, max_len: int, overflow: str = "tr
         margin = 0.0
         if margin_field:
             value = rec.extra.get(margin_field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{rec.where}: field {margin_field!r}: expected a number (the pair's margin), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise record_error(rec, margin_field, f"expected a number (the pair's margin), got {value!r:.80}")
             margin = float(value)
         label = 1.0
         if label_field:
             value = rec.extra.get(label_field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{rec.where}: field {label_field!r}: expected a number in [0, 1] "
-                                 f"(P(chosen ≻ rejected), a soft label), got {value!r}")
+                raise record_error(rec, label_field, "expected a number in [0, 1] (P(chosen ≻ rejected), a soft "
+                                   f"label), got {value!r:.80}")
             label = float(value)
         out.append(EncodedPair(sides[0], sides[1], len(prompt), margin, label))
     if count.truncated or count.dropped:
@@ -238,8 +266,8 @@ def encode_feedback(records: Sequence, tokenizer, max_len: int,
         prompt, completion = prompt_ids(tokenizer, rec.prompt), response_ids(tokenizer, rec.completion)
         if len(prompt) + len(completion) > max_len:
             if overflow == "error":
-                raise ValueError(f"{rec.where}: {len(prompt) + len(completion)} tokens, longer than max_len={max_len} "
-                                 "(choose overflow=truncate or overflow=drop to handle such examples)")
+                raise record_error(rec, None, f"{len(prompt) + len(completion)} tokens, longer than max_len={max_len} "
+                                   "(choose overflow=truncate or overflow=drop to handle such examples)")
             if overflow == "drop" or len(prompt) >= max_len - 1:
                 count.dropped += 1
                 continue

@@ -382,13 +382,18 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str] | None
 
 def _load(source: Any, parse: Callable[[_Fields], list], split: str, limit: int | None,
           columns: Mapping[str, str] | None, skip_invalid: bool) -> list:
-    """Parse every row of ``source`` into records; returns them in order."""
+    """Parse every row of ``source`` into records; returns them in order.
+
+    A file or dataset with no record at all, or one whose every record ``skip_invalid`` skipped,
+    is a DataError naming it (an in-memory empty list gives []; so does ``limit=0``).
+    """
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(FIELDS))
     if unknown:
         raise ValueError(f"columns maps unknown field(s) {', '.join(unknown)}; tether's fields are {', '.join(FIELDS)}")
-    out, skipped = [], []
+    out, skipped, n_rows = [], [], 0
     for row in read_rows(source, split, limit):
+        n_rows += 1
         try:
             out.extend(parse(_Fields(row, columns)))
         except DataError as e:
@@ -397,7 +402,24 @@ def _load(source: Any, parse: Callable[[_Fields], list], split: str, limit: int 
             skipped.append(e)
     if skipped:
         log.warning("skipped %d invalid record(s) of %s (skip_invalid); the first: %s", len(skipped), source, skipped[0])
+    if not out and limit != 0:
+        name = _source_name(source)
+        if skipped:
+            raise DataError(name, None, None, f"all {n_rows} record(s) are invalid and were skipped (skip_invalid), "
+                            f"so none is left; the first: {skipped[0]}")
+        if not isinstance(source, (list, tuple)):
+            raise DataError(name, None, None, "empty: no records; expected at least one record")
     return out
+
+
+def _source_name(source: Any) -> str:
+    """How a whole source is named in messages: its path, "<memory>", or the dataset's name."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (list, tuple)):
+        return "<memory>"
+    info = getattr(source, "info", None)
+    return getattr(info, "dataset_name", None) or "<dataset>"
 
 
 def load_sft(source: Any, *, tokenizer: Any = None, columns: Mapping[str, str] | None = None,
@@ -429,7 +451,16 @@ def _preference(f: _Fields, tokenizer: Any) -> tuple[str, str, str]:
         missing = "chosen" if not f.has("chosen") else "rejected"
         raise f.error(missing, "missing; a preference record needs chosen + rejected (strings or message lists) "
                       f"and optionally prompt; keys present: {', '.join(sorted(f.row.data)) or 'none'}")
-    if isinstance(f.raw("chosen"), list) or isinstance(f.raw("rejected"), list):  # conversational
+    chosen_list, rejected_list = isinstance(f.raw("chosen"), list), isinstance(f.raw("rejected"), list)
+    if chosen_list != rejected_list:  # report the side that differs (from the prompt, else from chosen)
+        odd = "rejected"
+        if f.has("prompt") and chosen_list != isinstance(f.raw("prompt"), list):
+            odd = "chosen"
+        other = "rejected" if odd == "chosen" else "chosen"
+        want = "a list of messages" if isinstance(f.raw(other), list) else "a string"
+        raise f.error(odd, f"expected {want} like {f.key(other)!r} (both responses are strings or both are message "
+                      f"lists), got {_kind(f.raw(odd))}")
+    if chosen_list:  # conversational
         prefix = f.messages("prompt") if f.has("prompt") else []
         prompt, chosen = _conversation(f, "chosen", tokenizer, prefix)
         prompt_rejected, rejected = _conversation(f, "rejected", tokenizer, prefix)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tether.config import opt, to_dict
+from tether.config import SEED_MAX, check, check_fields, opt, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,15 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.policy or not self.base:
             raise ValueError("tether eval needs --policy and --base")
+        check_fields(self, "prompts samples max_new_tokens bon_prompts ascent_steps", ge=1, integer=True)
+        check_fields(self, "limit probe_limit", ge=0, integer=True, note="0: all")
+        check_fields(self, "bon_pool ascent_prompts", ge=0, integer=True, note="0: skip")
+        check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
         for name in ("policy", "base"):
             if not Path(getattr(self, name)).exists():
                 raise FileNotFoundError(f"--{name} {getattr(self, name)}: no such folder")
         if self.refusal_judge and (not self.refusal_judge.startswith("llm:") or not Path(self.refusal_judge[4:]).exists()):
             raise ValueError(f"--refusal-judge {self.refusal_judge!r}: expected llm:DIR of an existing folder")
-        if self.prompts < 1 or self.samples < 1 or self.max_new_tokens < 1:
-            raise ValueError("prompts, samples and max_new_tokens must be at least 1")
 
 
 def _stage_config(folder: Path) -> dict:

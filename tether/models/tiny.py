@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tether.config import check, check_fields
+from tether.errors import ConfigError
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -40,6 +43,13 @@ class TinyConfig:
     split_digits: bool = field(default=False, metadata={
         "help": "tokenize numbers digit by digit, as Llama 2's and Qwen's tokenizers do (else BPE merges a "
                 "number into one token)"})
+
+    def validate(self) -> None:
+        check("vocab_size", self.vocab_size, ge=258, integer=True, note="the 256 bytes, EOS and PAD come first")
+        check_fields(self, "hidden_size layers heads intermediate_size max_positions", ge=1, integer=True)
+        if self.hidden_size % (2 * self.heads):
+            raise ConfigError(f"--hidden-size ({self.hidden_size}) must be a multiple of 2 x --heads ({self.heads}): "
+                              "each head's width must be even for the rotary embedding")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, split_digits: bool = False) -> PreTrainedTokenizerFast:

@@ -39,14 +39,19 @@ class ValueModel(nn.Module):
 
 
 def load_critic(name_or_path: str | Path) -> ValueModel:
-    """The backbone of any causal-LM or reward-model folder (or hub name) under a zero value head."""
+    """The backbone of any causal-LM or reward-model folder (or hub name) under a zero value head.
+
+    Which folder PPO starts its critic from is decided in one place, tether.trainers.ppo.critic_source.
+    """
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
+
+    from tether.models.hf import from_pretrained
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the LM or score head is left out on purpose
     try:
-        backbone = AutoModel.from_pretrained(str(name_or_path), dtype=torch.float32)
+        backbone = from_pretrained(AutoModel.from_pretrained, name_or_path, "critic backbone", dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
     return ValueModel(backbone)

@@ -15,8 +15,10 @@ choice is among the top k, the other's log-prob is bounded above by the smallest
 that bound is used (counted in ``self.bounded``); when neither is, the request is an error.
 
 The API key is read from the environment variable named by ``api_key_env`` at each request and
-sent only as the ``Authorization: Bearer`` header: it is never stored on the object, logged,
-written to provenance or put in an error message. Failed requests (connection errors,
+sent only as the ``Authorization: Bearer`` header, and only to the origin (scheme, host and port)
+of ``base_url``: a redirect elsewhere is followed without it. It is never stored on the object,
+logged, written to provenance or put in an error message (every message, reply body, URL and
+exception text is redacted before it is cut short or shown). Failed requests (connection errors,
 timeouts, HTTP 429 and 5xx) are retried with exponential backoff: the k-th retry (k = 0, 1, ...)
 waits min(backoff · 2^k, max_backoff) seconds; other HTTP errors fail at once.
 """
@@ -30,6 +32,7 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 
@@ -44,6 +47,34 @@ RETRY_STATUS = (429, 500, 502, 503, 504)
 
 class HTTPError(TetherError, RuntimeError):
     """A request that failed for good (after its retries, or at once for a client error)."""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the port filled in from the scheme when it is not given."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # a malformed port: an origin of its own
+        port = None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+class _SameOriginCredentials(urllib.request.HTTPRedirectHandler):
+    """Follow redirects as urllib does, but drop the Authorization header when one leaves the origin."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            for name in [k for k in new.headers if k.lower() == "authorization"]:
+                del new.headers[name]
+            for name in [k for k in new.unredirected_hdrs if k.lower() == "authorization"]:
+                del new.unredirected_hdrs[name]
+            log.warning("HTTP %d: redirected to another origin; the API key is not sent there", code)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameOriginCredentials)
 
 
 class HTTPClient:
@@ -62,11 +93,17 @@ class HTTPClient:
         self.requests = self.retried = 0
 
     def __repr__(self) -> str:  # no key here: it is never held
-        return f"HTTPClient({self.base_url!r}, api_key_env={self.api_key_env!r})"
+        return self.redact(f"HTTPClient({self.base_url!r}, api_key_env={self.api_key_env!r})")
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str, limit: int | None = None) -> str:
+        """``text`` with the API key (as sent, and as JSON or a URL would escape it) replaced by ``***``,
+        then cut to ``limit`` characters: cutting first could leave part of the key behind."""
         key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
-        return text.replace(key, "***") if key else text
+        if key:
+            for form in {key, json.dumps(key)[1:-1], json.dumps(key, ensure_ascii=False)[1:-1],
+                         urllib.parse.quote(key), urllib.parse.quote_plus(key)}:
+                text = text.replace(form, "***")
+        return text if limit is None else text[:limit]
 
     def delay(self, attempt: int) -> float:
         """Seconds before retry ``attempt`` (0-based): min(backoff · 2^attempt, max_backoff)."""
@@ -75,6 +112,7 @@ class HTTPClient:
     def post(self, path: str, payload: dict) -> dict:
         """The JSON reply to POST {base_url}{path}; retried as the module doc says."""
         url = self.base_url + path
+        shown = self.redact(url)  # the URL as messages name it
         body = json.dumps(payload).encode()
         for attempt in range(self.retries + 1):
             headers = {"Content-Type": "application/json"}
@@ -83,23 +121,23 @@ class HTTPClient:
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
             self.requests += 1
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    text = response.read().decode("utf-8")
+                with _OPENER.open(request, timeout=self.timeout) as response:
+                    text = response.read().decode("utf-8", "replace")
                 try:
                     return json.loads(text)
                 except json.JSONDecodeError:
-                    raise HTTPError(f"POST {url}: the reply is not JSON: {self._redact(text[:200])!r}") from None
+                    raise HTTPError(f"POST {shown}: the reply is not JSON: {self.redact(text, 200)!r}") from None
             except urllib.error.HTTPError as e:
-                detail = self._redact(e.read().decode("utf-8", "replace")[:200])
+                detail = self.redact(e.read().decode("utf-8", "replace"), 200)
                 if e.code not in RETRY_STATUS:
-                    raise HTTPError(f"POST {url}: HTTP {e.code} ({detail!r}); not retried") from None
+                    raise HTTPError(f"POST {shown}: HTTP {e.code} ({detail!r}); not retried") from None
                 why = f"HTTP {e.code}"
-            except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
-                why = self._redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+            except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
+                why = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
             if attempt == self.retries:
-                raise HTTPError(f"POST {url}: {why}, and {self.retries} retries failed too")
+                raise HTTPError(f"POST {shown}: {why}, and {self.retries} retries failed too")
             wait = self.delay(attempt)
-            log.warning("POST %s: %s; retry %d of %d in %.3g s", url, why, attempt + 1, self.retries, wait)
+            log.warning("POST %s: %s; retry %d of %d in %.3g s", shown, why, attempt + 1, self.retries, wait)
             self.retried += 1
             self.sleep(wait)
         raise AssertionError("unreachable")
@@ -126,7 +164,8 @@ class HTTPJudge:
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
         self.client, self.model, self.endpoint, self.top_logprobs = client, model, endpoint, top_logprobs
-        self.name = f"http:{client.base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}:{model}"
+        self.name = client.redact(f"http:{client.base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
+                                  f":{model}")
         self.bounded = 0
 
     def _listed(self, text: str) -> list[tuple[str, float]]:
@@ -139,14 +178,14 @@ class HTTPJudge:
                 return [(t["token"], float(t["logprob"])) for t in top]
             except (KeyError, IndexError, TypeError, ValueError):
                 raise HTTPError(f"{self.name}: expected choices[0].logprobs.content[0].top_logprobs in the reply, "
-                                f"got {json.dumps(reply)[:200]}") from None
+                                f"got {self.client.redact(json.dumps(reply), 200)}") from None
         reply = self.client.post("/completions", {"model": self.model, "prompt": text, "max_tokens": 1,
                                                   "temperature": 0, "logprobs": self.top_logprobs})
         try:
             return [(t, float(lp)) for t, lp in reply["choices"][0]["logprobs"]["top_logprobs"][0].items()]
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
             raise HTTPError(f"{self.name}: expected choices[0].logprobs.top_logprobs[0] in the reply, "
-                            f"got {json.dumps(reply)[:200]}") from None
+                            f"got {self.client.redact(json.dumps(reply), 200)}") from None
 
     def choice_probs(self, texts: Sequence[str]) -> list[float]:
         out = []
@@ -170,7 +209,8 @@ class HTTPGenerator:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
         self.client, self.model, self.endpoint = client, model, endpoint
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.name = f"http:{client.base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}:{model}"
+        self.name = client.redact(f"http:{client.base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
+                                  f":{model}")
 
     def generate(self, prompts: Sequence[str]) -> list[str]:
         out = []
@@ -184,5 +224,6 @@ class HTTPGenerator:
                     reply = self.client.post("/completions", {**args, "prompt": text})
                     out.append(reply["choices"][0]["text"])
             except (KeyError, IndexError, TypeError) as e:
-                raise HTTPError(f"{self.name}: unexpected reply shape ({type(e).__name__}: {e})") from None
+                raise HTTPError(self.client.redact(f"{self.name}: unexpected reply shape ({type(e).__name__}: {e}); "
+                                                   f"got {json.dumps(reply)}", 300)) from None
         return out

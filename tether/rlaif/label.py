@@ -31,8 +31,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tether.config import group, opt, to_dict
+from tether.config import SEED_MAX, check, check_fields, group, opt, to_dict
 from tether.data import load_prompts
+from tether.errors import ConfigError
 from tether.io import write_json, write_jsonl
 from tether.rlaif.constitution import load_constitution
 from tether.rlaif.http import ENDPOINTS, HTTPClient, HTTPGenerator, HTTPJudge
@@ -60,6 +61,10 @@ class HTTPOptions:
             raise ValueError("--url needs --url-model (the model name the endpoint serves)")
         if self.endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {self.endpoint!r}")
+        check("retries", self.retries, ge=0, integer=True)
+        check("backoff", self.backoff, ge=0)
+        check("timeout", self.timeout, gt=0)
+        check("top_logprobs", self.top_logprobs, ge=1, le=20, integer=True)
 
     def client(self) -> HTTPClient:
         return HTTPClient(self.url, api_key_env=self.api_key_env, timeout=self.timeout, retries=self.retries,
@@ -129,10 +134,14 @@ class LabelConfig:
             raise ValueError("--policy and --prompts are required")
         if bool(self.judge) == bool(self.http.url):
             raise ValueError("give exactly one judge: --judge (a local folder or hub name) or --url (an HTTP endpoint)")
-        if self.samples < 2 or self.samples % 2:
-            raise ValueError(f"samples must be an even number of at least 2, got {self.samples}")
-        if not 0 <= self.min_confidence < 0.5:
-            raise ValueError(f"min_confidence must be in [0, 0.5), got {self.min_confidence}")
+        if not isinstance(self.samples, int) or self.samples < 2 or self.samples % 2:
+            raise ConfigError(f"--samples must be an even number of at least 2, got {self.samples}")
+        check_fields(self, "max_new_tokens batch_size", ge=1, integer=True)
+        check("temperature", self.temperature, gt=0)
+        check("limit", self.limit, ge=0, integer=True, note="0: all")
+        check("min_confidence", self.min_confidence, ge=0, lt=0.5)
+        check("judge_max_len", self.judge_max_len, ge=0, integer=True, note="0: the model's own limit")
+        check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
         self.http.validate()
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tether.config import group, opt, to_dict
+from tether.config import SEED_MAX, check, check_fields, group, opt, to_dict
 from tether.data import load_prompts
 from tether.io import write_json, write_jsonl
 from tether.rlaif.constitution import Constitution, load_constitution
@@ -74,8 +74,10 @@ class ReviseConfig:
             raise ValueError("--policy and --prompts are required")
         if self.model and self.http.url:
             raise ValueError("give one reviser: --model or --url, not both")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        check_fields(self, "rounds max_new_tokens batch_size", ge=1, integer=True)
+        check_fields(self, "temperature reviser_temperature", ge=0, note="0: greedy")
+        check("limit", self.limit, ge=0, integer=True, note="0: all")
+        check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
         self.http.validate()
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from tether.config import group, opt
+from tether.config import SEED_MAX, check, check_fields, group, opt
 from tether.data import fingerprint, load_sft
 from tether.data.collate import encode_sft
 from tether.io import write_json, write_jsonl
@@ -47,7 +47,7 @@ from tether.loop import TrainConfig
 from tether.models import count_parameters, load_model, load_tokenizer
 from tether.rlaif.constitution import Constitution, load_constitution
 from tether.rlaif.judge import CHOICES, LMJudge, judge_pairs, judge_prompt, order_stats
-from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 from tether.trainers.sft import fit_causal_lm
 from tether.world import WorldConfig, candidates, format_prompt
 from tether.world.build import split_items
@@ -178,14 +178,15 @@ class JudgeTrainConfig:
     out: str = opt("runs/judge", "output folder")
     max_len: int = opt(256, "longest judge prompt + answer in tokens (longer examples are dropped and counted)")
     ties: bool = opt(False, "train on comparisons the principle ties too, with random targets (teaches ½ there)")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     train: TrainConfig = group(_judge_defaults)
 
     def validate(self) -> None:
         if not self.model:
             raise ValueError("--model is required (e.g. the pretrained tiny default of `tether pretrain`)")
-        if self.pairs < 1 or self.eval_pairs < 1:
-            raise ValueError("pairs and eval_pairs must be at least 1")
+        check_fields(self, "pairs eval_pairs", ge=1, integer=True)
+        check("max_len", self.max_len, ge=2, integer=True)
+        check("world_seed", self.world_seed, ge=0, le=SEED_MAX, integer=True)
         self.train.validate()
 
 
@@ -207,23 +208,23 @@ def run_train_judge(cfg: JudgeTrainConfig) -> Path:
         raise ValueError(f"every one of the {len(records)} judge prompts is longer than max_len={cfg.max_len} tokens "
                          f"with this tokenizer; raise --max-len (the model must take that many positions)")
 
-    out = Path(cfg.out)  # the input has been built and checked: only now is anything written
-    prepare_output(out, resume=False, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=False, overwrite=cfg.overwrite)
+    model = load_model(cfg.model)
+    out = prepare_output(Path(cfg.out), resume=False, overwrite=cfg.overwrite)  # inputs and model have loaded
     data_dir = out / "data"
     train_file = write_jsonl(data_dir / "judge_sft_train.jsonl", train_sft)
     eval_file = write_jsonl(data_dir / "judge_sft_eval.jsonl", eval_sft)
     write_jsonl(data_dir / "comparisons_eval.jsonl", eval_cmp)
-    model = load_model(cfg.model)
     log.info("judge: fine-tuning %s (%d parameters) on %d judge prompts (%d dropped as too long)", cfg.model,
              count_parameters(model), len(rows), overflow.dropped)
     result = fit_causal_lm(model, tokenizer, rows, eval_rows, cfg.train, out, resume=False, desc="judge")
     model.eval()
-    judge = LMJudge(model, tokenizer, max_len=cfg.max_len, name=f"lm:{out}")
+    judge = LMJudge(model, tokenizer, max_len=cfg.max_len, name=f"lm:{cfg.out}")
     metrics = {**result.train, **result.eval, **evaluate_judge(judge, eval_cmp, constitution),
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
     data = {"train": data_info(train_file, records, fingerprint(records)),
             "eval": data_info(eval_file, eval_records, fingerprint(eval_records))}
-    write_artifact(out, stage="rlaif-judge", cfg=cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)
     write_json(out / "judge_eval.json", {k: v for k, v in metrics.items() if k.startswith("judge/")})
-    return out
+    return write_artifact(out, stage="rlaif-judge", cfg=cfg, model=model, tokenizer=tokenizer, data=data,
+                          metrics=metrics)  # tether.json last, then swapped in for an --overwritten run
 

@@ -31,15 +31,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tether.config import opt, save_yaml, to_dict
+from tether.config import SEED_MAX, check, check_fields, opt, save_yaml, to_dict
 from tether.data import fingerprint, load_prompts
+from tether.errors import ConfigError
 from tether.io import write_json, write_jsonl
 from tether.loop import resolve_device
 from tether.models import load_model, load_tokenizer
 from tether.rewards import RewardFn, load_reward, reward_for_prompts
 from tether.rollout import sample
 from tether.theory import bon_distribution, bon_kl, expected_reward, kl_divergence
-from tether.trainers.artifact import data_info, prepare_output, versions
+from tether.trainers.artifact import check_output, data_info, finish_output, prepare_output, versions
 
 log = logging.getLogger("tether.bon")
 
@@ -58,19 +59,17 @@ class BoNConfig:
     gen_batch_size: int = opt(64, "sequences generated at once")
     seed: int = opt(0, "seed for the prompt sample and the sampling")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
 
     def validate(self) -> None:
         if not self.model or not self.prompts:
             raise ValueError("--model and --prompts are required")
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
+        check_fields(self, "n max_new_tokens gen_batch_size", ge=1, integer=True)
+        check("limit", self.limit, ge=0, integer=True, note="0: all")
+        check("temperature", self.temperature, gt=0)
+        check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
         if self.pool < self.n:
-            raise ValueError(f"pool must be at least n ({self.n}), got {self.pool}")
-        if self.limit < 0 or self.max_new_tokens < 1 or self.gen_batch_size < 1:
-            raise ValueError("limit must be at least 0; max_new_tokens and gen_batch_size at least 1")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise ConfigError(f"--pool must be at least n ({self.n}), got {self.pool}")
 
 
 class PoolStats(NamedTuple):
@@ -117,9 +116,9 @@ def run_bon(cfg: BoNConfig, reward_fn: RewardFn | None = None) -> Path:
     else:  # recorded by name in tether.json
         cfg = replace(cfg, reward=f"<function {getattr(reward_fn, '__name__', type(reward_fn).__name__)}>")
         reward_fn = load_reward(reward_fn)
-    out = Path(cfg.out)
-    prepare_output(out, resume=False, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=False, overwrite=cfg.overwrite)
     model = load_model(cfg.model, device=device).eval()
+    out = prepare_output(Path(cfg.out), resume=False, overwrite=cfg.overwrite)  # inputs and model have loaded
 
     M, n = cfg.pool, cfg.n
     prompts = [r.prompt for r in records]
@@ -155,4 +154,4 @@ def run_bon(cfg: BoNConfig, reward_fn: RewardFn | None = None) -> Path:
         "stage": "bon", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": to_dict(cfg), "data": {"prompts": data_info(cfg.prompts, records, fingerprint(records))},
         "metrics": metrics, "curve": curve, "versions": versions()})
-    return out
+    return finish_output(out)

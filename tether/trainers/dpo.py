@@ -14,7 +14,9 @@ The losses live in tether.losses.preference; this file only gathers their inputs
   with no gradient, and cached under ``$TETHER_CACHE/ref_logps/<key>.safetensors``
   (default ``~/.cache/tether``), the key a hash of the token ids of every row, the reference
   model's identity (a folder's path, file sizes and mtimes; or a hub name) and the precision.
-  A rerun (or --resume) loads them instead of loading the reference model at all. The
+  A rerun (or --resume) loads them instead of loading the reference model at all; a cache
+  file that is unreadable, of the wrong length or not finite is recomputed and replaced (written
+  atomically, so a killed run leaves no half file). The
   reference is therefore never held in memory during training, with or without LoRA.
 
 Evaluation on held-out pairs reports loss, implicit rewards β·log(π/π_ref) of chosen and
@@ -39,13 +41,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tether import distributed
-from tether.config import group, opt
+from tether.config import check, group, opt, to_dict
 from tether.data import fingerprint, load_preferences
 from tether.data.collate import (
     OVERFLOW_CHOICES,
     Encoded,
     EncodedPair,
     encode_pairs,
+    nothing_left,
     pad,
     pad_pairs_labelled,
     pair_rows,
@@ -54,7 +57,7 @@ from tether.data.collate import (
 from tether.loop import DataOrder, TrainConfig, autocast, resolve_device, train
 from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, sequence_logprobs, sft_nll, simpo_loss
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
-from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 from tether.trainers.sft import split_eval
 
 log = logging.getLogger("tether.dpo")
@@ -88,7 +91,7 @@ class DPOConfig:
     kl_prompts: int = opt(64, "held-out prompts sampled at the end to estimate KL(π‖π_ref) (0: skip)")
     kl_max_new_tokens: int = opt(64, "longest sample for the KL estimate")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     lora: LoraConfig = group(LoraConfig)
     train: TrainConfig = group(_dpo_defaults)
 
@@ -99,18 +102,19 @@ class DPOConfig:
             raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
         if self.loss not in DPO_LOSSES:
             raise ValueError(f"loss must be one of {DPO_LOSSES}, got {self.loss!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        check("beta", self.beta, gt=0)
+        check("simpo_gamma", self.simpo_gamma, ge=0)
+        check("max_len", self.max_len, ge=2, integer=True)
+        check("kl_prompts", self.kl_prompts, ge=0, integer=True, note="0: skip")
+        check("kl_max_new_tokens", self.kl_max_new_tokens, ge=1, integer=True)
         if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
             raise ValueError(f"label_smoothing applies to the sigmoid (cDPO) and robust losses, not {self.loss!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check("label_smoothing", self.label_smoothing, ge=0, lt=0.5)
         if self.label_field and (self.loss != "sigmoid" or self.label_smoothing):
             raise ValueError("label_field gives each pair its own ε: it needs --loss sigmoid and no --label-smoothing")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be at least 0, got {self.rpo_alpha}")
+        check("eval_fraction", self.eval_fraction, ge=0, lt=1)
+        check("rpo_alpha", self.rpo_alpha, ge=0, note="0: off")
+        self.lora.validate()
         self.train.validate()
 
 
@@ -162,21 +166,55 @@ def reference_logps(ref: str, rows: list[Encoded], pad_id: int, cfg: TrainConfig
     for r in rows:
         h.update(json.dumps([r.input_ids, r.labels], separators=(",", ":")).encode())
     path = cache_dir() / "ref_logps" / f"{h.hexdigest()[:24]}.safetensors"
-    logps = load_file(str(path))["logps"] if path.exists() else None
-    hit = logps is not None and logps.shape == (len(rows),)
+    logps, problem = read_reference_cache(path, len(rows))
+    hit = logps is not None
     if distributed.all_reduce(torch.tensor(float(hit)), "min").item():  # under torchrun: only if every rank has it
         log.info("reference log-probs of %d rows: cache hit (%s)", len(rows), path)
         return logps, True
-    log.info("reference log-probs of %d rows: computing once (cache miss, %s)", len(rows), path)
+    if problem:
+        log.warning("reference log-probs cache %s is unusable (%s): recomputing it", path, problem)
+    else:
+        log.info("reference log-probs of %d rows: computing once (cache miss, %s)", len(rows), path)
     model = load_model(ref, device=device).eval()
     logps = batched_logps(model, rows, pad_id, max(cfg.batch_size, 32), precision=cfg.precision)
     del model
     if distributed.env().main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"logps": logps.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        write_reference_cache(path, logps)
     return logps, False
+
+
+def read_reference_cache(path: Path, n: int) -> tuple[torch.Tensor | None, str]:
+    """(log-probs, "") from a cache file that holds ``n`` finite float log-probs; (None, why not) otherwise.
+
+    A missing file is a plain miss (why = ""); an unreadable, truncated, wrong-shaped or non-finite
+    one is reported, and the caller recomputes and replaces it.
+    """
+    if not path.exists():
+        return None, ""
+    try:
+        logps = load_file(str(path)).get("logps")
+    except Exception as e:  # safetensors raises its own error type for a truncated or garbage file
+        return None, f"unreadable: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    if logps is None:
+        return None, "no 'logps' tensor"
+    if logps.shape != (n,) or not logps.is_floating_point():
+        return None, f"{tuple(logps.shape)} {logps.dtype} where ({n},) float log-probs were expected"
+    if not torch.isfinite(logps).all():
+        return None, f"{int((~torch.isfinite(logps)).sum())} non-finite value(s)"
+    return logps.float(), ""
+
+
+def write_reference_cache(path: Path, logps: torch.Tensor) -> None:
+    """Write the cache atomically: a temporary file, flushed to disk, then renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({"logps": logps.contiguous()}, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def sample_rows(tokenizer, prompts: list[str], responses: list[str], max_new_tokens: int, max_len: int) -> list[Encoded]:
@@ -301,10 +339,10 @@ def run_dpo(cfg: DPOConfig) -> Path:
     pairs, overflow = encode_pairs(train_records, tokenizer, cfg.max_len, cfg.overflow, label_field=cfg.label_field)
     eval_pairs, _ = encode_pairs(eval_records, tokenizer, cfg.max_len, "truncate", label_field=cfg.label_field)
     if not pairs:
-        raise ValueError(f"{cfg.data}: no pair is left to train on")
+        raise nothing_left(cfg.data, "pairs", len(train_records), overflow, cfg.max_len, cfg.overflow,
+                           held_out=0 if cfg.eval_data else len(eval_records))
 
-    out = Path(cfg.out)  # the input has validated: only now is anything written
-    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     pad_id, n, m = tokenizer.pad_token_id, len(pairs), len(eval_pairs)
     # only the pairs this run's data order will visit (all of them once it passes an epoch)
     order = DataOrder(n, cfg.train.batch_size, cfg.train.seed)
@@ -320,6 +358,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         eval_ref_c, eval_ref_r = ref_logps[2 * k : 2 * k + m], ref_logps[2 * k + m :]  # (m,), (m,)
 
     model = apply_lora(load_model(cfg.model), cfg.lora)
+    out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
     log.info("DPO (%s, β=%g) of %s against %s: %d trainable parameters, %d pairs", cfg.loss, cfg.beta, cfg.model,
              "no reference" if cfg.loss == "simpo" else ref, count_parameters(model, True), n)
 
@@ -333,7 +372,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
         return evaluate_pairs(m_, eval_pairs, eval_ref_c, eval_ref_r, cfg, pad_id)
 
     result = train(model, n, collate, lambda m_, b: dpo_step(m_, b, cfg), cfg.train, out,
-                   eval_fn=eval_fn if eval_pairs else None, resume=cfg.resume, desc=f"dpo {cfg.loss}")
+                   eval_fn=eval_fn if eval_pairs else None, resume=cfg.resume, desc=f"dpo {cfg.loss}",
+                   run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
     kl_prompts = kl_prompt_set(eval_records, tokenizer, cfg.kl_prompts, cfg.max_len, cfg.kl_max_new_tokens)

@@ -53,28 +53,28 @@ from typing import NamedTuple
 import torch
 
 from tether import distributed
-from tether.config import group, opt
+from tether.config import check, check_fields, group, opt, to_dict
 from tether.data import fingerprint, load_prompts
 from tether.generation import BACKENDS, make_backend
 from tether.loop import (
     DataOrder,
     MetricsLog,
+    Checkpoints,
     TrainConfig,
     TrainingDiverged,
     autocast,
     build_optimizer,
     compiled,
-    latest_checkpoint,
-    load_checkpoint,
     lr_factor,
+    nonfinite_weights,
     resolve_device,
-    save_checkpoint,
+    resume_from,
 )
 from tether.losses import AGGREGATIONS, KL_ESTIMATORS, grpo_advantages, grpo_loss, kl_estimate, rloo_advantages
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.rewards import CombinedReward, RewardFn, load_reward, reward_for_prompts
 from tether.rollout import Rollout, policy_logprobs, rollout
-from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 
 log = logging.getLogger("tether.grpo")
 
@@ -97,7 +97,7 @@ class SamplingConfig:
     gen_batch_size: int = opt(64, "prompts generated at once")
     eval_samples: int = opt(4, "samples per held-out prompt in each evaluation")
     backend: str = opt("tether", "generation backend: tether (the policy's own batched sampler) | vllm "
-                                 "(pip install 'tether[vllm]', a GPU; weights synced after each update)")
+                                 "(pip install 'tether[vllm]', a GPU; weights synced after each update and on resume)")
 
 
 @dataclass
@@ -117,7 +117,7 @@ class GRPOConfig:
     inner_iters: int = opt(1, "μ: optimiser steps on each rollout batch (importance ratios after the first)")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     sampling: SamplingConfig = group(SamplingConfig)
     lora: LoraConfig = group(LoraConfig)
     train: TrainConfig = group(_rl_defaults)
@@ -144,7 +144,7 @@ class RLOOConfig:
     inner_iters: int = opt(1, "optimiser steps on each rollout batch (1: plain RLOO)")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     sampling: SamplingConfig = group(SamplingConfig)
     lora: LoraConfig = group(LoraConfig)
     train: TrainConfig = group(_rl_defaults)
@@ -159,23 +159,19 @@ def _validate_common(cfg: GRPOConfig | RLOOConfig) -> None:
     s = cfg.sampling
     if not cfg.model or not cfg.prompts:
         raise ValueError("--model and --prompts are required")
-    if s.group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (the baseline comes from the group), got {s.group_size}")
-    if min(s.prompts_per_step, s.max_new_tokens, s.gen_batch_size, s.eval_samples) < 1:
-        raise ValueError("prompts_per_step, max_new_tokens, gen_batch_size and eval_samples must be at least 1")
+    check("group_size", s.group_size, ge=2, integer=True, note="the baseline comes from the group")
+    check_fields(s, "prompts_per_step max_new_tokens gen_batch_size eval_samples", ge=1, integer=True)
+    check("temperature", s.temperature, gt=0)
     if s.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
-    if s.temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {s.temperature}")
     if cfg.aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {cfg.aggregation!r}")
-    high = getattr(cfg, "clip_eps_high", None)
-    if cfg.clip_eps <= 0 or (high is not None and high <= 0):
-        raise ValueError("clip_eps and clip_eps_high must be positive")
-    if cfg.beta < 0:
-        raise ValueError(f"beta must be at least 0, got {cfg.beta}")
-    if cfg.inner_iters < 1:
-        raise ValueError(f"inner_iters must be at least 1, got {cfg.inner_iters}")
+    check("clip_eps", cfg.clip_eps, gt=0, lt=1)
+    if getattr(cfg, "clip_eps_high", None) is not None:
+        check("clip_eps_high", cfg.clip_eps_high, gt=0, note="unset: --clip-eps")
+    check("beta", cfg.beta, ge=0, note="0: no reference")
+    check("inner_iters", cfg.inner_iters, ge=1, integer=True)
+    cfg.lora.validate()
     world = distributed.env().world_size
     if world > 1 and s.prompts_per_step % world:
         raise ValueError(f"prompts_per_step ({s.prompts_per_step}) must be a multiple of the world size ({world}): "
@@ -332,14 +328,14 @@ def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | R
             out = grpo_loss(logp, old, ref, scored.advantages[rows], sub.mask,
                             max_tokens=cfg.sampling.max_new_tokens, **args)
             if not torch.isfinite(out.loss) and world == 1:  # under torchrun the gradient norm stops every rank
-                raise TrainingDiverged(f"the loss is {out.loss.item()}; try a lower lr")
+                raise TrainingDiverged(f"the loss is {out.loss.item()}")
             with distributed.accumulating(model, last=i == len(chunks) - 1):
                 (out.loss * (weight * world)).backward()
             for k, v in zip(("loss", "clip_fraction", "kl_k3"), out):
                 sums[k] += float(v.detach()) * float(weight) / cfg.inner_iters
         grad_norm = distributed.clip_grad_norm(model, cfg.train.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}; try a lower lr")
+            raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sums = distributed.reduce_metrics(sums)
@@ -434,20 +430,22 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
     else:  # recorded by name in tether.json
         cfg = replace(cfg, reward=f"<function {getattr(reward_fn, '__name__', type(reward_fn).__name__)}>")
         reward_fn = reward_fn if isinstance(reward_fn, CombinedReward) else load_reward(reward_fn)
-    out = Path(cfg.out)  # the input has validated: only now is anything written
-    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
 
     model = apply_lora(load_model(cfg.model, device=device), cfg.lora).train()
     reference = make_reference(cfg, model, device)
     backend = make_backend(cfg.sampling.backend, model, tokenizer, model_path=cfg.model, compile=cfg.train.compile)
+    out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
     trained = distributed.Trainable(model, cfg.train.strategy, device).module  # under torchrun: DDP around model
     scoring = compiled(model, cfg.train)  # the passes that score and train (sampling: the backend's own decoding)
     training = scoring if trained is model else compiled(trained, cfg.train)
     optimizer = build_optimizer(trained, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))  # once per iteration
-    ckpt_dir, start = out / "checkpoints", 0
-    if cfg.resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        start = load_checkpoint(ckpt, trained, optimizer, scheduler)
+    ckpts = Checkpoints(out / "checkpoints", cfg.train, to_dict(cfg))  # each written once its weights have worked
+    start, ckpt = resume_from(ckpts.folder, trained, optimizer, scheduler, cfg.train, ckpts.config) if cfg.resume \
+        else (0, None)
+    if ckpt is not None:
+        backend.sync(model)  # an engine with its own copy (vLLM) was loaded from cfg.model: give it the checkpoint's
     log.info("%s of %s (%d trainable parameters) on %d prompts, reward %s, reference %s", stage.upper(), cfg.model,
              count_parameters(model, True), len(records), cfg.reward,
              "none (beta = 0)" if reference is None else cfg.ref or cfg.model)
@@ -466,9 +464,17 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             batch = generate_batch(model, tokenizer, step_prompts[lo:hi], step, cfg, first=lo, backend=backend)
             t_gen = time.perf_counter()
             scored = score_batch(scoring, reference, reward_fn, batch, cfg)
+            if scored.old_logp is not None and not bool(torch.isfinite(scored.old_logp).all()):
+                raise ckpts.diverged("the policy's log-probabilities of its own samples are not finite", step + 1)
+            ckpts.confirm(trained, optimizer, scheduler)  # these weights just sampled and scored soundly
             t_score = time.perf_counter()
-            metrics = {**rollout_metrics(batch, scored, cfg), **update(training, optimizer, batch, scored, cfg),
-                       "train/lr": scheduler.get_last_lr()[0]}
+            try:
+                updated = update(training, optimizer, batch, scored, cfg)
+            except TrainingDiverged as err:
+                raise ckpts.diverged(str(err), step + 1) from None
+            if (bad := nonfinite_weights(model)) is not None:
+                raise ckpts.diverged(f"the weights after the update are not finite ({bad})", step + 1)
+            metrics = {**rollout_metrics(batch, scored, cfg), **updated, "train/lr": scheduler.get_last_lr()[0]}
             scheduler.step()
             backend.sync(model)  # the next rollout samples the updated policy
             t_end = time.perf_counter()
@@ -482,8 +488,10 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             metrics_log.log(done, metrics)
             log.info("iteration %d/%d: reward %.3f%s", done, cfg.train.steps, metrics["reward/mean"],
                      f", eval reward {metrics['eval/reward']:.3f}" if "eval/reward" in metrics else "")
-            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
-                save_checkpoint(ckpt_dir, done, trained, optimizer, scheduler, cfg.train.keep_checkpoints)
+            if done == cfg.train.steps:  # the final weights, checked finite, before write_artifact has them
+                ckpts.write(done, trained, optimizer, scheduler)
+            elif cfg.train.save_every and done % cfg.train.save_every == 0:
+                ckpts.due(done)
     finally:
         metrics_log.close()
     metrics["time/seconds"] = time.perf_counter() - t0

@@ -26,13 +26,22 @@ from pathlib import Path
 import torch
 
 from tether import distributed
-from tether.config import group, opt
+from tether.config import check, check_fields, group, opt, to_dict
 from tether.data import fingerprint, load_feedback
-from tether.data.collate import OVERFLOW_CHOICES, Encoded, EncodedFeedback, encode_feedback, feedback_row, pad
+from tether.data.collate import (
+    OVERFLOW_CHOICES,
+    Encoded,
+    EncodedFeedback,
+    encode_feedback,
+    feedback_row,
+    nothing_left,
+    pad,
+)
+from tether.errors import ConfigError
 from tether.loop import DataOrder, TrainConfig, train
 from tether.losses import KTOOutput, kto_loss, sequence_logprobs
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
-from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 from tether.trainers.dpo import batched_logps, kl_prompt_set, kl_to_reference, reference_logps
 from tether.trainers.sft import split_eval
 
@@ -60,7 +69,7 @@ class KTOConfig:
     kl_prompts: int = opt(64, "held-out prompts sampled at the end to estimate KL(π‖π_ref) (0: skip)")
     kl_max_new_tokens: int = opt(64, "longest sample for the KL estimate")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     lora: LoraConfig = group(LoraConfig)
     train: TrainConfig = group(_kto_defaults)
 
@@ -69,12 +78,15 @@ class KTOConfig:
             raise ValueError("--model and --data are required")
         if self.overflow not in OVERFLOW_CHOICES:
             raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
-        if self.beta <= 0 or self.desirable_weight <= 0 or self.undesirable_weight <= 0:
-            raise ValueError("beta, desirable_weight and undesirable_weight must be positive")
+        check_fields(self, "beta desirable_weight undesirable_weight", gt=0)
+        check("max_len", self.max_len, ge=2, integer=True)
+        check("kl_prompts", self.kl_prompts, ge=0, integer=True, note="0: skip")
+        check("kl_max_new_tokens", self.kl_max_new_tokens, ge=1, integer=True)
         if self.train.batch_size < 2:
-            raise ValueError("KTO needs batch_size >= 2 to estimate its reference point from mismatched pairs")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"--batch-size must be at least 2 for KTO (its reference point comes from mismatched "
+                              f"pairs), got {self.train.batch_size}")
+        check("eval_fraction", self.eval_fraction, ge=0, lt=1)
+        self.lora.validate()
         self.train.validate()
 
 
@@ -128,15 +140,15 @@ def run_kto(cfg: KTOConfig) -> Path:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
     examples, overflow = encode_feedback(train_records, tokenizer, cfg.max_len, cfg.overflow)
     eval_examples, _ = encode_feedback(eval_records, tokenizer, cfg.max_len, "truncate")
-    if len(examples) < 2:
-        raise ValueError(f"{cfg.data}: fewer than two examples are left to train on")
+    if len(examples) < 2:  # z0 compares each example with another one's completion
+        raise nothing_left(cfg.data, "examples", len(train_records), overflow, cfg.max_len, cfg.overflow,
+                           held_out=0 if cfg.eval_data else len(eval_records), need=2)
 
     world = distributed.env().world_size
     if world > 1 and cfg.train.grad_accum % world:  # z0 is a statistic of a whole micro-batch
         raise ValueError(f"under torchrun KTO trains whole micro-batches on each rank (its reference point z0 is "
                          f"estimated per micro-batch): --grad-accum must be a multiple of the world size {world}")
-    out = Path(cfg.out)  # the input has validated: only now is anything written
-    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     pad_id, n, m, mx = tokenizer.pad_token_id, len(examples), len(eval_examples), cfg.max_len
     order = DataOrder(n, cfg.train.batch_size, cfg.train.seed)
     micro = list(dict.fromkeys(tuple(order.indices(k)) for k in range(cfg.train.steps * cfg.train.grad_accum)))
@@ -147,6 +159,7 @@ def run_kto(cfg: KTOConfig) -> Path:
     ref_train, ref_eval, ref_eval_kl, ref_kl = ref_logps.split([n, m, m, len(kl_rows)])
 
     model = apply_lora(load_model(cfg.model), cfg.lora)
+    out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
     log.info("KTO (β=%g) of %s against %s: %d trainable parameters, %d examples (%d desirable)", cfg.beta,
              cfg.model, ref, count_parameters(model, True), n, sum(e.label for e in examples))
 
@@ -170,7 +183,8 @@ def run_kto(cfg: KTOConfig) -> Path:
         return {"eval/loss": o.loss.item(), **{f"eval/{k}": v for k, v in kto_metrics(o, policy, labels, z0).items()}}
 
     result = train(model, n, collate, lambda m_, b: kto_step(m_, b, cfg), cfg.train, out,
-                   eval_fn=eval_fn if m >= 2 else None, resume=cfg.resume, desc="kto")
+                   eval_fn=eval_fn if m >= 2 else None, resume=cfg.resume, desc="kto",
+                   run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
     kl_prompts = kl_prompt_set(eval_records, tokenizer, cfg.kl_prompts, mx, cfg.kl_max_new_tokens)

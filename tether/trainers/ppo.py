@@ -49,24 +49,24 @@ import torch
 from tqdm.auto import tqdm
 
 from tether import distributed
-from tether.config import group, opt
+from tether.config import check, check_fields, group, opt, to_dict
 from tether.data import fingerprint, load_prompts, load_sft
-from tether.data.collate import encode_sft, pad
+from tether.data.collate import encode_sft, nothing_left, pad
 from tether.generation import make_backend
 from tether.loop import (
     DataOrder,
     MetricsLog,
+    Checkpoints,
     TrainConfig,
     TrainingDiverged,
     autocast,
     build_optimizer,
     compiled,
     checkpoint_extra,
-    latest_checkpoint,
-    load_checkpoint,
     lr_factor,
+    nonfinite_weights,
     resolve_device,
-    save_checkpoint,
+    resume_from,
 )
 from tether.losses import (
     KL_ESTIMATORS,
@@ -81,10 +81,11 @@ from tether.losses import (
 )
 from tether.losses.lm import token_logprobs
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
+from tether.models.hf import check_model_source
 from tether.models.value import ActorCritic, load_critic
-from tether.rewards import RewardFn, load_reward
+from tether.rewards import RewardFn, load_reward, reward_for_prompts, reward_model_folders
 from tether.rollout import Rollout, policy_logprobs, rollout
-from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 
 log = logging.getLogger("tether.ppo")
 
@@ -108,7 +109,8 @@ class PPOConfig:
     eval_size: int = opt(64, "held-out prompts (a seeded sample, the same every time) scored at each evaluation")
     out: str = opt("runs/ppo", "output folder")
     value: str = opt("critic", "critic (a separate value model) | head (a value head on the policy)")
-    critic_model: str = opt("", "critic initialisation (empty: the reward model's folder, else --model)")
+    critic_model: str = opt("", "critic initialisation (empty: the first reward model of --reward, an ensemble's "
+                                "first member; with no reward model, --model)")
     rollout_batch: int = opt(64, "prompts sampled per iteration")
     epochs: int = opt(4, "passes over each rollout batch")
     max_new_tokens: int = opt(48, "longest response")
@@ -136,7 +138,7 @@ class PPOConfig:
     ptx_coef: float = opt(0.0, "PPO-ptx: γ, the weight of the pretraining term (InstructGPT: 27.8)")
     max_len: int = opt(256, "longest ptx example in tokens")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     lora: LoraConfig = group(LoraConfig)
     train: TrainConfig = group(_ppo_defaults)
 
@@ -152,11 +154,22 @@ class PPOConfig:
             raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.reward_norm not in REWARD_NORMS:
             raise ValueError(f"reward_norm must be one of {REWARD_NORMS}, got {self.reward_norm!r}")
+        check_fields(self, "eval_size rollout_batch epochs max_new_tokens", ge=1, integer=True)
+        check("max_len", self.max_len, ge=2, integer=True)
+        check("top_k", self.top_k, ge=0, integer=True, note="0: off")
+        check("temperature", self.temperature, gt=0)
+        check("top_p", self.top_p, gt=0, le=1, note="1: off")
+        check_fields(self, "empty_score", note="the reward of an empty response")
+        check_fields(self, "no_eos_penalty beta kl_target reward_clip vf_coef target_kl ptx_coef", ge=0)
+        check("kl_horizon", self.kl_horizon, gt=0)
+        check_fields(self, "gamma lam", ge=0, le=1)
+        check("clip_eps", self.clip_eps, gt=0, lt=1)
+        check("value_clip", self.value_clip, gt=0)
+        self.lora.validate()
+        self.train.validate()  # before the cross-field rules, which assume sane numbers
         if self.rollout_batch % self.mini_batch():
             raise ValueError(f"rollout_batch ({self.rollout_batch}) must be a multiple of batch_size x grad_accum "
                              f"({self.mini_batch()})")
-        if self.beta < 0 or self.kl_target < 0 or self.temperature <= 0 or self.epochs < 1:
-            raise ValueError("beta and kl_target must be >= 0, temperature > 0 and epochs >= 1")
         if self.ptx_coef and not self.ptx_data:
             raise ValueError("ptx_coef needs --ptx-data")
         world = distributed.env().world_size
@@ -165,7 +178,6 @@ class PPOConfig:
                              f"({self.mini_batch()}) must be multiples of the world size ({world})")
         if world > 1 and self.train.strategy != "ddp":
             raise ValueError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
-        self.train.validate()
 
 
 # --- scoring a rollout --------------------------------------------------------------------
@@ -291,7 +303,7 @@ def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOCo
                     loss = loss + cfg.ptx_coef * ptx_loss / n_micro / world
                     stats["losses/ptx"] = stats.get("losses/ptx", 0.0) + ptx_loss.item() / n_micro / world
                 if not torch.isfinite(loss) and world == 1:  # under torchrun the gradient norm stops every rank
-                    raise TrainingDiverged(f"PPO loss is {loss.item()} at iteration {iteration + 1}")
+                    raise TrainingDiverged(f"the PPO loss is {loss.item()}")
                 with distributed.accumulating(ac, last=m0 + micro >= mb):
                     (loss * world if world > 1 else loss).backward()
                 for k, v in {"losses/policy": pol.loss.item(), "losses/value": val.loss.item(),
@@ -301,7 +313,7 @@ def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOCo
             stats = distributed.reduce_metrics(stats)  # shares of the whole mini-batch: the sum is its figure
             grad_norm = distributed.clip_grad_norm(ac, cfg.train.max_grad_norm)
             if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(f"the gradient norm is {grad_norm.item()} at iteration {iteration + 1}")
+                raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
@@ -331,29 +343,64 @@ def _ptx_rows(cfg: PPOConfig, tokenizer) -> list:
     """PPO-ptx examples, tokenised (and validated) before anything is written; [] when ptx is off."""
     if not cfg.ptx_coef:
         return []
-    rows, _ = encode_sft(load_sft(cfg.ptx_data, tokenizer=tokenizer), tokenizer, cfg.max_len)
+    records = load_sft(cfg.ptx_data, tokenizer=tokenizer)
+    rows, count = encode_sft(records, tokenizer, cfg.max_len)
     if not rows:
-        raise ValueError(f"{cfg.ptx_data}: no PPO-ptx example is left after encoding")
+        raise nothing_left(cfg.ptx_data, "PPO-ptx examples", len(records), count, cfg.max_len, "truncate")
     return rows
 
 
-def _ptx_batches(cfg: PPOConfig, rows: list, pad_id: int, start_iteration: int):
-    """An endless, resumable stream of padded PPO-ptx micro-batches (None when ptx is off)."""
+class PtxStream:
+    """An endless stream of padded PPO-ptx micro-batches whose ``position`` (micro-batches taken so far,
+    the same on every rank) is saved in each checkpoint: an update that stops early on ``target_kl``
+    takes fewer than an iteration's full share, so the position is not a function of the iteration."""
+
+    def __init__(self, rows: list, pad_id: int, micro: int, seed: int, position: int = 0):
+        self.rows, self.pad_id, self.position = rows, pad_id, position
+        self.order = DataOrder(len(rows), micro, seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        e = distributed.env()
+        idx = self.order.indices(self.position * e.world_size + e.rank)  # ranks interleave
+        self.position += 1
+        return pad([self.rows[i] for i in idx], self.pad_id)
+
+
+def _ptx_batches(cfg: PPOConfig, rows: list, pad_id: int, start_iteration: int,
+                 position: int | None = None) -> PtxStream | None:
+    """The resumable PPO-ptx stream (None when ptx is off), at ``position`` (a checkpoint's) if given, else at
+    the start of iteration ``start_iteration`` as an update that never stops early would have left it."""
     if not rows:
         return None
-    e = distributed.env()
-    per_rank = cfg.mini_batch() // e.world_size
+    per_rank = cfg.mini_batch() // distributed.env().world_size
     micro = math.gcd(cfg.train.batch_size, per_rank)  # as in ppo_update
-    order = DataOrder(len(rows), micro, cfg.train.seed + 1)
     per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.mini_batch()) * (per_rank // micro)
+    return PtxStream(rows, pad_id, micro, cfg.train.seed + 1,
+                     start_iteration * per_iteration if position is None else position)
 
-    def stream():
-        k = start_iteration * per_iteration  # a fixed budget per iteration keeps resume exact
-        while True:
-            yield pad([rows[i] for i in order.indices(k * e.world_size + e.rank)], pad_id)  # ranks interleave
-            k += 1
 
-    return stream()
+def critic_source(cfg: PPOConfig, reward: RewardFn | None = None) -> str | None:
+    """The model folder (or hub name) PPO's critic starts from; None with ``--value head``.
+
+    The rule, in order: ``--critic-model`` when given; else the first reward-model folder that
+    ``--reward`` reads, as InstructGPT initialised its value function from the RM: an RM folder
+    itself, an ensemble's first member (``member-0``: every member is an RM of the same backbone),
+    or the first learned term of a weighted sum such as ``rm:DIR:1,format:0.2``; else (``gold``,
+    verifiable terms, a ``reward`` object passed to :func:`run_ppo`) the policy, ``--model``.
+    The source is checked (not loaded) here, so a bad one stops the run before anything is written.
+    """
+    if cfg.value != "critic":
+        return None
+    if cfg.critic_model:
+        source = cfg.critic_model
+    else:
+        folders = [] if reward is not None else reward_model_folders(cfg.reward)
+        source = str(folders[0]) if folders else cfg.model
+    check_model_source(source)
+    return source
 
 
 def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
@@ -367,18 +414,21 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     eval_records = load_prompts(cfg.eval_prompts, tokenizer=tokenizer) if cfg.eval_prompts else []
     prompts, eval_prompts = [r.prompt for r in prompt_records], [r.prompt for r in eval_records]
     eval_prompts = random.Random(cfg.train.seed).sample(eval_prompts, min(cfg.eval_size, len(eval_prompts)))
-    reward_fn = load_reward(reward if reward is not None else cfg.reward, aggregation=cfg.aggregation or None,
-                            device=str(device))
+    if reward is not None:
+        reward_fn = load_reward(reward, aggregation=cfg.aggregation or None, device=str(device))
+    else:  # verifiable terms take their answers, tokenizer and L_max from here
+        reward_fn = reward_for_prompts(cfg.reward, prompt_records + eval_records, tokenizer=tokenizer,
+                                       max_new_tokens=cfg.max_new_tokens, device=str(device),
+                                       aggregation=cfg.aggregation or None)
     gold, eval_gold = _gold_known(prompts), bool(eval_prompts) and _gold_known(eval_prompts)
     ptx_rows = _ptx_rows(cfg, tokenizer)
+    critic_init = critic_source(cfg, reward)
 
-    out = Path(cfg.out)  # the input has validated: only now is anything written
-    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     policy = apply_lora(load_model(cfg.model), cfg.lora)
     critic = None
-    if cfg.value == "critic":
-        reward_folder = cfg.reward.removeprefix("rm:") if reward is None and cfg.reward != "gold" else ""
-        critic = load_critic(cfg.critic_model or reward_folder or cfg.model)
+    if critic_init is not None:
+        critic = load_critic(critic_init)
         critic.backbone = apply_lora(critic.backbone, cfg.lora, task_type="FEATURE_EXTRACTION")
     ac = ActorCritic(policy, critic).to(device).eval()  # eval: no dropout, so the ratio is 1 before the update
     trained = distributed.Trainable(ac, cfg.train.strategy, device).module  # under torchrun: DDP around ac
@@ -386,6 +436,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     lora_ref = cfg.lora.r > 0 and ref_name == cfg.model
     reference = None if lora_ref else compiled(load_model(ref_name, device=device).eval().requires_grad_(False),
                                                cfg.train)
+    out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
     sampler = make_backend("tether", policy, tokenizer, compile=cfg.train.compile)
     scoring = compiled(ac, cfg.train)  # the passes that score and train (sampling: the sampler's own decoding)
     training = scoring if trained is ac else compiled(trained, cfg.train)
@@ -398,15 +449,18 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
 
     optimizer = build_optimizer(trained, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
-    beta, start = cfg.beta, 0
-    if cfg.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
-        start = load_checkpoint(ckpt, trained, optimizer, scheduler)
+    beta, start, ptx_position = cfg.beta, 0, None
+    ckpts = Checkpoints(out / "checkpoints", cfg.train, to_dict(cfg))  # each written once its weights have worked
+    start, ckpt = resume_from(ckpts.folder, trained, optimizer, scheduler, cfg.train, ckpts.config) if cfg.resume \
+        else (0, None)
+    if ckpt is not None:
         beta = checkpoint_extra(ckpt)["beta"]
+        ptx_position = checkpoint_extra(ckpt).get("ptx_position")  # absent in checkpoints of older versions
     log.info("PPO of %s against reward %s (value: %s, β=%g%s): %d trainable parameters, %d prompts",
              cfg.model, cfg.reward, cfg.value, beta, f", KL target {cfg.kl_target}" if cfg.kl_target else "",
              count_parameters(ac, True), len(prompts))
     order = DataOrder(len(prompts), cfg.rollout_batch, cfg.train.seed)
-    ptx_batches = _ptx_batches(cfg, ptx_rows, tokenizer.pad_token_id, start)
+    ptx_batches = _ptx_batches(cfg, ptx_rows, tokenizer.pad_token_id, start, ptx_position)
     stops = [s for s in cfg.stop_strings.split(",") if s]
     metrics_log = MetricsLog(out, resume_step=start)
     samples_path = out / "samples.jsonl"  # every evaluation's samples; keep only what the checkpoint had seen
@@ -437,9 +491,17 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
             raw, score = sequence_scores(raw, empty, batch.ended, cfg)
             with autocast(device, cfg.train.precision):
                 scored, metrics = score_rollout(scoring, ref_logp_fn, batch, score, cfg, beta)
+            if not all(bool(torch.isfinite(t).all()) for t in (scored.old_logp, scored.values)):
+                raise ckpts.diverged("the policy's log-probabilities or values of its own samples are not finite", it + 1)
+            ckpts.confirm(trained, optimizer, scheduler)  # these weights just sampled and scored soundly
             # 3. update
             t2 = time.perf_counter()
-            metrics.update(ppo_update(training, optimizer, batch, scored, cfg, it, ptx_batches))
+            try:
+                metrics.update(ppo_update(training, optimizer, batch, scored, cfg, it, ptx_batches))
+            except TrainingDiverged as err:
+                raise ckpts.diverged(str(err), it + 1) from None
+            if (bad := nonfinite_weights(ac)) is not None:
+                raise ckpts.diverged(f"the weights after the update are not finite ({bad})", it + 1)
             scheduler.step()
             t3 = time.perf_counter()
             mask = batch.mask.float()
@@ -473,8 +535,13 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
                                      gold=eval_gold, device=device, samples_path=samples_path)
             metrics_log.log(done, {**metrics, **evaluated})
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
-                save_checkpoint(out / "checkpoints", done, trained, optimizer, scheduler, cfg.train.keep_checkpoints,
-                                extra={"beta": beta})
+                extra = {"beta": beta}
+                if ptx_batches is not None:
+                    extra["ptx_position"] = ptx_batches.position
+                if done == cfg.train.steps:  # the final weights, checked finite, before write_artifact has them
+                    ckpts.write(done, trained, optimizer, scheduler, extra)
+                else:  # written once the next iteration has sampled and scored with these weights
+                    ckpts.due(done, extra)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl_k1']:.2f}",
                             beta=f"{beta:.3g}")

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from tether.config import group, opt
+from tether.config import check, group, opt, to_dict
 from tether.data import fingerprint, load_sft
-from tether.data.collate import Encoded, encode_sft, pack
+from tether.data.collate import Encoded, OverflowCount, encode_sft, nothing_left, pack
 from tether.loop import TrainConfig
 from tether.models import TinyConfig, build_tiny, count_parameters, load_model, load_tokenizer, train_tokenizer
-from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 from tether.trainers.sft import fit_causal_lm, split_eval
 
 log = logging.getLogger("tether.pretrain")
@@ -39,13 +39,16 @@ class PretrainConfig:
     out: str = opt("runs/pretrain", "output folder")
     max_len: int = opt(128, "row length in tokens (documents are packed into rows)")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     tiny: TinyConfig = group(TinyConfig, "sizes of the tiny default")
     train: TrainConfig = group(_pretrain_defaults)
 
     def validate(self) -> None:
         if not self.data:
             raise ValueError("--data is required")
+        check("eval_fraction", self.eval_fraction, ge=0, lt=1)
+        check("max_len", self.max_len, ge=2, integer=True)
+        self.tiny.validate()
         if self.model == "tiny" and self.max_len > self.tiny.max_positions:
             raise ValueError(f"max_len={self.max_len} exceeds the tiny model's max_positions={self.tiny.max_positions}")
         self.train.validate()
@@ -73,6 +76,8 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.train.seed)
     records = load_sft(cfg.data)
     train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
+    if not train_records:
+        raise nothing_left(cfg.data, "documents", 0, OverflowCount(), cfg.max_len, "", held_out=len(eval_records))
     if cfg.model == "tiny":
         tokenizer = train_tokenizer((r.prompt + r.completion for r in train_records), cfg.tiny.vocab_size,
                                     cfg.tiny.split_digits)
@@ -81,11 +86,12 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
     rows, eval_rows = corpus_rows(train_records, tokenizer, cfg.max_len), corpus_rows(eval_records, tokenizer, cfg.max_len)
     entropy = unigram_entropy(rows)
 
-    out = Path(cfg.out)
-    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     model = build_tiny(tokenizer, cfg.tiny, seed=cfg.train.seed) if cfg.model == "tiny" else load_model(cfg.model)
+    out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and model have loaded
     log.info("pretraining a %d-parameter model on %d rows of %d tokens", count_parameters(model), len(rows), cfg.max_len)
-    result = fit_causal_lm(model, tokenizer, rows, eval_rows, cfg.train, out, resume=cfg.resume, desc="pretrain")
+    result = fit_causal_lm(model, tokenizer, rows, eval_rows, cfg.train, out, resume=cfg.resume, desc="pretrain",
+                           run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "data/unigram_entropy": entropy, "model/parameters": count_parameters(model),
                "time/seconds": result.seconds}
     data = {"train": data_info(cfg.data, train_records, fingerprint(train_records)),

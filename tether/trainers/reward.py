@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from tether.config import group, opt, to_dict
+from tether.config import check, group, opt, to_dict
 from tether.data import DataError, fingerprint, load_preferences
-from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, pad_pairs, prompt_ids
+from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, nothing_left, pad_pairs, prompt_ids
 from tether.instruments.rm_eval import rm_report
 from tether import distributed
 from tether.distributed import map_rows
@@ -28,9 +28,9 @@ from tether.io import write_json
 from tether.loop import TrainConfig, train
 from tether.losses import bradley_terry_loss, reward_centering
 from tether.models import load_model, load_tokenizer
-from tether.models.reward import load_reward_model, raw_scores, set_normalisation
+from tether.models.reward import load_reward_model, mark_trained, raw_scores, set_normalisation
 from tether.rewards import AGGREGATIONS
-from tether.trainers.artifact import data_info, prepare_output, versions, write_artifact
+from tether.trainers.artifact import check_output, data_info, finish_output, prepare_output, versions, write_artifact
 from tether.trainers.sft import split_eval
 
 log = logging.getLogger("tether.rm")
@@ -60,7 +60,7 @@ class RMConfig:
     bootstrap: bool = opt(False, "train each ensemble member on a bootstrap resample of the pairs")
     aggregation: str = opt("mean", "how an ensemble combines its members by default: mean | min | uwo")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     train: TrainConfig = group(_rm_defaults)
 
     def validate(self) -> None:
@@ -70,8 +70,12 @@ class RMConfig:
             raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.ensemble < 1:
-            raise ValueError("ensemble must be at least 1")
+        check("eval_fraction", self.eval_fraction, ge=0, lt=1)
+        check("max_len", self.max_len, ge=2, integer=True)
+        check("center_coef", self.center_coef, ge=0)
+        check("norm_prompts", self.norm_prompts, ge=0, integer=True, note="0: no normalisation")
+        check("norm_max_new_tokens", self.norm_max_new_tokens, ge=1, integer=True)
+        check("ensemble", self.ensemble, ge=1, integer=True)
         self.train.validate()
 
 
@@ -156,10 +160,11 @@ def normalise_on_sft_samples(rm, cfg: RMConfig, tokenizer, prompts: list[str]) -
 
 
 def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: list[EncodedPair], eval_records: list,
-              prompts: list[str], out: Path) -> tuple[dict[str, float], torch.nn.Module]:
+              prompts: list[str], out: Path, model=None) -> tuple[dict[str, float], torch.nn.Module]:
     """Train, normalise (on SFT samples of ``prompts``; none: no normalisation) and evaluate one reward
-    model (checkpoints in ``out``); returns metrics and model."""
-    model = load_reward_model(cfg.model, tokenizer)  # with --resume the checkpoint then restores its weights
+    model (checkpoints in ``out``; ``model``: one already loaded from ``cfg.model``); returns metrics and model."""
+    if model is None:  # with --resume the checkpoint then restores its weights
+        model = load_reward_model(cfg.model, tokenizer)
     pad_id = tokenizer.pad_token_id
 
     def collate(idx: list[int]) -> dict:
@@ -181,8 +186,9 @@ def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: li
         return {f"eval/{k}": v for k, v in evaluate_rm(m, eval_pairs, eval_records, pad_id).items()}
 
     result = train(model, len(pairs), collate, loss_fn, cfg.train, out, eval_fn=eval_fn if eval_pairs else None,
-                   resume=cfg.resume, desc=f"rm {out.name}")
+                   resume=cfg.resume, desc=f"rm {out.name}", run_config=to_dict(cfg))
     model.eval()
+    mark_trained(model)  # saved in config.json: the head is trained, normalised or not
     metrics = {**result.train, **result.eval, "time/seconds": result.seconds}  # eval on the raw (trained) scale
     if prompts:
         metrics.update(normalise_on_sft_samples(model, cfg, tokenizer, prompts))
@@ -206,21 +212,25 @@ def run_rm(cfg: RMConfig) -> Path:
                                    cfg.label_field)
     eval_pairs, _ = encode_pairs(eval_records, tokenizer, cfg.max_len, "truncate")
     if not pairs:
-        raise ValueError(f"{cfg.data}: no pair is left to train on")
+        raise nothing_left(cfg.data, "pairs", len(train_records), overflow, cfg.max_len, cfg.overflow,
+                           held_out=0 if cfg.eval_data else len(eval_records))
     prompts = list(dict.fromkeys(r.prompt for r in train_records))
     random.Random(cfg.train.seed).shuffle(prompts)
     prompts = normalisation_prompts(prompts, tokenizer, cfg)  # checked before anything is written
 
-    out = Path(cfg.out)
-    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
+    first = load_reward_model(cfg.model, tokenizer)  # member 0's: a bad --model fails before anything is written
+    out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
     if eval_records:
         data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))
     if cfg.ensemble == 1:
-        metrics, model = train_one(cfg, tokenizer, pairs, eval_pairs, eval_records, prompts, out)
+        metrics, model = train_one(cfg, tokenizer, pairs, eval_pairs, eval_records, prompts, out, first)
         metrics.update({"data/truncated": overflow.truncated, "data/dropped": overflow.dropped})
         return write_artifact(out, stage="rm", cfg=cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)
 
+    if distributed.env().main:  # present again only once every member is complete
+        (out / "tether.json").unlink(missing_ok=True)
     members, all_metrics = [], {}
     for k in range(cfg.ensemble):
         member_cfg = replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + k))
@@ -230,8 +240,9 @@ def run_rm(cfg: RMConfig) -> Path:
             idx = [rng.randrange(len(pairs)) for _ in pairs]
         folder = out / f"member-{k}"
         metrics, model = train_one(member_cfg, tokenizer, [pairs[i] for i in idx], eval_pairs, eval_records,
-                                   prompts, folder)
-        write_artifact(folder, stage="rm", cfg=member_cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics)
+                                   prompts, folder, first if k == 0 else None)
+        write_artifact(folder, stage="rm", cfg=member_cfg, model=model, tokenizer=tokenizer, data=data, metrics=metrics,
+                       finish=False)
         members.append(folder.name)
         all_metrics[folder.name] = metrics
     ensemble_metrics = evaluate_ensemble([out / m for m in members], eval_records) if eval_records else {}
@@ -239,7 +250,7 @@ def run_rm(cfg: RMConfig) -> Path:
         write_json(out / "tether.json", {"stage": "rm-ensemble", "members": members, "config": to_dict(cfg), "data": data,
                                          "metrics": {**ensemble_metrics, "members": all_metrics},
                                          "versions": versions()})
-    return out
+    return finish_output(out)
 
 
 def evaluate_ensemble(folders: list[Path], records: list) -> dict[str, float]:

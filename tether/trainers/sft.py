@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from tether.config import group, opt
+from tether.config import check, group, opt, to_dict
 from tether.data import fingerprint, load_sft
-from tether.data.collate import OVERFLOW_CHOICES, Encoded, encode_sft, pack, pad
+from tether.data.collate import OVERFLOW_CHOICES, Encoded, encode_sft, nothing_left, pack, pad
 from tether.loop import TrainConfig, TrainResult, train
 from tether.distributed import map_rows
 from tether.losses import sequence_logprobs, sft_nll
 from tether.losses.lm import IGNORE_INDEX
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
-from tether.trainers.artifact import data_info, prepare_output, write_artifact
+from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 
 log = logging.getLogger("tether.sft")
 
@@ -39,7 +39,7 @@ class SFTConfig:
     overflow: str = opt("truncate", "longer examples: truncate | drop | error (always counted in the log)")
     packing: bool = opt(False, "concatenate examples into rows of max_len tokens")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
-    overwrite: bool = opt(False, "replace an existing run in out")
+    overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     lora: LoraConfig = group(LoraConfig)
     train: TrainConfig = group(TrainConfig)
 
@@ -48,8 +48,9 @@ class SFTConfig:
             raise ValueError("--model and --data are required")
         if self.overflow not in OVERFLOW_CHOICES:
             raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        check("eval_fraction", self.eval_fraction, ge=0, lt=1)
+        check("max_len", self.max_len, ge=2, integer=True)
+        self.lora.validate()
         self.train.validate()
 
 
@@ -85,13 +86,14 @@ def eval_nll(model, rows: list[Encoded], pad_id: int, batch_size: int) -> dict[s
 
 
 def fit_causal_lm(model, tokenizer, rows: list[Encoded], eval_rows: list[Encoded], cfg: TrainConfig,
-                  out: Path, *, resume: bool, desc: str) -> TrainResult:
-    """Minimise NLL of ``rows`` with the shared loop, evaluating on ``eval_rows``."""
+                  out: Path, *, resume: bool, desc: str, run_config: dict | None = None) -> TrainResult:
+    """Minimise NLL of ``rows`` with the shared loop, evaluating on ``eval_rows``; ``run_config`` is the
+    stage's config as a dict, kept in every checkpoint (see tether.loop.train)."""
     pad_id = tokenizer.pad_token_id
     return train(
         model, len(rows), lambda idx: pad([rows[i] for i in idx], pad_id), lm_loss, cfg, out,
         eval_fn=(lambda m: eval_nll(m, eval_rows, pad_id, cfg.batch_size)) if eval_rows else None,
-        resume=resume, desc=desc,
+        resume=resume, desc=desc, run_config=run_config,
     )
 
 
@@ -125,13 +127,15 @@ def run_sft(cfg: SFTConfig) -> Path:
     if cfg.packing:
         rows = pack(rows, cfg.max_len)
     if not rows:
-        raise ValueError(f"{cfg.data}: no example is left to train on (all longer than max_len={cfg.max_len}?)")
+        raise nothing_left(cfg.data, "examples", len(train_records), overflow, cfg.max_len, cfg.overflow,
+                           held_out=0 if cfg.eval_data else len(eval_records))
 
-    out = Path(cfg.out)  # the input has validated: only now is anything written
-    prepare_output(out, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     model = apply_lora(load_model(cfg.model), cfg.lora)
+    out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and model have loaded
     log.info("SFT of %s (%d trainable parameters) on %d rows", cfg.model, count_parameters(model, True), len(rows))
-    result = fit_causal_lm(model, tokenizer, rows, eval_rows, cfg.train, out, resume=cfg.resume, desc="sft")
+    result = fit_causal_lm(model, tokenizer, rows, eval_rows, cfg.train, out, resume=cfg.resume, desc="sft",
+                           run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "data/truncated": overflow.truncated, "data/dropped": overflow.dropped,
                "time/seconds": result.seconds}
     data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}

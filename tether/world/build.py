@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tether.config import opt
-from tether.io import write_json, write_jsonl
+from tether.config import SEED_MAX, check, check_fields, opt
+from tether.errors import ConfigError, OutputError
+from tether.io import check_folder, write_json, write_jsonl
 from tether.world.gold import format_prompt, gold_reward
 from tether.world.raters import Rater
 from tether.world.tasks import (ATTRIBUTE_PHRASE, ATTRIBUTES, TOWNS, Item, all_items, candidates, chain_items, good_answer,
@@ -58,6 +60,15 @@ class WorldConfig:
         return tuple(k.strip() for k in self.sft_flaw_kinds.split(",") if k.strip())
 
     def validate(self) -> None:
+        check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
+        check_fields(self, "pretrain_docs sft_train sft_eval pref_train pref_test feedback", ge=1, integer=True)
+        check_fields(self, "fact_fraction sft_flaw_rate", ge=0, le=1)
+        check_fields(self, "eval_fraction test_fraction", gt=0, lt=1)
+        if self.eval_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"--eval-fraction ({self.eval_fraction}) + --test-fraction ({self.test_fraction}) must be "
+                              "below 1: the rest are the training questions")
+        check_fields(self, "feedback_threshold rater_length_bias rater_phrase_bias rater_sycophancy_bias "
+                           "rater_refusal_bias")
         kinds = self.flaw_kinds()
         unknown = [k for k in kinds if k not in SFT_FLAW_KINDS]
         if unknown:
@@ -224,10 +235,15 @@ def build_world(cfg: WorldConfig | None = None) -> World:
     )
 
 
-def export(out_dir: str | Path, cfg: WorldConfig | None = None) -> dict[str, Path]:
-    """Write the world as the files tether's loaders read; returns {name: path}."""
-    world = build_world(cfg)
+def export(out_dir: str | Path, cfg: WorldConfig | None = None, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write the world as the files tether's loaders read, ``world.json`` last; returns {name: path}.
+
+    ``out_dir`` must be absent, empty, or (with ``overwrite``) an earlier export, recognised by its
+    ``world.json``; the files that export listed and this one does not are removed, nothing else is.
+    """
     out = Path(out_dir)
+    earlier = _earlier_export(out, overwrite)
+    world = build_world(cfg)
     files = {
         "pretrain": write_jsonl(out / "pretrain.jsonl", ({"text": t} for t in world.pretrain)),
         "sft_train": write_jsonl(out / "sft_train.jsonl", world.sft_train),
@@ -242,4 +258,26 @@ def export(out_dir: str | Path, cfg: WorldConfig | None = None) -> dict[str, Pat
         files[f"probes_{name}"] = write_jsonl(out / f"probes_{name}.jsonl", rows)
     counts = {name: sum(1 for _ in open(path, encoding="utf-8")) for name, path in files.items()}
     files["manifest"] = write_json(out / "world.json", {"config": asdict(world.config), "counts": counts})
+    for name in earlier - files.keys():
+        (out / f"{name}.jsonl").unlink(missing_ok=True)
     return files
+
+
+def _earlier_export(out: Path, overwrite: bool) -> set[str]:
+    """The names of the files an earlier export wrote into ``out`` (none for an absent or empty folder);
+    refuses a folder that holds anything else, or an earlier export without ``overwrite``."""
+    check_folder(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return set()
+    manifest = out / "world.json"
+    if not manifest.is_file():
+        raise OutputError(f"--out {out} is not empty and holds no world.json (it is not a world export): "
+                          "choose an empty or new folder")
+    if not overwrite:
+        raise OutputError(f"--out {out} holds an earlier world export; pass --overwrite to replace its files, "
+                          "or choose another folder")
+    try:
+        counts = json.loads(manifest.read_text(encoding="utf-8")).get("counts", {})
+    except (ValueError, AttributeError) as e:
+        raise OutputError(f"{manifest}: not a world export's manifest ({e}); remove it or choose another folder") from e
+    return {name for name in counts if isinstance(name, str) and "/" not in name and not name.startswith(".")}

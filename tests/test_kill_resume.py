@@ -1,0 +1,227 @@
+"""`kill -9` at the worst moments of every training stage, then `--resume`: the same weights, bitwise.
+
+Each case runs the real command line (tests/kill_runner.py), which SIGKILLs itself at one moment
+of its writes: after a checkpoint is complete, halfway through a checkpoint's model file, with a
+checkpoint's tensors written and its state.json half written, halfway through the final
+model.safetensors, and with the final model written but tether.json half written. The same
+command with ``--resume`` must then finish, leave no half-written file, and end with weights
+(and a metrics log, timings aside) equal to those of one uninterrupted run of the same options.
+
+Every stage takes 4 steps with a checkpoint every 2 (checkpoints at steps 2 and 4; the default
+keep_checkpoints=1 prunes the older one once the newer is in place). Runs are forked from one
+server process that has imported tether once (tests/kill_runner.py --serve), since a fresh
+interpreter spends longer importing torch and transformers than a tiny run takes.
+pretrain is covered by tests/test_stages.py::test_killed_process_resumes_to_the_same_weights_bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import CORPUS
+
+RUNNER = Path(__file__).with_name("kill_runner.py")
+TRAIN = ["--steps", "4", "--save-every", "2", "--eval-every", "0", "--warmup-steps", "1", "--seed", "0"]
+# the reward model of the "rm" stage's uninterrupted run ({rm}): an untrained policy's answers all get the
+# same gold or verifiable reward, so that GRPO and RLOO would not move at all
+RL_SAMPLING = ["--reward", "{rm}", "--max-new-tokens", "6", "--lr", "1e-3", "--batch-size", "4"]
+STAGES = {  # stage -> (data file it reads, options); every one writes checkpoints at steps 2 and 4
+    "sft": ("sft", ["sft", "--batch-size", "4", "--max-len", "48", "--eval-fraction", "0.1"]),
+    "rm": ("pairs", ["rm", "--batch-size", "4", "--max-len", "48", "--norm-prompts", "4",
+                     "--norm-max-new-tokens", "4"]),
+    "rm-ensemble": ("pairs", ["rm", "--batch-size", "4", "--max-len", "48", "--norm-prompts", "4",
+                              "--norm-max-new-tokens", "4", "--ensemble", "2", "--bootstrap"]),
+    "dpo": ("pairs", ["dpo", "--batch-size", "4", "--max-len", "48", "--kl-prompts", "2",
+                      "--kl-max-new-tokens", "4"]),
+    "kto": ("pairs", ["kto", "--batch-size", "4", "--max-len", "48", "--kl-prompts", "2",
+                      "--kl-max-new-tokens", "4"]),
+    "ppo": ("prompts", ["ppo", *RL_SAMPLING, "--rollout-batch", "4", "--epochs", "2", "--kl-target", "1.0"]),
+    "grpo": ("prompts", ["grpo", *RL_SAMPLING, "--group-size", "2", "--prompts-per-step", "2", "--inner-iters", "2"]),
+    "rloo": ("prompts", ["rloo", *RL_SAMPLING, "--group-size", "2", "--prompts-per-step", "2", "--inner-iters", "2"]),
+}
+# moment -> which occurrence to kill at (see tests/kill_runner.py); an ensemble writes 2 checkpoints,
+# then a final model and a tether.json, per member, and one tether.json for the whole ensemble
+MOMENTS = {
+    "after-checkpoint": 1,   # step 2 is in place: resume trains steps 3 and 4
+    "checkpoint-model": 2,   # step 4's model file half written: resume from step 2
+    "checkpoint-state": 2,   # step 4's tensors written, its state.json half: resume from step 2
+    "final-model": 1,        # every checkpoint written, the final model.safetensors half written
+    "final-meta": 1,         # the final model written, tether.json half written
+}
+ENSEMBLE_MOMENTS = {
+    "after-checkpoint": 3,   # member 0 complete, member 1's step 2 in place
+    "checkpoint-model": 2,   # member 0's step 4 half written
+    "checkpoint-state": 4,   # member 1's step 4: state.json half written
+    "final-model": 2,        # member 1's final model half written
+    "final-meta": 3,         # both members written, the ensemble's tether.json half written
+}
+FAST = {("sft", "checkpoint-model"), ("dpo", "final-meta")}  # the rest is marked slow
+KNOWN_DEFECTS: dict[tuple[str, str], str] = {}  # (stage, moment) -> why resume is not exact today
+
+
+# --- the fork server -------------------------------------------------------------------------------
+
+
+class Server:
+    """tests/kill_runner.py --serve: one forked `tether` run per job."""
+
+    def __init__(self, folder: Path):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TETHER_DEBUG": "1"}
+        self.folder = folder
+        self.proc = subprocess.Popen([sys.executable, str(RUNNER), "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=folder)
+        self._answer(timeout=300)
+
+    def _answer(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise RuntimeError(f"the kill runner gave no answer within {timeout} s (rc {self.proc.returncode})")
+        return json.loads(line)
+
+    def run(self, when: str, n: int, args: list, out: Path, log: Path) -> dict:
+        """``tether ARGS --out OUT`` killed at ``when`` (``n``-th occurrence); returns {"signal"} or {"exit"}."""
+        job = {"when": when, "n": n, "args": [str(a) for a in [*args, "--out", out]], "log": str(log),
+               "env": {"TETHER_CACHE": f"{out}-cache",  # DPO's reference cache: one per run, kept on resume
+                       "KILL_RUNNER_NOTE": f"{out}-kill.json"}}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return self._answer(timeout=300)
+
+    def close(self) -> None:
+        """Between jobs the server holds nothing: stop it at once rather than wait for torch to unload."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The inputs every stage reads, written once."""
+    root = tmp_path_factory.mktemp("kill")
+    with open(root / "sft.jsonl", "w") as f:
+        for text in CORPUS[::4]:
+            prompt, completion = text.split("\n\nAssistant:")
+            f.write(json.dumps({"prompt": prompt + "\n\nAssistant:", "completion": completion}) + "\n")
+    with open(root / "pairs.jsonl", "w") as f:
+        for a in range(0, 12, 2):
+            for b in range(0, 12, 3):
+                prompt = f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:"
+                f.write(json.dumps({"prompt": prompt, "chosen": f" {a} plus {b} is {a + b}. #### {a + b}",
+                                    "rejected": f" {a} plus {b} is {a + b + 1}. I am not sure."}) + "\n")
+    with open(root / "prompts.jsonl", "w") as f:
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 1), (2, 9), (8, 3), (4, 4), (6, 0)]:
+            f.write(json.dumps({"prompt": f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:",
+                                "answer": str(a + b)}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(workdir):
+    s = Server(workdir)
+    yield s
+    s.close()
+
+
+def stage_args(stage: str, workdir: Path, tiny_folder: Path, rm: Path | None = None) -> list[str]:
+    data, options = STAGES[stage]
+    flag = "--prompts" if data == "prompts" else "--data"
+    options = [str(rm) if o == "{rm}" else o for o in options]
+    return [options[0], "--model", str(tiny_folder), flag, str(workdir / f"{data}.jsonl"), *options[1:], *TRAIN]
+
+
+@pytest.fixture(scope="module")
+def reference(server, workdir, tiny_folder):
+    """The uninterrupted run of each stage, made once and shared by every kill moment."""
+    done: dict[str, Path] = {}
+
+    def get(stage: str) -> Path:
+        if stage not in done:
+            out = workdir / f"{stage}-whole"
+            rm = get("rm") if "{rm}" in STAGES[stage][1] else None
+            answer = server.run("none", 0, stage_args(stage, workdir, tiny_folder, rm), out,
+                                workdir / f"{stage}-whole.log")
+            assert answer == {"exit": 0}, _log(workdir / f"{stage}-whole.log")
+            start = load_file(tiny_folder / "model.safetensors")
+            for path in model_files(out):  # else an equal result would prove nothing
+                trained = load_file(path)
+                assert any(not torch.equal(trained[k], start[k]) for k in trained if k in start), f"{path} did not move"
+            done[stage] = out
+        return done[stage]
+
+    return get
+
+
+# --- what is compared ------------------------------------------------------------------------------
+
+
+def _log(path: Path, tail: int = 3000) -> str:
+    return path.read_text(errors="replace")[-tail:] if path.exists() else f"(no log at {path})"
+
+
+def model_files(out: Path) -> list[Path]:
+    """The final model file(s) a run leaves: one, or one per ensemble member."""
+    meta = json.loads((out / "tether.json").read_text())
+    return [out / m / "model.safetensors" for m in meta["members"]] if "members" in meta else [out / "model.safetensors"]
+
+
+def metric_lines(out: Path) -> list[dict]:
+    """metrics.jsonl without the timings (of every member of an ensemble)."""
+    timing = ("time/", "perf/", "charts/samples_per_s")
+    files = sorted(out.glob("member-*/metrics.jsonl")) or [out / "metrics.jsonl"]
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(timing)}
+            for f in files for line in f.read_text().splitlines() if line.strip()]
+
+
+def half_written(out: Path) -> list[str]:
+    """Temporary or partial files a finished run should not have left behind."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".old"))
+
+
+CASES = [pytest.param(stage, moment, marks=[
+    *([] if (stage, moment) in FAST else [pytest.mark.slow]),
+    *([pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[stage, moment])] if (stage, moment) in KNOWN_DEFECTS else []),
+], id=f"{stage}-{moment}") for stage in STAGES for moment in MOMENTS]
+
+
+@pytest.mark.parametrize("stage, moment", CASES)
+def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(server, reference, workdir, tiny_folder, stage,
+                                                                 moment):
+    whole = reference(stage)
+    args = stage_args(stage, workdir, tiny_folder, reference("rm") if "{rm}" in STAGES[stage][1] else None)
+    out, log = workdir / f"{stage}-{moment}", workdir / f"{stage}-{moment}.log"
+    n = (ENSEMBLE_MOMENTS if stage == "rm-ensemble" else MOMENTS)[moment]
+
+    killed = server.run(moment, n, args, out, log)
+    assert killed == {"signal": 9}, f"the run was not killed at {moment} #{n}: {killed}\n{_log(log)}"
+    note = json.loads(Path(f"{out}-kill.json").read_text())  # what the runner cut, just before the kill
+    assert note["when"] == moment
+    if moment == "after-checkpoint":
+        assert (Path(note["checkpoint"]) / "state.json").exists()
+    else:  # the half-written file is there for the resumed run to face
+        cut = Path(note["file"])
+        assert cut.exists() and ("checkpoints" in cut.parts) == moment.startswith("checkpoint-"), cut
+    resumed = server.run("none", 0, [*args, "--resume"], out, log.with_suffix(".resume.log"))
+    assert resumed == {"exit": 0}, _log(log.with_suffix(".resume.log"))
+
+    meta = json.loads((out / "tether.json").read_text())
+    assert meta["stage"] == json.loads((whole / "tether.json").read_text())["stage"]
+    assert not half_written(out), half_written(out)
+    for mine, theirs in zip(model_files(out), model_files(whole), strict=True):
+        a, b = load_file(mine), load_file(theirs)
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"{mine}: {len(differ)} of {len(a)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
+    assert metric_lines(out) == metric_lines(whole)

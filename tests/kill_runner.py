@@ -11,6 +11,7 @@ WHEN is one of MOMENTS:
     checkpoint-state   inside the N-th checkpoint: every tensor file is written and state.json half, then SIGKILL
     final-model        inside the N-th final model write: model.safetensors half written, then SIGKILL
     final-meta         the N-th final model is written, tether.json half written, then SIGKILL
+    reference-cache    DPO / KTO: the N-th reference log-prob cache file (under ref_logps/) half written, then SIGKILL
 
 Nothing in tether has a hook for this: the write functions are replaced by module attribute
 (every module that imported them by name, ``from x import f``, included) before the command runs.
@@ -36,7 +37,8 @@ import sys
 import traceback
 from pathlib import Path
 
-MOMENTS = ("none", "after-checkpoint", "checkpoint-model", "checkpoint-state", "final-model", "final-meta")
+MOMENTS = ("none", "after-checkpoint", "checkpoint-model", "checkpoint-state", "final-model", "final-meta",
+           "reference-cache")
 
 
 NOTE = os.environ.get("KILL_RUNNER_NOTE", "")  # where to say what was cut just before the kill
@@ -105,7 +107,7 @@ def install(when: str, n: int) -> None:
     import tether.io
     import tether.loop
 
-    seen = {"checkpoints": [], "final_models": 0, "metas": 0}
+    seen = {"checkpoints": [], "final_models": 0, "metas": 0, "caches": 0}
 
     if when == "after-checkpoint":
         real_save_checkpoint = tether.loop.save_checkpoint
@@ -120,7 +122,7 @@ def install(when: str, n: int) -> None:
         assert _replace_everywhere(real_save_checkpoint, save_checkpoint)
         return
 
-    if when in ("checkpoint-model", "checkpoint-state", "final-model"):
+    if when in ("checkpoint-model", "checkpoint-state", "final-model", "reference-cache"):
         real_save_file = safetensors.torch.save_file
 
         def save_file(tensors, filename, *args, **kwargs):
@@ -131,6 +133,11 @@ def install(when: str, n: int) -> None:
                 if ckpt not in seen["checkpoints"]:
                     seen["checkpoints"].append(ckpt)
                 if len(seen["checkpoints"]) == n and when == "checkpoint-model" and name == "model.safetensors":
+                    _halve(filename)
+                    _die(when=when, file=filename)
+            elif Path(filename).parent.name == "ref_logps":
+                seen["caches"] += 1
+                if when == "reference-cache" and seen["caches"] == n:
                     _halve(filename)
                     _die(when=when, file=filename)
             elif name == "model.safetensors" and when == "final-model":

@@ -271,7 +271,42 @@ def _output_cases(i: Inputs) -> dict[str, Case]:
     }
 
 
-CASE_GROUPS = (_data_cases, _model_cases, _config_cases, _option_cases, _output_cases)
+def _other_command_cases(i: Inputs) -> dict[str, Case]:
+    """The commands that are not training stages: eval, diagnose, calibrate-beta, rlaif, world label, bon."""
+    nowhere = i.root / "no_such_model"
+    no_weights = i.model_copy("no_weights", lambda f: (f / "model.safetensors").unlink())
+    report = i.text("report_garbage.json", "{ not json")
+    constitution = i.text("bad_constitution.yaml", "principles: 7\n")
+    return {
+        "eval-policy-missing": Case(["eval", "--policy", nowhere, "--base", i.tiny, "--eval-prompts", i.prompts,
+                                     "--out", "{out}"], "no_such_model"),
+        "eval-base-without-weights": Case(["eval", "--policy", i.tiny, "--base", no_weights, "--eval-prompts",
+                                           i.prompts, "--out", "{out}"], "no_weights"),
+        "eval-prompts-empty": Case(["eval", "--policy", i.tiny, "--base", i.tiny, "--eval-prompts", i.empty,
+                                    "--out", "{out}"], "empty.jsonl"),
+        "eval-judge-folder-missing": Case(["eval", "--policy", i.tiny, "--base", i.tiny, "--eval-prompts", i.prompts,
+                                           "--judge", "rm:" + str(nowhere), "--out", "{out}"], "no_such_model"),
+        "eval-samples-zero": Case(["eval", "--policy", i.tiny, "--base", i.tiny, "--samples", "0",
+                                   "--out", "{out}"], "--samples"),
+        "diagnose-report-garbage": Case(["diagnose", i.root, "--report", report], "report_garbage.json"),
+        "calibrate-beta-model-missing": Case(["calibrate-beta", "--method", "dpo", "--model", nowhere, "--data",
+                                              i.prefs, "--prompts", i.prompts, "--out", "{out}"], "no_such_model"),
+        "calibrate-beta-bad-betas": Case(["calibrate-beta", "--method", "dpo", "--model", i.tiny, "--data", i.prefs,
+                                          "--prompts", i.prompts, "--betas", "0.1,nan", "--out", "{out}"],
+                                         "--betas"),
+        "rlaif-label-policy-missing": Case(["rlaif", "label", "--policy", nowhere, "--prompts", i.prompts,
+                                            "--judge", i.tiny, "--out", "{out}"], "no_such_model"),
+        "rlaif-label-bad-constitution": Case(["rlaif", "label", "--policy", i.tiny, "--prompts", i.prompts,
+                                              "--judge", i.tiny, "--constitution", constitution, "--out", "{out}"],
+                                             "bad_constitution.yaml"),
+        "world-label-prompts-empty": Case(["world", "label", "--policy", i.tiny, "--prompts", i.empty,
+                                           "--out", "{out}"], "empty.jsonl"),
+        "bon-reward-folder-without-weights": Case(["bon", "--model", i.tiny, "--prompts", i.prompts, "--reward",
+                                                   no_weights, "--out", "{out}"], "no_weights"),
+    }
+
+
+CASE_GROUPS = (_data_cases, _model_cases, _config_cases, _option_cases, _output_cases, _other_command_cases)
 
 
 def _all_cases(i: Inputs) -> dict[str, Case]:

@@ -229,6 +229,29 @@ def test_bad_reward_sources_are_one_line_before_ppo_writes(tmp_path, tiny_folder
     fails(stage_args("ppo", tiny_folder, files, out) + ["--reward", "overlong(max=x)"], "overlong(max=x)", out=out)
 
 
+def test_a_language_model_is_not_served_as_a_reward_with_a_random_head(tmp_path, tiny_folder, files):
+    out = tmp_path / "out"
+    fails(stage_args("ppo", tiny_folder, files, out) + ["--reward", tiny_folder], str(tiny_folder),
+          "no reward head (score.weight) in the weights", out=out)
+
+
+def _bad_config_json(folder: Path) -> None:
+    (folder / "config.json").write_text("{ not json")
+
+
+def _no_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("damage, message", [(_bad_config_json, "cannot load the"), (_no_tokenizer, "cannot load the tokenizer")])
+def test_a_broken_config_or_tokenizer_is_one_line(tmp_path, tiny_folder, files, damage, message):
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_folder, model)
+    damage(model)
+    fails(stage_args("sft", model, files, out), str(model), message, out=out)
+
+
 def test_an_ensemble_folder_given_as_a_model_says_so(tmp_path, tiny_folder, files):
     ens = make_ensemble(tiny_folder, tmp_path / "ens")
     out = tmp_path / "out"

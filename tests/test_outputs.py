@@ -238,3 +238,19 @@ def test_world_export_refuses_a_used_folder_and_overwrites_only_its_own_files(tm
     under.write_text("x\n")
     code, output = run("world", "export", "--out", under / "w", *SMALL_WORLD)
     assert code == 1 and f"lies under {under}" in error_line(output)
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_swap_dirs_exchanges_two_folders_with_or_without_an_atomic_exchange(tmp_path, monkeypatch, atomic):
+    import tether.io as io
+
+    if not atomic:  # the three-rename fallback of systems without renameat2
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "new.txt").write_text("new\n")
+    (b / "old.txt").write_text("old\n")
+    io.swap_dirs(a, b)
+    assert [p.name for p in b.iterdir()] == ["new.txt"] and [p.name for p in a.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

@@ -471,15 +471,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
             raise CheckpointError(f"{path} holds a whole-model checkpoint (written without fsdp2); resume it with "
                                   "--strategy ddp")
         state: dict[int, dict] = {}
+        tensors = _tensors(path, "optimizer.safetensors")
         try:
-            for key, v in _tensors(path, "optimizer.safetensors").items():
+            for key, v in tensors.items():
                 idx, name = key.split(".", 1)
                 state.setdefault(int(idx), {})[name] = v
             for key, v in meta["optimizer_scalars"].items():
                 idx, name = key.split(".", 1)
                 state.setdefault(int(idx), {})[name] = v
         except (ValueError, AttributeError) as e:
-            raise _bad_checkpoint(path, "optimizer.safetensors", f"unexpected optimiser state ({_short(e)})") from None
+            raise _bad_checkpoint(path, "optimizer.safetensors", f"not an optimiser state tether wrote ({_short(e)})") from None
         _load_weights(path, model)
         try:
             optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
@@ -490,7 +491,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
         scheduler.load_state_dict(meta["scheduler"])
         _set_rng_state(rng, meta["rng"])
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise _bad_checkpoint(path, "state.json", f"unexpected scheduler or RNG state ({_short(e)})") from None
+        raise _bad_checkpoint(path, "state.json", f"holds a scheduler or RNG state that cannot be restored ({_short(e)})") from None
     return meta["step"]
 
 
@@ -519,6 +520,11 @@ def _flat(config: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _a_callable(value) -> bool:
+    """A function passed through the Python API, recorded by name only ("<function f>"): not comparable."""
+    return isinstance(value, str) and value.startswith("<function ")
+
+
 def _safe_change(name: str, old, new) -> bool:
     number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
     if name == "lr":
@@ -537,14 +543,16 @@ def resume_changes(path: Path, saved: dict | None, config: dict | None, allow: b
     end from the current step), or another ``eval_every`` / ``save_every`` / ``compile``. Anything
     else (data, seed, batch sizes, model, loss, ...) changes what the run would have learnt and is
     refused even then. A checkpoint written before configs were stored (``saved`` None) resumes as
-    it always did; options that only one side knows (added in another tether version) are not compared.
+    it always did; options that only one side knows (added in another tether version) are not compared, nor
+    is a reward function passed through the Python API (recorded by name only).
     """
     if saved is None or config is None:
         return set()
     old = _flat(saved)
     new = _flat(json.loads(json.dumps(config, default=str)))
     diffs = [(key, old[key], new[key]) for key in old
-             if key in new and old[key] != new[key] and key.rsplit(".", 1)[-1] not in RESUME_IGNORED]
+             if key in new and old[key] != new[key] and key.rsplit(".", 1)[-1] not in RESUME_IGNORED
+             and not (_a_callable(old[key]) and _a_callable(new[key]))]
     if not diffs:
         return set()
 
@@ -621,10 +629,24 @@ class Checkpoints:
         return save_checkpoint(self.folder, step, model, optimizer, scheduler, self.keep, extra, config=self.config,
                                loss_guard=loss_guard)
 
-    def diverged(self, what: str, step: int) -> TrainingDiverged:
-        """The error to raise when step ``step`` (1-based) went wrong; the pending checkpoint is dropped."""
+    def diverged(self, what: str, step: int, failed: int | None = None) -> TrainingDiverged:
+        """The error to raise when step ``step`` (1-based) went wrong; the pending checkpoint is dropped.
+
+        ``failed``: the step of a checkpoint already written that holds the weights that went wrong
+        (a stage that confirms a checkpoint before every check of its weights has run); it is set
+        aside as ``diverged-step-NNNNNN``, where --resume does not look, and not named as good.
+        """
         self.pending = None
-        return diverged_error(what, step, self.folder, self.cfg)
+        note = ""
+        bad = self.folder / f"step-{failed:06d}" if failed is not None else None
+        if bad is not None and bad.is_dir():
+            aside = self.folder / f"diverged-{bad.name}"
+            if distributed.env().main:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(bad, aside)
+            distributed.barrier()
+            note = f" ({aside} holds the weights that failed, set aside)"
+        return diverged_error(what + note, step, self.folder, self.cfg)
 
 
 def diverged_error(what: str, step: int, ckpt_dir: Path, cfg: TrainConfig | None = None) -> TrainingDiverged:

@@ -57,11 +57,12 @@ class LearnedReward:
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str = "cpu", **kwargs) -> LearnedReward:
+        """The reward model in ``folder``; one without a trained head (a language model) is a ModelError."""
         from tether.models import load_tokenizer
         from tether.models.reward import load_reward_model
 
         tokenizer = load_tokenizer(folder)
-        return cls(load_reward_model(folder, tokenizer, device=device), tokenizer, **kwargs)
+        return cls(load_reward_model(folder, tokenizer, device=device, require_head=True), tokenizer, **kwargs)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:

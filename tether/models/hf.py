@@ -130,8 +130,10 @@ def from_pretrained(load: Callable[..., Any], name_or_path: str | Path, what: st
     except ModelError:
         raise
     except Exception as e:  # a local folder: whatever transformers or safetensors raise is about the folder
-        detail = " ".join(str(e).split())[:300]
-        raise ModelError(f"{name_or_path}: cannot load the {what} ({type(e).__name__}: {detail})") from e
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 240 else detail[:239] + "…"
+        raise ModelError(f"{name_or_path}: cannot load the {what} ({type(e).__name__}: {detail}); expected the "
+                         f"{what}'s files as save_pretrained writes them") from e
 
 
 def load_tokenizer(name_or_path: str | Path):

@@ -34,13 +34,15 @@ def mark_trained(model) -> None:
     model.config.reward_head = TRAINED
 
 
-def load_reward_model(name_or_path: str | Path, tokenizer, *, device: str | torch.device = "cpu"):
+def load_reward_model(name_or_path: str | Path, tokenizer, *, device: str | torch.device = "cpu",
+                      require_head: bool = False):
     """A one-label sequence classifier on the backbone at ``name_or_path``.
 
     From a causal-LM folder (e.g. an SFT stage) the scalar head is new and initialised with
     std 1/√(d + 1) (Stiennon et al. 2020); from a reward-model folder it is loaded as saved. The
     rule: the head is new exactly when its weights are missing from the folder's file (whatever
     ``reward_gain`` says: an RM trained without normalisation has none, and its head is trained).
+    With ``require_head`` (serving a reward) a folder without a head is a ModelError instead.
     """
     from transformers.utils import logging as hf_logging
 
@@ -56,6 +58,9 @@ def load_reward_model(name_or_path: str | Path, tokenizer, *, device: str | torc
     head_names = {f"{name}.weight" for name, module in model.named_modules() if module is head}
     new_head = any(key in head_names or key.endswith(tuple("." + n for n in head_names))
                    for key in info.get("missing_keys", ()))
+    if new_head and require_head:
+        raise ModelError(f"{name_or_path}: no reward head ({sorted(head_names)[0]}) in the weights: a language model, "
+                         "not a reward model; expected a folder written by `tether rm`")
     if new_head and getattr(model.config, "reward_head", None) == TRAINED:
         raise ModelError(f"{name_or_path}: config.json says the reward head is trained, but the weights hold no "
                          f"{sorted(head_names)[0]}; expected a reward model as the RM stage saved it")

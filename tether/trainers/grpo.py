@@ -463,10 +463,12 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             lo, hi = distributed.shard_bounds(len(step_prompts))  # this rank's whole prompts (and so groups)
             batch = generate_batch(model, tokenizer, step_prompts[lo:hi], step, cfg, first=lo, backend=backend)
             t_gen = time.perf_counter()
+            ckpts.confirm(trained, optimizer, scheduler)  # these weights (finite) just sampled without fault
             scored = score_batch(scoring, reference, reward_fn, batch, cfg)
-            if scored.old_logp is not None and not bool(torch.isfinite(scored.old_logp).all()):
-                raise ckpts.diverged("the policy's log-probabilities of its own samples are not finite", step + 1)
-            ckpts.confirm(trained, optimizer, scheduler)  # these weights just sampled and scored soundly
+            finite = scored.old_logp is None or bool(torch.isfinite(scored.old_logp).all())
+            if not distributed.all_reduce(torch.tensor(float(finite)), "min").item():  # every rank stops together
+                raise ckpts.diverged("the policy's log-probabilities of its own samples are not finite", step + 1,
+                                     failed=step)
             t_score = time.perf_counter()
             try:
                 updated = update(training, optimizer, batch, scored, cfg)

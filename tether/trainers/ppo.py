@@ -491,7 +491,8 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
             raw, score = sequence_scores(raw, empty, batch.ended, cfg)
             with autocast(device, cfg.train.precision):
                 scored, metrics = score_rollout(scoring, ref_logp_fn, batch, score, cfg, beta)
-            if not all(bool(torch.isfinite(t).all()) for t in (scored.old_logp, scored.values)):
+            finite = all(bool(torch.isfinite(t).all()) for t in (scored.old_logp, scored.values))
+            if not distributed.all_reduce(torch.tensor(float(finite)), "min").item():  # every rank stops together
                 raise ckpts.diverged("the policy's log-probabilities or values of its own samples are not finite", it + 1)
             ckpts.confirm(trained, optimizer, scheduler)  # these weights just sampled and scored soundly
             # 3. update

@@ -209,8 +209,10 @@ def _child(job: dict) -> None:
 
 def serve() -> None:
     """The fork server: import once, then one forked child per job line on stdin."""
+    answers = os.fdopen(os.dup(1), "w")  # the protocol's own channel; a stray print goes to stderr instead
+    os.dup2(2, 1)
     _import_everything()
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True}), file=answers, flush=True)
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -220,7 +222,7 @@ def serve() -> None:
             _child(job)
         _, status = os.waitpid(pid, 0)
         answer = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
-        print(json.dumps(answer), flush=True)
+        print(json.dumps(answer), file=answers, flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -377,7 +377,7 @@ def test_data_error_keeps_its_parts_and_pickles(tmp_path):
     ({"prompt": "P", "chosen": "x", "rejected": ""}, r"field 'rejected': expected a non-empty string"),
     ({"prompt": "P", "chosen": ["x"], "rejected": "y"}, r"field 'chosen': expected a string like 'rejected'.*got list$"),
     ({"prompt": "P", "chosen": "x", "rejected": {"text": "y"}}, r"field 'rejected': expected a non-empty string, got dict"),
-    ({"prompt": "P", "chosen": [USER, HELLO], "rejected": [USER, NO]}, r"field 'prompt': expected a non-empty list of"),
+    ({"prompt": "P", "chosen": [USER, HELLO], "rejected": [USER, NO]}, r"field 'prompt': expected a list of messages like"),
     ({"chosen": [USER, HELLO], "rejected": [{"role": "user", "content": "Other"}, NO]},
      r"field 'rejected': expected the chosen and rejected conversations to differ only in the last"),
     ({"chosen": [USER, HELLO], "rejected": [USER, {"role": "bot", "content": "x"}]}, r"field 'rejected': message 1: unknown role 'bot'"),

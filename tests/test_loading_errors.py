@@ -321,6 +321,18 @@ def test_the_critic_source_rule(tmp_path, tiny_folder):
         source(critic_model=str(tmp_path / "missing"))
 
 
+def test_a_critic_on_a_smaller_vocabulary_is_refused(tmp_path, tiny_folder):
+    from tether.errors import ConfigError
+    from tether.trainers.ppo import PPOConfig, critic_source
+
+    rm = make_rm(tiny_folder, tmp_path / "rm")
+    cfg = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] - 1}))
+    with pytest.raises(ConfigError, match=r"vocabulary .* is smaller than the policy's"):
+        critic_source(PPOConfig(model=str(tiny_folder), prompts="p.jsonl", reward=str(rm)))
+    assert critic_source(PPOConfig(model=str(tiny_folder), prompts="p.jsonl", reward=str(rm), value="head")) is None
+
+
 def test_a_bad_critic_model_stops_ppo_before_writing(tmp_path, tiny_folder, files):
     out, bad = tmp_path / "out", damaged(tiny_folder, tmp_path, "garbage")
     fails(stage_args("ppo", tiny_folder, files, out) + ["--critic-model", bad], str(bad), "truncated", out=out)

@@ -55,7 +55,7 @@ class CalibrateConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         betas = _numbers("betas", self.betas)
         if not betas or not all(math.isfinite(b) and b > 0 for b in betas):
             raise ConfigError(f"--betas must be comma-separated numbers > 0, got {self.betas!r}")
@@ -71,7 +71,7 @@ class CalibrateConfig:
         else:
             self.train.validate()
         if self.method != "tabular" and not (self.model and self.data and self.prompts):
-            raise ValueError(f"--model, --data and --prompts are required with --method {self.method}")
+            raise ConfigError(f"--model, --data and --prompts are required with --method {self.method}")
 
 
 def _numbers(name: str, text: str) -> list[float]:

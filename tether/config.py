@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from pathlib import Path
 from typing import Any
@@ -219,10 +220,10 @@ def check(name: str, value: Any, *, ge: float | None = None, gt: float | None = 
     message names the option as typed on the command line and the range it must lie in, e.g.
     ``--min-lr-ratio must be a number in [0, 1], got 7.0``; ``note`` is appended (what 0 means, say).
     """
-    numeric = isinstance(value, int) if integer else isinstance(value, (int, float))
+    numeric = isinstance(value, numbers.Integral if integer else numbers.Real)
     ok = numeric and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and all(test for test in (ge is None or value >= ge, gt is None or value > gt,
-                                      le is None or value <= le, lt is None or value < lt))
+    ok = ok and all((ge is None or value >= ge, gt is None or value > gt, le is None or value <= le,
+                     lt is None or value < lt))
     if ok:
         return
     low = f"[{_bound(ge)}" if ge is not None else f"({_bound(gt)}" if gt is not None else None
@@ -236,7 +237,8 @@ def check(name: str, value: Any, *, ge: float | None = None, gt: float | None = 
     else:
         where = ""
     kind = "an integer" if integer else "a number" if where else "a finite number"
-    raise ConfigError(f"{flag(name)} must be {kind}{where}{note and f' ({note})'}, got {value!r}")
+    got = str(value) if numeric else repr(value)
+    raise ConfigError(f"{flag(name)} must be {kind}{where}{note and f' ({note})'}, got {got}")
 
 
 def check_fields(cfg: Any, names: str, **bounds: Any) -> None:

@@ -12,6 +12,15 @@ step: the data order is a pure function of seed and step). It is written into a 
 folder and renamed into place, so a process killed at any moment leaves the last complete
 checkpoint intact; a resumed run ends with the same weights as an uninterrupted one (bitwise
 on CPU). Nothing here is pickled: tensors go to safetensors, everything else to JSON.
+
+Failure is designed (DESIGN.md): a checkpoint is written only once the next step has computed a
+finite, non-exploding loss from its weights (:class:`Checkpoints`), and never with non-finite
+weights, so the checkpoint a :class:`TrainingDiverged` names as the last good one is good; a loss
+that blows up without becoming NaN stops the run too (:class:`LossGuard`, ``--divergence-factor``).
+Every checkpoint stores the stage's whole config; ``--resume`` with other options is refused,
+listing them, unless ``--allow-resume-changes`` and each change is safe (a lower lr, more steps,
+eval/save cadence: :func:`resume_changes`). A damaged checkpoint is a one-line
+:class:`~tether.errors.CheckpointError` naming the file and the way on.
 """
 
 from __future__ import annotations
@@ -81,11 +90,11 @@ class TrainConfig:
         check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
         check("divergence_factor", self.divergence_factor, ge=0, note="0: never stop on a rising loss")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.strategy not in distributed.STRATEGIES:
-            raise ValueError(f"strategy must be one of {distributed.STRATEGIES}, got {self.strategy!r}")
+            raise ConfigError(f"strategy must be one of {distributed.STRATEGIES}, got {self.strategy!r}")
 
 
 class TrainingDiverged(TetherError, RuntimeError):
@@ -663,7 +672,7 @@ def diverged_error(what: str, step: int, ckpt_dir: Path, cfg: TrainConfig | None
         how = (f"The last good checkpoint is {last}; to go on from it with a lower learning rate, run the same "
                f"command with --resume --allow-resume-changes --lr {lower}")
     else:
-        how = f"No checkpoint was written before it; start over with --overwrite and a lower --lr (e.g. {lower})"
+        how = f"No checkpoint was written before it; start over with a lower learning rate: --overwrite --lr {lower}"
     return TrainingDiverged(f"{what} at step {step}; stopped. {how} (or {clip}).")
 
 

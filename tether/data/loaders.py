@@ -10,7 +10,8 @@ loader returns, so a stage can refuse bad input before it writes anything; a bad
 ``columns`` maps tether's field names to the source's: ``load_prompts("gsm8k.jsonl",
 columns={"prompt": "question"})``. Keys a format does not use are kept in ``record.extra``.
 With ``skip_invalid=True`` a bad record is skipped instead, and the skips are counted in the log
-(a file that cannot be read at all still raises).
+(a file that cannot be read at all still raises, as does one with no records or whose every
+record was skipped: a stage never trains on nothing).
 """
 
 from __future__ import annotations
@@ -461,6 +462,9 @@ def _preference(f: _Fields, tokenizer: Any) -> tuple[str, str, str]:
         raise f.error(odd, f"expected {want} like {f.key(other)!r} (both responses are strings or both are message "
                       f"lists), got {_kind(f.raw(odd))}")
     if chosen_list:  # conversational
+        if f.has("prompt") and not isinstance(f.raw("prompt"), list):
+            raise f.error("prompt", f"expected a list of messages like {f.key('chosen')!r} and {f.key('rejected')!r} "
+                          f"(the conversation before them), got {_kind(f.raw('prompt'))}")
         prefix = f.messages("prompt") if f.has("prompt") else []
         prompt, chosen = _conversation(f, "chosen", tokenizer, prefix)
         prompt_rejected, rejected = _conversation(f, "rejected", tokenizer, prefix)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tether.config import SEED_MAX, check, check_fields, opt, to_dict
+from tether.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         if not self.policy or not self.base:
-            raise ValueError("tether eval needs --policy and --base")
+            raise ConfigError("tether eval needs --policy and --base")
         check_fields(self, "prompts samples max_new_tokens bon_prompts ascent_steps", ge=1, integer=True)
         check_fields(self, "limit probe_limit", ge=0, integer=True, note="0: all")
         check_fields(self, "bon_pool ascent_prompts", ge=0, integer=True, note="0: skip")
@@ -66,7 +67,7 @@ class EvalConfig:
             if not Path(getattr(self, name)).exists():
                 raise FileNotFoundError(f"--{name} {getattr(self, name)}: no such folder")
         if self.refusal_judge and (not self.refusal_judge.startswith("llm:") or not Path(self.refusal_judge[4:]).exists()):
-            raise ValueError(f"--refusal-judge {self.refusal_judge!r}: expected llm:DIR of an existing folder")
+            raise ConfigError(f"--refusal-judge {self.refusal_judge!r}: expected llm:DIR of an existing folder")
 
 
 def _stage_config(folder: Path) -> dict:

@@ -58,9 +58,9 @@ class HTTPOptions:
 
     def validate(self) -> None:
         if self.url and not self.url_model:
-            raise ValueError("--url needs --url-model (the model name the endpoint serves)")
+            raise ConfigError("--url needs --url-model (the model name the endpoint serves)")
         if self.endpoint not in ENDPOINTS:
-            raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {self.endpoint!r}")
+            raise ConfigError(f"endpoint must be one of {ENDPOINTS}, got {self.endpoint!r}")
         check("retries", self.retries, ge=0, integer=True)
         check("backoff", self.backoff, ge=0)
         check("timeout", self.timeout, gt=0)
@@ -131,9 +131,9 @@ class LabelConfig:
 
     def validate(self) -> None:
         if not self.policy or not self.prompts:
-            raise ValueError("--policy and --prompts are required")
+            raise ConfigError("--policy and --prompts are required")
         if bool(self.judge) == bool(self.http.url):
-            raise ValueError("give exactly one judge: --judge (a local folder or hub name) or --url (an HTTP endpoint)")
+            raise ConfigError("give exactly one judge: --judge (a local folder or hub name) or --url (an HTTP endpoint)")
         if not isinstance(self.samples, int) or self.samples < 2 or self.samples % 2:
             raise ConfigError(f"--samples must be an even number of at least 2, got {self.samples}")
         check_fields(self, "max_new_tokens batch_size", ge=1, integer=True)

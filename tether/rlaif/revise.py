@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from tether.config import SEED_MAX, check, check_fields, group, opt, to_dict
 from tether.data import load_prompts
+from tether.errors import ConfigError
 from tether.io import write_json, write_jsonl
 from tether.rlaif.constitution import Constitution, load_constitution
 from tether.rlaif.label import HTTPOptions, LocalGenerator, make_generator
@@ -71,9 +72,9 @@ class ReviseConfig:
 
     def validate(self) -> None:
         if not self.policy or not self.prompts:
-            raise ValueError("--policy and --prompts are required")
+            raise ConfigError("--policy and --prompts are required")
         if self.model and self.http.url:
-            raise ValueError("give one reviser: --model or --url, not both")
+            raise ConfigError("give one reviser: --model or --url, not both")
         check_fields(self, "rounds max_new_tokens batch_size", ge=1, integer=True)
         check_fields(self, "temperature reviser_temperature", ge=0, note="0: greedy")
         check("limit", self.limit, ge=0, integer=True, note="0: all")

@@ -42,6 +42,7 @@ import torch
 from tether.config import SEED_MAX, check, check_fields, group, opt
 from tether.data import fingerprint, load_sft
 from tether.data.collate import encode_sft
+from tether.errors import ConfigError
 from tether.io import write_json, write_jsonl
 from tether.loop import TrainConfig
 from tether.models import count_parameters, load_model, load_tokenizer
@@ -183,7 +184,7 @@ class JudgeTrainConfig:
 
     def validate(self) -> None:
         if not self.model:
-            raise ValueError("--model is required (e.g. the pretrained tiny default of `tether pretrain`)")
+            raise ConfigError("--model is required (e.g. the pretrained tiny default of `tether pretrain`)")
         check_fields(self, "pairs eval_pairs", ge=1, integer=True)
         check("max_len", self.max_len, ge=2, integer=True)
         check("world_seed", self.world_seed, ge=0, le=SEED_MAX, integer=True)

@@ -63,7 +63,7 @@ class BoNConfig:
 
     def validate(self) -> None:
         if not self.model or not self.prompts:
-            raise ValueError("--model and --prompts are required")
+            raise ConfigError("--model and --prompts are required")
         check_fields(self, "n max_new_tokens gen_batch_size", ge=1, integer=True)
         check("limit", self.limit, ge=0, integer=True, note="0: all")
         check("temperature", self.temperature, gt=0)

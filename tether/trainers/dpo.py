@@ -54,6 +54,7 @@ from tether.data.collate import (
     pair_rows,
     prompt_ids,
 )
+from tether.errors import ConfigError
 from tether.loop import DataOrder, TrainConfig, autocast, resolve_device, train
 from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, sequence_logprobs, sft_nll, simpo_loss
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
@@ -97,21 +98,21 @@ class DPOConfig:
 
     def validate(self) -> None:
         if not self.model or not self.data:
-            raise ValueError("--model and --data are required")
+            raise ConfigError("--model and --data are required")
         if self.overflow not in OVERFLOW_CHOICES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
+            raise ConfigError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
         if self.loss not in DPO_LOSSES:
-            raise ValueError(f"loss must be one of {DPO_LOSSES}, got {self.loss!r}")
+            raise ConfigError(f"loss must be one of {DPO_LOSSES}, got {self.loss!r}")
         check("beta", self.beta, gt=0)
         check("simpo_gamma", self.simpo_gamma, ge=0)
         check("max_len", self.max_len, ge=2, integer=True)
         check("kl_prompts", self.kl_prompts, ge=0, integer=True, note="0: skip")
         check("kl_max_new_tokens", self.kl_max_new_tokens, ge=1, integer=True)
         if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing applies to the sigmoid (cDPO) and robust losses, not {self.loss!r}")
+            raise ConfigError(f"label_smoothing applies to the sigmoid (cDPO) and robust losses, not {self.loss!r}")
         check("label_smoothing", self.label_smoothing, ge=0, lt=0.5)
         if self.label_field and (self.loss != "sigmoid" or self.label_smoothing):
-            raise ValueError("label_field gives each pair its own ε: it needs --loss sigmoid and no --label-smoothing")
+            raise ConfigError("label_field gives each pair its own ε: it needs --loss sigmoid and no --label-smoothing")
         check("eval_fraction", self.eval_fraction, ge=0, lt=1)
         check("rpo_alpha", self.rpo_alpha, ge=0, note="0: off")
         self.lora.validate()

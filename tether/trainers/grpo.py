@@ -55,6 +55,7 @@ import torch
 from tether import distributed
 from tether.config import check, check_fields, group, opt, to_dict
 from tether.data import fingerprint, load_prompts
+from tether.errors import ConfigError
 from tether.generation import BACKENDS, make_backend
 from tether.loop import (
     DataOrder,
@@ -125,7 +126,7 @@ class GRPOConfig:
     def validate(self) -> None:
         _validate_common(self)
         if self.scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+            raise ConfigError(f"scale must be one of {SCALES}, got {self.scale!r}")
 
 
 @dataclass
@@ -152,20 +153,20 @@ class RLOOConfig:
     def validate(self) -> None:
         _validate_common(self)
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+            raise ConfigError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
 
 
 def _validate_common(cfg: GRPOConfig | RLOOConfig) -> None:
     s = cfg.sampling
     if not cfg.model or not cfg.prompts:
-        raise ValueError("--model and --prompts are required")
+        raise ConfigError("--model and --prompts are required")
     check("group_size", s.group_size, ge=2, integer=True, note="the baseline comes from the group")
     check_fields(s, "prompts_per_step max_new_tokens gen_batch_size eval_samples", ge=1, integer=True)
     check("temperature", s.temperature, gt=0)
     if s.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {s.backend!r}")
     if cfg.aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {cfg.aggregation!r}")
+        raise ConfigError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {cfg.aggregation!r}")
     check("clip_eps", cfg.clip_eps, gt=0, lt=1)
     if getattr(cfg, "clip_eps_high", None) is not None:
         check("clip_eps_high", cfg.clip_eps_high, gt=0, note="unset: --clip-eps")
@@ -174,12 +175,12 @@ def _validate_common(cfg: GRPOConfig | RLOOConfig) -> None:
     cfg.lora.validate()
     world = distributed.env().world_size
     if world > 1 and s.prompts_per_step % world:
-        raise ValueError(f"prompts_per_step ({s.prompts_per_step}) must be a multiple of the world size ({world}): "
+        raise ConfigError(f"prompts_per_step ({s.prompts_per_step}) must be a multiple of the world size ({world}): "
                          "each rank takes whole groups")
     if world > 1 and cfg.train.strategy != "ddp":
-        raise ValueError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
+        raise ConfigError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
     if cfg.train.grad_accum != 1:
-        raise ValueError("grad_accum does not apply to RL stages: each rollout batch is split into micro-batches "
+        raise ConfigError("grad_accum does not apply to RL stages: each rollout batch is split into micro-batches "
                          "of batch_size rows and accumulated into one step; set --batch-size instead")
     cfg.train.validate()
 

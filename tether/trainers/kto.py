@@ -75,9 +75,9 @@ class KTOConfig:
 
     def validate(self) -> None:
         if not self.model or not self.data:
-            raise ValueError("--model and --data are required")
+            raise ConfigError("--model and --data are required")
         if self.overflow not in OVERFLOW_CHOICES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
+            raise ConfigError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
         check_fields(self, "beta desirable_weight undesirable_weight", gt=0)
         check("max_len", self.max_len, ge=2, integer=True)
         check("kl_prompts", self.kl_prompts, ge=0, integer=True, note="0: skip")

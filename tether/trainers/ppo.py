@@ -52,6 +52,7 @@ from tether import distributed
 from tether.config import check, check_fields, group, opt, to_dict
 from tether.data import fingerprint, load_prompts, load_sft
 from tether.data.collate import encode_sft, nothing_left, pad
+from tether.errors import ConfigError
 from tether.generation import make_backend
 from tether.loop import (
     DataOrder,
@@ -147,13 +148,13 @@ class PPOConfig:
 
     def validate(self) -> None:
         if not self.model or not self.prompts:
-            raise ValueError("--model and --prompts are required")
+            raise ConfigError("--model and --prompts are required")
         if self.value not in VALUE_KINDS:
-            raise ValueError(f"value must be one of {VALUE_KINDS}, got {self.value!r}")
+            raise ConfigError(f"value must be one of {VALUE_KINDS}, got {self.value!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+            raise ConfigError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.reward_norm not in REWARD_NORMS:
-            raise ValueError(f"reward_norm must be one of {REWARD_NORMS}, got {self.reward_norm!r}")
+            raise ConfigError(f"reward_norm must be one of {REWARD_NORMS}, got {self.reward_norm!r}")
         check_fields(self, "eval_size rollout_batch epochs max_new_tokens", ge=1, integer=True)
         check("max_len", self.max_len, ge=2, integer=True)
         check("top_k", self.top_k, ge=0, integer=True, note="0: off")
@@ -168,16 +169,16 @@ class PPOConfig:
         self.lora.validate()
         self.train.validate()  # before the cross-field rules, which assume sane numbers
         if self.rollout_batch % self.mini_batch():
-            raise ValueError(f"rollout_batch ({self.rollout_batch}) must be a multiple of batch_size x grad_accum "
+            raise ConfigError(f"rollout_batch ({self.rollout_batch}) must be a multiple of batch_size x grad_accum "
                              f"({self.mini_batch()})")
         if self.ptx_coef and not self.ptx_data:
-            raise ValueError("ptx_coef needs --ptx-data")
+            raise ConfigError("ptx_coef needs --ptx-data")
         world = distributed.env().world_size
         if world > 1 and (self.rollout_batch % world or self.mini_batch() % world):
-            raise ValueError(f"under torchrun rollout_batch ({self.rollout_batch}) and batch_size x grad_accum "
+            raise ConfigError(f"under torchrun rollout_batch ({self.rollout_batch}) and batch_size x grad_accum "
                              f"({self.mini_batch()}) must be multiples of the world size ({world})")
         if world > 1 and self.train.strategy != "ddp":
-            raise ValueError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
+            raise ConfigError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
 
 
 # --- scoring a rollout --------------------------------------------------------------------
@@ -390,7 +391,8 @@ def critic_source(cfg: PPOConfig, reward: RewardFn | None = None) -> str | None:
     itself, an ensemble's first member (``member-0``: every member is an RM of the same backbone),
     or the first learned term of a weighted sum such as ``rm:DIR:1,format:0.2``; else (``gold``,
     verifiable terms, a ``reward`` object passed to :func:`run_ppo`) the policy, ``--model``.
-    The source is checked (not loaded) here, so a bad one stops the run before anything is written.
+    The source is checked (not loaded) here, so a bad one stops the run before anything is written;
+    so is one whose vocabulary is smaller than the policy's (it could not read the policy's tokens).
     """
     if cfg.value != "critic":
         return None
@@ -400,6 +402,18 @@ def critic_source(cfg: PPOConfig, reward: RewardFn | None = None) -> str | None:
         folders = [] if reward is not None else reward_model_folders(cfg.reward)
         source = str(folders[0]) if folders else cfg.model
     check_model_source(source)
+
+    def vocab(folder: str) -> int | None:
+        try:
+            return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # a hub name, or a config without one: transformers decides
+
+    critic_vocab, policy_vocab = vocab(source), vocab(cfg.model)
+    if critic_vocab is not None and policy_vocab is not None and critic_vocab < policy_vocab:
+        raise ConfigError(f"the critic would start from {source}, whose vocabulary ({critic_vocab} tokens) is smaller "
+                          f"than the policy's ({policy_vocab}); expected a model on the policy's tokenizer: pass "
+                          "--critic-model, or --value head")
     return source
 
 

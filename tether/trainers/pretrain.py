@@ -19,6 +19,7 @@ import torch
 from tether.config import check, group, opt, to_dict
 from tether.data import fingerprint, load_sft
 from tether.data.collate import Encoded, OverflowCount, encode_sft, nothing_left, pack
+from tether.errors import ConfigError
 from tether.loop import TrainConfig
 from tether.models import TinyConfig, build_tiny, count_parameters, load_model, load_tokenizer, train_tokenizer
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
@@ -45,12 +46,12 @@ class PretrainConfig:
 
     def validate(self) -> None:
         if not self.data:
-            raise ValueError("--data is required")
+            raise ConfigError("--data is required")
         check("eval_fraction", self.eval_fraction, ge=0, lt=1)
         check("max_len", self.max_len, ge=2, integer=True)
         self.tiny.validate()
         if self.model == "tiny" and self.max_len > self.tiny.max_positions:
-            raise ValueError(f"max_len={self.max_len} exceeds the tiny model's max_positions={self.tiny.max_positions}")
+            raise ConfigError(f"max_len={self.max_len} exceeds the tiny model's max_positions={self.tiny.max_positions}")
         self.train.validate()
 
 

@@ -24,6 +24,7 @@ from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, not
 from tether.instruments.rm_eval import rm_report
 from tether import distributed
 from tether.distributed import map_rows
+from tether.errors import ConfigError
 from tether.io import write_json
 from tether.loop import TrainConfig, train
 from tether.losses import bradley_terry_loss, reward_centering
@@ -65,11 +66,11 @@ class RMConfig:
 
     def validate(self) -> None:
         if not self.model or not self.data:
-            raise ValueError("--model and --data are required")
+            raise ConfigError("--model and --data are required")
         if self.overflow not in OVERFLOW_CHOICES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
+            raise ConfigError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+            raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         check("eval_fraction", self.eval_fraction, ge=0, lt=1)
         check("max_len", self.max_len, ge=2, integer=True)
         check("center_coef", self.center_coef, ge=0)

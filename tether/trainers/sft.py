@@ -19,6 +19,7 @@ from tether.data import fingerprint, load_sft
 from tether.data.collate import OVERFLOW_CHOICES, Encoded, encode_sft, nothing_left, pack, pad
 from tether.loop import TrainConfig, TrainResult, train
 from tether.distributed import map_rows
+from tether.errors import ConfigError
 from tether.losses import sequence_logprobs, sft_nll
 from tether.losses.lm import IGNORE_INDEX
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
@@ -45,9 +46,9 @@ class SFTConfig:
 
     def validate(self) -> None:
         if not self.model or not self.data:
-            raise ValueError("--model and --data are required")
+            raise ConfigError("--model and --data are required")
         if self.overflow not in OVERFLOW_CHOICES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
+            raise ConfigError(f"overflow must be one of {OVERFLOW_CHOICES}, got {self.overflow!r}")
         check("eval_fraction", self.eval_fraction, ge=0, lt=1)
         check("max_len", self.max_len, ge=2, integer=True)
         self.lora.validate()

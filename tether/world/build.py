@@ -72,12 +72,12 @@ class WorldConfig:
         kinds = self.flaw_kinds()
         unknown = [k for k in kinds if k not in SFT_FLAW_KINDS]
         if unknown:
-            raise ValueError(f"sft_flaw_kinds: unknown kind(s) {', '.join(map(repr, unknown))}; "
+            raise ConfigError(f"sft_flaw_kinds: unknown kind(s) {', '.join(map(repr, unknown))}; "
                              f"known: {', '.join(SFT_FLAW_KINDS)}")
         if len(set(kinds)) != len(kinds):
-            raise ValueError(f"sft_flaw_kinds: a kind is repeated in {self.sft_flaw_kinds!r}")
+            raise ConfigError(f"sft_flaw_kinds: a kind is repeated in {self.sft_flaw_kinds!r}")
         if not kinds and self.sft_flaw_rate:
-            raise ValueError("sft_flaw_kinds is empty but sft_flaw_rate is not 0")
+            raise ConfigError("sft_flaw_kinds is empty but sft_flaw_rate is not 0")
 
 
 @dataclass

@@ -87,6 +87,24 @@ def test_a_loss_that_blows_up_without_nan_stops_and_names_the_last_good_checkpoi
     assert not (tmp_path / "checkpoints" / "step-000004").exists()
 
 
+def test_a_checkpoint_found_bad_after_it_was_written_is_set_aside_and_not_named(tmp_path):
+    """GRPO confirms a checkpoint once its weights have sampled, before they score: when the scoring then fails,
+    the checkpoint this run just wrote holds the failing weights and must not be resumed from."""
+    from tether.loop import Checkpoints, build_optimizer
+
+    model = make_model()
+    c = TrainConfig(steps=8, keep_checkpoints=3, device="cpu")
+    optimizer = build_optimizer(model, c)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    ckpts = Checkpoints(tmp_path, c, {"train": {}})
+    for step in (2, 4):
+        ckpts.due(step)
+        ckpts.confirm(model, optimizer, scheduler)
+    err = ckpts.diverged("the policy's log-probabilities are not finite", 5, failed=4)
+    assert "step-000002; to go on from it" in str(err) and "diverged-step-000004" in str(err)
+    assert latest_checkpoint(tmp_path).name == "step-000002" and (tmp_path / "diverged-step-000004").is_dir()
+
+
 # --- non-finite weights -----------------------------------------------------------------------
 
 

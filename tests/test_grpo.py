@@ -309,7 +309,7 @@ def test_lora_uses_the_policy_without_adapters_as_the_reference(tiny_folder, pro
     (["--group-size", "1"], "--group-size must be an integer >= 2"),
     (["--clip-eps", "0"], "--clip-eps must be a number in (0, 1), got 0.0"),
     (["--beta", "-1"], "--beta must be a number >= 0"),
-    (["--grad-accum", "2"], "grad_accum does not apply"),
+    (["--grad-accum", "2"], "--grad-accum does not apply"),
     (["--inner-iters", "0"], "--inner-iters must be an integer >= 1"),
 ])
 def test_bad_grpo_options_are_errors(args, message):

@@ -20,7 +20,8 @@ TRAIN_BAD = [  # TrainConfig, shared by every stage that trains
     ("--min-lr-ratio", "7"), ("--min-lr-ratio", "nan"), ("--min-lr-ratio", "-0.1"),
     ("--keep-checkpoints", "-1"), ("--keep-checkpoints", "0"),
     ("--weight-decay", "nan"), ("--weight-decay", "-0.1"),
-    ("--steps", "0"), ("--batch-size", "0"), ("--seed", "-1"),
+    ("--steps", "0"), ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--seed", "4294967296"),
+    ("--divergence-factor", "nan"),
 ]
 LORA_BAD = [("--r", "-1"), ("--alpha", "nan"), ("--alpha", "0"), ("--dropout", "1"), ("--dropout", "nan")]
 
@@ -31,7 +32,8 @@ STAGE_BAD = {
     "sft": [("--eval-fraction", "nan"), ("--eval-fraction", "1"), ("--eval-fraction", "-0.5"), ("--max-len", "0"),
             *LORA_BAD],
     "rm": [("--eval-fraction", "inf"), ("--max-len", "1"), ("--center-coef", "nan"), ("--center-coef", "-1"),
-           ("--norm-prompts", "-1"), ("--norm-max-new-tokens", "0"), ("--ensemble", "0")],
+           ("--norm-prompts", "-1"), ("--norm-max-new-tokens", "0"), ("--norm-max-new-tokens", "256"),
+           ("--ensemble", "0")],
     "ppo": [("--rollout-batch", "0"), ("--clip-eps", "-0.2"), ("--clip-eps", "nan"), ("--lam", "3"), ("--lam", "nan"),
             ("--gamma", "1.5"), ("--top-p", "0"), ("--top-p", "nan"), ("--top-k", "-1"), ("--max-new-tokens", "0"),
             ("--kl-horizon", "0"), ("--kl-horizon", "nan"), ("--beta", "nan"), ("--beta", "-0.1"),
@@ -44,16 +46,18 @@ STAGE_BAD = {
             ("--kl-prompts", "-1"), ("--kl-max-new-tokens", "0"), ("--max-len", "0"), *LORA_BAD],
     "kto": [("--beta", "nan"), ("--desirable-weight", "0"), ("--undesirable-weight", "nan"),
             ("--eval-fraction", "nan"), ("--kl-prompts", "-1"), ("--kl-max-new-tokens", "0"), ("--max-len", "0"),
-            ("--batch-size", "1")],
+            ("--batch-size", "1"), *LORA_BAD],
     "grpo": [("--group-size", "1"), ("--prompts-per-step", "0"), ("--max-new-tokens", "0"), ("--temperature", "nan"),
              ("--temperature", "-1"), ("--gen-batch-size", "0"), ("--eval-samples", "0"), ("--clip-eps", "nan"),
              ("--clip-eps", "1"), ("--clip-eps-high", "nan"), ("--clip-eps-high", "0"), ("--beta", "-1"),
              ("--beta", "nan"), ("--inner-iters", "0"), *LORA_BAD],
     "rloo": [("--beta", "nan"), ("--clip-eps", "1.5"), ("--temperature", "0"), ("--group-size", "0"),
-             ("--inner-iters", "-1")],
+             ("--inner-iters", "-1"), ("--prompts-per-step", "-1"), ("--max-new-tokens", "0"),
+             ("--gen-batch-size", "0"), ("--eval-samples", "0"), *LORA_BAD],
     "bon": [("--n", "0"), ("--temperature", "nan"), ("--limit", "-1"), ("--max-new-tokens", "0"),
             ("--gen-batch-size", "0"), ("--seed", "-1"), ("--pool", "2")],
     "demo": [("--pretrain-steps", "0"), ("--sft-steps", "-1"), ("--rm-steps", "-1"), ("--ppo-steps", "-5"),
+             ("--dpo-steps", "-1"), ("--grpo-steps", "-1"),
              ("--instrument-prompts", "-1"), ("--eval-prompts", "0"), ("--sft-flaw-rate", "nan"),
              ("--sft-flaw-rate", "2"), ("--seed", "-1")],
     "eval": [("--prompts", "0"), ("--samples", "0"), ("--limit", "-1"), ("--probe-limit", "-1"),
@@ -61,17 +65,20 @@ STAGE_BAD = {
              ("--max-new-tokens", "0"), ("--seed", "-1")],
     "calibrate-beta": [("--betas", "nan"), ("--betas", "0.1,-1"), ("--betas", "0.1,x"), ("--kl-budget", "nan"),
                        ("--kl-budget", "0"), ("--sft", "0.5,0.6,0.2"), ("--sft", "nan,0.5,0.5"),
-                       ("--reward", "1,nan,0"), ("--reward", "1,2")],
+                       ("--reward", "1,nan,0"), ("--reward", "1,2"), ("--rollout-batch", "0"),
+                       ("--eval-prompts", "0"), ("--max-new-tokens", "-1")],
     "world export": [("--fact-fraction", "nan"), ("--fact-fraction", "1.5"), ("--eval-fraction", "0"),
                      ("--test-fraction", "1"), ("--pretrain-docs", "0"), ("--sft-train", "-1"), ("--feedback", "0"),
                      ("--sft-flaw-rate", "nan"), ("--rater-length-bias", "nan"), ("--feedback-threshold", "inf"),
-                     ("--seed", "-1")],
+                     ("--seed", "-1"), ("--sft-eval", "0"), ("--pref-train", "0"), ("--pref-test", "-1"),
+                     ("--rater-phrase-bias", "inf"), ("--rater-sycophancy-bias", "nan"), ("--rater-refusal-bias", "-inf")],
     "rlaif label": [("--samples", "3"), ("--samples", "0"), ("--temperature", "nan"), ("--min-confidence", "nan"),
                     ("--min-confidence", "0.5"), ("--limit", "-1"), ("--judge-max-len", "-1"), ("--batch-size", "0"),
                     ("--max-new-tokens", "0"), ("--timeout", "0"), ("--timeout", "nan"), ("--retries", "-1"),
-                    ("--backoff", "nan"), ("--top-logprobs", "0")],
+                    ("--backoff", "nan"), ("--top-logprobs", "0"), ("--top-logprobs", "21"), ("--seed", "-1")],
     "rlaif revise": [("--rounds", "0"), ("--temperature", "nan"), ("--reviser-temperature", "-1"),
-                     ("--max-new-tokens", "0"), ("--batch-size", "0"), ("--limit", "-1")],
+                     ("--max-new-tokens", "0"), ("--batch-size", "0"), ("--limit", "-1"), ("--seed", "-1"),
+                     ("--retries", "-1"), ("--backoff", "-1"), ("--timeout", "inf"), ("--top-logprobs", "0")],
     "rlaif train-judge": [("--pairs", "0"), ("--eval-pairs", "0"), ("--max-len", "0"), ("--world-seed", "-1")],
 }
 TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "kto", "grpo", "rloo", "rlaif train-judge")
@@ -135,6 +142,38 @@ def test_bad_numeric_option_is_refused(stage, option, value, tmp_path, nothing_r
         assert value in message or str(float(value)) in message  # says what it got
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_battery_covers_every_numeric_option_of_every_command():
+    """A new numeric option needs its bad values here (and a check in its config's validate())."""
+    from tether.calibrate import CalibrateConfig
+    from tether.config import _leaves, _unwrap_optional
+    from tether.demo import DemoConfig
+    from tether.instruments.evaluate import EvalConfig
+    from tether.rlaif.label import LabelConfig
+    from tether.rlaif.revise import ReviseConfig
+    from tether.rlaif.train_judge import JudgeTrainConfig
+    from tether.trainers.bon import BoNConfig
+    from tether.trainers.dpo import DPOConfig
+    from tether.trainers.grpo import GRPOConfig, RLOOConfig
+    from tether.trainers.kto import KTOConfig
+    from tether.trainers.ppo import PPOConfig
+    from tether.trainers.pretrain import PretrainConfig
+    from tether.trainers.reward import RMConfig
+    from tether.trainers.sft import SFTConfig
+    from tether.world import WorldConfig
+
+    commands = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+                "kto": KTOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "bon": BoNConfig, "demo": DemoConfig,
+                "eval": EvalConfig, "calibrate-beta": CalibrateConfig, "world export": WorldConfig,
+                "rlaif label": LabelConfig, "rlaif revise": ReviseConfig, "rlaif train-judge": JudgeTrainConfig}
+    tried: dict[str, set] = {}
+    for stage, option, _ in CASES:
+        tried.setdefault(stage.split(" --")[0], set()).add(option)
+    missing = [f"{stage} --{path[-1].replace('_', '-')}" for stage, cls in commands.items()
+               for path, _, kind in _leaves(cls) if _unwrap_optional(kind)[0] in (int, float)
+               and f"--{path[-1].replace('_', '-')}" not in tried.get(stage, set())]
+    assert not missing, missing
 
 
 def test_message_states_the_range(tmp_path, nothing_runs):

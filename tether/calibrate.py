@@ -207,14 +207,17 @@ def plot(points: list[Point], path: Path, closed_form: list[Point] | None = None
 
 def run_calibrate(cfg: CalibrateConfig) -> dict:
     """Measure every β, write ``frontier.json`` and ``frontier.png``, and return the summary."""
+    from tether.io import check_folder
+
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_folder(out)  # a file in the way is named before anything runs
     closed = None
     if cfg.method == "tabular":
         points, closed = tabular_frontier(cfg)
     else:
-        points = lm_frontier(cfg)
+        points = lm_frontier(cfg)  # each β's run is its own tether folder under out (created as it starts)
+    out.mkdir(parents=True, exist_ok=True)
     best = recommend(points, cfg.kl_budget)
     summary = {"config": asdict(cfg), "points": [asdict(p) for p in points],
                "closed_form": [asdict(p) for p in closed] if closed else None,

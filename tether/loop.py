@@ -75,7 +75,9 @@ class TrainConfig:
                                "static-cache decoding): the first steps pay the compilation (tens of seconds on a "
                                "CPU), later ones run fused kernels; the same results")
     divergence_factor: float = opt(10.0, "stop when the smoothed training loss climbs above its running best by more "
-                                         "than this many times the loss's own scale (tether.loop.LossGuard; 0: never)")
+                                         "than this many times the loss's own scale (tether.loop.LossGuard; 0: never; "
+                                         "supervised stages: an RL surrogate loss has no scale to judge, and RL stages "
+                                         "stop on non-finite losses, gradients and weights only)")
     allow_resume_changes: bool = opt(False, "with --resume: accept the safe changes to the options the checkpoint was "
                                             "written with (a lower lr, more steps, eval/save cadence, compile); "
                                             "any other change is refused either way")
@@ -99,7 +101,15 @@ class TrainConfig:
 
 class TrainingDiverged(TetherError, RuntimeError):
     """The loss, gradient or weights became NaN or infinite, or the loss blew up (:class:`LossGuard`);
-    the last good checkpoint is left in place and the message names it."""
+    the last good checkpoint is left in place and the message names it.
+
+    ``from_start`` (an RL update, raised inside it): whether it went wrong before the iteration's
+    first optimiser step, that is with the very weights the iteration started from.
+    """
+
+    def __init__(self, message: str, from_start: bool = True):
+        super().__init__(message)
+        self.from_start = from_start
 
 
 class LossGuard:
@@ -132,8 +142,9 @@ class LossGuard:
         self.smoothed: float | None = None
         self.best: float | None = None
         self.start: float | None = None
-        if state:
-            self.smoothed, self.best, self.start = state["smoothed"], state["best"], state["start"]
+        keys = ("smoothed", "best", "start")
+        if isinstance(state, dict) and all(isinstance(state.get(k), (int, float)) for k in keys):
+            self.smoothed, self.best, self.start = (float(state[k]) for k in keys)  # else: judged afresh
 
     def state(self) -> dict:
         return {"smoothed": self.smoothed, "best": self.best, "start": self.start}
@@ -489,18 +500,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
                 idx, name = key.split(".", 1)
                 state.setdefault(int(idx), {})[name] = v
         except (ValueError, AttributeError) as e:
-            raise _bad_checkpoint(path, "optimizer.safetensors", f"not an optimiser state tether wrote ({_short(e)})") from None
+            raise _bad_checkpoint(path, "optimizer.safetensors",
+                                  f"not an optimiser state tether wrote ({_short(e)})") from None
         _load_weights(path, model)
         try:
             optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         except (ValueError, KeyError, TypeError) as e:
-            raise _bad_checkpoint(path, "optimizer.safetensors", f"does not fit this model's optimiser (was it "
-                                                                 f"written with another --model or --lora?): {_short(e)}") from None
+            raise _bad_checkpoint(path, "optimizer.safetensors", "does not fit this model's optimiser (was it written "
+                                  f"with another --model or --lora?): {_short(e)}") from None
     try:
         scheduler.load_state_dict(meta["scheduler"])
         _set_rng_state(rng, meta["rng"])
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise _bad_checkpoint(path, "state.json", f"holds a scheduler or RNG state that cannot be restored ({_short(e)})") from None
+        raise _bad_checkpoint(path, "state.json",
+                              f"holds a scheduler or RNG state that cannot be restored ({_short(e)})") from None
     return meta["step"]
 
 
@@ -620,6 +633,7 @@ class Checkpoints:
     def __init__(self, folder: Path, cfg: TrainConfig, config: dict | None):
         self.folder, self.cfg, self.keep, self.config = folder, cfg, cfg.keep_checkpoints, config
         self.pending: dict | None = None
+        self.written: set[int] = set()  # the steps this process wrote (the only ones it may set aside)
 
     def due(self, step: int, extra: dict | None = None, loss_guard: dict | None = None) -> None:
         self.pending = {"step": step, "rng": _rng_state(), "extra": extra, "loss_guard": loss_guard}
@@ -629,48 +643,62 @@ class Checkpoints:
             p, self.pending = self.pending, None
             save_checkpoint(self.folder, p["step"], model, optimizer, scheduler, self.keep, p["extra"],
                             config=self.config, rng=p["rng"], loss_guard=p["loss_guard"])
+            self.written.add(p["step"])
 
     def write(self, step: int, model, optimizer, scheduler, extra: dict | None = None,
               loss_guard: dict | None = None) -> Path:
         self.pending = None
         if (bad := nonfinite_weights(_unwrap(model))) is not None:
             raise self.diverged(f"the weights after the update are not finite ({bad})", step)
-        return save_checkpoint(self.folder, step, model, optimizer, scheduler, self.keep, extra, config=self.config,
+        path = save_checkpoint(self.folder, step, model, optimizer, scheduler, self.keep, extra, config=self.config,
                                loss_guard=loss_guard)
+        self.written.add(step)
+        return path
 
     def diverged(self, what: str, step: int, failed: int | None = None) -> TrainingDiverged:
         """The error to raise when step ``step`` (1-based) went wrong; the pending checkpoint is dropped.
 
         ``failed``: the step of a checkpoint already written that holds the weights that went wrong
-        (a stage that confirms a checkpoint before every check of its weights has run); it is set
-        aside as ``diverged-step-NNNNNN``, where --resume does not look, and not named as good.
+        (a stage that confirms a checkpoint before every check of its weights has run); if this
+        process wrote it, it is set aside as ``diverged-step-NNNNNN``, where --resume does not look,
+        and not named as good.
         """
         self.pending = None
         note = ""
-        bad = self.folder / f"step-{failed:06d}" if failed is not None else None
-        if bad is not None and bad.is_dir():
+        bad = self.folder / f"step-{failed or 0:06d}"
+        if failed in self.written:  # the same on every rank (the newest checkpoint: never pruned)
             aside = self.folder / f"diverged-{bad.name}"
-            if distributed.env().main:
+            if distributed.env().main and bad.is_dir():
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(bad, aside)
             distributed.barrier()
             note = f" ({aside} holds the weights that failed, set aside)"
-        return diverged_error(what + note, step, self.folder, self.cfg)
+        elif failed is not None and bad.is_dir():
+            note = f" (with the weights of {bad}, which this run resumed from)"
+        return diverged_error(what + note, step, self.folder, self.cfg, before=failed)
 
 
-def diverged_error(what: str, step: int, ckpt_dir: Path, cfg: TrainConfig | None = None) -> TrainingDiverged:
+def diverged_error(what: str, step: int, ckpt_dir: Path, cfg: TrainConfig | None = None,
+                   before: int | None = None) -> TrainingDiverged:
     """A :class:`TrainingDiverged` for ``what`` at step ``step`` (1-based) naming the last checkpoint in
-    ``ckpt_dir`` and how to go on from it with a lower learning rate (a tenth of ``cfg.lr``)."""
+    ``ckpt_dir`` (of a step below ``before``, when given) and how to go on from it with a lower
+    learning rate (a tenth of ``cfg.lr``)."""
     try:
         last = latest_checkpoint(ckpt_dir)
     except CheckpointError:
         last = None
+    first = ""
+    if last is not None and before is not None and int(last.name[5:]) >= before:
+        first = f"move {last} out of {ckpt_dir}, then "
+        older = [p for p in ckpt_dir.glob("step-*")
+                 if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < before]
+        last = max(older, key=lambda p: int(p.name[5:])) if older else None
     lower = f"{cfg.lr / 10:g}" if cfg else "(a lower value)"
     clip = ("clip the gradient with --max-grad-norm 1" if cfg and not cfg.max_grad_norm
             else "clip harder with a smaller --max-grad-norm")
     if last is not None:
-        how = (f"The last good checkpoint is {last}; to go on from it with a lower learning rate, run the same "
-               f"command with --resume --allow-resume-changes --lr {lower}")
+        how = (f"The last good checkpoint is {last}; to go on from it with a lower learning rate, {first}run the "
+               f"same command with --resume --allow-resume-changes --lr {lower}")
     else:
         how = f"No checkpoint was written before it; start over with a lower learning rate: --overwrite --lr {lower}"
     return TrainingDiverged(f"{what} at step {step}; stopped. {how} (or {clip}).")

@@ -85,5 +85,9 @@ def answer_map(records: Iterable, field: str = "answer") -> dict[str, str]:
             continue
         answer = str(extra[field])
         if out.setdefault(prompt, answer) != answer:
-            raise ValueError(f"prompt {prompt!r} has two different answers: {out[prompt]!r} and {answer!r}")
+            from tether.data.records import DataError
+
+            raise DataError("the prompt records", None, field,
+                            f"prompt {prompt!r} has two different answers, {out[prompt]!r} and {answer!r}; "
+                            "expected one answer a prompt")
     return out

@@ -176,12 +176,13 @@ def _validate_common(cfg: GRPOConfig | RLOOConfig) -> None:
     world = distributed.env().world_size
     if world > 1 and s.prompts_per_step % world:
         raise ConfigError(f"prompts_per_step ({s.prompts_per_step}) must be a multiple of the world size ({world}): "
-                         "each rank takes whole groups")
+                          "each rank takes whole groups")
     if world > 1 and cfg.train.strategy != "ddp":
         raise ConfigError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
     if cfg.train.grad_accum != 1:
-        raise ConfigError("grad_accum does not apply to RL stages: each rollout batch is split into micro-batches "
-                         "of batch_size rows and accumulated into one step; set --batch-size instead")
+        raise ConfigError(f"--grad-accum does not apply to RL stages (got {cfg.train.grad_accum}; it must stay 1): "
+                          "each rollout batch is split into micro-batches of --batch-size rows and accumulated into "
+                          "one step; set --batch-size instead")
     cfg.train.validate()
 
 
@@ -315,7 +316,7 @@ def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | R
     chunks = micro_batches(scored.keep, cfg.train.batch_size)
     n_chunks = int(distributed.all_reduce(torch.tensor(len(chunks)), "max").item())
     chunks += [torch.zeros(1, dtype=torch.long, device=scored.keep.device)] * (n_chunks - len(chunks))  # weight 0
-    for _ in range(cfg.inner_iters):
+    for inner in range(cfg.inner_iters):
         for i, rows in enumerate(chunks):
             sub = batch.rows(rows.cpu()).to(device)
             weight = len(rows) / n_rows if cfg.aggregation != "token" else sub.mask.sum() / n_tokens
@@ -329,14 +330,14 @@ def update(model, optimizer, batch: Rollout, scored: Scored, cfg: GRPOConfig | R
             out = grpo_loss(logp, old, ref, scored.advantages[rows], sub.mask,
                             max_tokens=cfg.sampling.max_new_tokens, **args)
             if not torch.isfinite(out.loss) and world == 1:  # under torchrun the gradient norm stops every rank
-                raise TrainingDiverged(f"the loss is {out.loss.item()}")
+                raise TrainingDiverged(f"the loss is {out.loss.item()}", from_start=inner == 0)
             with distributed.accumulating(model, last=i == len(chunks) - 1):
                 (out.loss * (weight * world)).backward()
             for k, v in zip(("loss", "clip_fraction", "kl_k3"), out):
                 sums[k] += float(v.detach()) * float(weight) / cfg.inner_iters
         grad_norm = distributed.clip_grad_norm(model, cfg.train.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}")
+            raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}", from_start=inner == 0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sums = distributed.reduce_metrics(sums)
@@ -473,8 +474,8 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             t_score = time.perf_counter()
             try:
                 updated = update(training, optimizer, batch, scored, cfg)
-            except TrainingDiverged as err:
-                raise ckpts.diverged(str(err), step + 1) from None
+            except TrainingDiverged as err:  # before any step: the weights this iteration's checkpoint holds failed
+                raise ckpts.diverged(str(err), step + 1, failed=step if err.from_start else None) from None
             if (bad := nonfinite_weights(model)) is not None:
                 raise ckpts.diverged(f"the weights after the update are not finite ({bad})", step + 1)
             metrics = {**rollout_metrics(batch, scored, cfg), **updated, "train/lr": scheduler.get_last_lr()[0]}

@@ -170,13 +170,13 @@ class PPOConfig:
         self.train.validate()  # before the cross-field rules, which assume sane numbers
         if self.rollout_batch % self.mini_batch():
             raise ConfigError(f"rollout_batch ({self.rollout_batch}) must be a multiple of batch_size x grad_accum "
-                             f"({self.mini_batch()})")
+                              f"({self.mini_batch()})")
         if self.ptx_coef and not self.ptx_data:
             raise ConfigError("ptx_coef needs --ptx-data")
         world = distributed.env().world_size
         if world > 1 and (self.rollout_batch % world or self.mini_batch() % world):
             raise ConfigError(f"under torchrun rollout_batch ({self.rollout_batch}) and batch_size x grad_accum "
-                             f"({self.mini_batch()}) must be multiples of the world size ({world})")
+                              f"({self.mini_batch()}) must be multiples of the world size ({world})")
         if world > 1 and self.train.strategy != "ddp":
             raise ConfigError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
 
@@ -304,7 +304,7 @@ def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOCo
                     loss = loss + cfg.ptx_coef * ptx_loss / n_micro / world
                     stats["losses/ptx"] = stats.get("losses/ptx", 0.0) + ptx_loss.item() / n_micro / world
                 if not torch.isfinite(loss) and world == 1:  # under torchrun the gradient norm stops every rank
-                    raise TrainingDiverged(f"the PPO loss is {loss.item()}")
+                    raise TrainingDiverged(f"the PPO loss is {loss.item()}", from_start=steps == 0)
                 with distributed.accumulating(ac, last=m0 + micro >= mb):
                     (loss * world if world > 1 else loss).backward()
                 for k, v in {"losses/policy": pol.loss.item(), "losses/value": val.loss.item(),
@@ -314,7 +314,7 @@ def ppo_update(ac: ActorCritic, optimizer, batch: Rollout, s: Scored, cfg: PPOCo
             stats = distributed.reduce_metrics(stats)  # shares of the whole mini-batch: the sum is its figure
             grad_norm = distributed.clip_grad_norm(ac, cfg.train.max_grad_norm)
             if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}")
+                raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}", from_start=steps == 0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
@@ -513,8 +513,8 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
             t2 = time.perf_counter()
             try:
                 metrics.update(ppo_update(training, optimizer, batch, scored, cfg, it, ptx_batches))
-            except TrainingDiverged as err:
-                raise ckpts.diverged(str(err), it + 1) from None
+            except TrainingDiverged as err:  # before any step: the weights this iteration's checkpoint holds failed
+                raise ckpts.diverged(str(err), it + 1, failed=it if err.from_start else None) from None
             if (bad := nonfinite_weights(ac)) is not None:
                 raise ckpts.diverged(f"the weights after the update are not finite ({bad})", it + 1)
             scheduler.step()

@@ -76,6 +76,9 @@ class RMConfig:
         check("center_coef", self.center_coef, ge=0)
         check("norm_prompts", self.norm_prompts, ge=0, integer=True, note="0: no normalisation")
         check("norm_max_new_tokens", self.norm_max_new_tokens, ge=1, integer=True)
+        if self.norm_prompts and self.norm_max_new_tokens >= self.max_len:
+            raise ConfigError(f"--norm-max-new-tokens ({self.norm_max_new_tokens}) must be below --max-len "
+                              f"({self.max_len}): each normalisation sample follows its prompt within max_len")
         check("ensemble", self.ensemble, ge=1, integer=True)
         self.train.validate()
 

@@ -73,7 +73,7 @@ class WorldConfig:
         unknown = [k for k in kinds if k not in SFT_FLAW_KINDS]
         if unknown:
             raise ConfigError(f"sft_flaw_kinds: unknown kind(s) {', '.join(map(repr, unknown))}; "
-                             f"known: {', '.join(SFT_FLAW_KINDS)}")
+                              f"known: {', '.join(SFT_FLAW_KINDS)}")
         if len(set(kinds)) != len(kinds):
             raise ConfigError(f"sft_flaw_kinds: a kind is repeated in {self.sft_flaw_kinds!r}")
         if not kinds and self.sft_flaw_rate:

@@ -98,3 +98,12 @@ def test_calibrate_beta_with_short_ppo_trainings_keeps_large_beta_close(tmp_path
     points = json.loads((tmp_path / "cal" / "frontier.json").read_text())["points"]
     assert [p["beta"] for p in points] == [0.001, 30.0]
     assert points[0]["kl"] > points[1]["kl"]  # a strong tie to the reference keeps the policy near it
+
+
+def test_one_reward_option_serves_both_methods():
+    """--reward was declared twice (the tabular R(y) shadowed PPO's reward, so PPO got "1,0.5,-1" as a spec)."""
+    from tether.calibrate import CalibrateConfig
+
+    assert CalibrateConfig(method="ppo").reward_spec() == "gold"
+    assert CalibrateConfig(method="tabular").reward_spec() == "1,0.5,-1"
+    assert CalibrateConfig(method="ppo", reward="runs/rm").reward_spec() == "runs/rm"

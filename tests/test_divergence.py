@@ -31,8 +31,8 @@ def error_line(output: str) -> str:
 
 
 def saved_weights(out: Path) -> list[Path]:
-    """Every model file a run left: the model itself and each checkpoint's."""
-    return sorted(out.glob("model.safetensors")) + sorted(out.glob("checkpoints/*/model.safetensors"))
+    """Every model file a run left to be used: the model itself and each checkpoint's (not one set aside)."""
+    return sorted(out.glob("model.safetensors")) + sorted(out.glob("checkpoints/step-*/model.safetensors"))
 
 
 def all_finite(path: Path) -> bool:
@@ -117,7 +117,7 @@ def test_an_update_to_infinite_weights_is_an_error_and_nothing_non_finite_is_sav
     assert r.exit_code == 1, r.output
     line = error_line(r.output)
     assert "not finite" in line or "nan" in line
-    assert "No checkpoint was written" in line and "--lr 1e+38" in line
+    assert "No good checkpoint is left" in line and "--lr 1e+38" in line
     assert not (out / "tether.json").exists()
     assert saved_weights(out) == []
 
@@ -127,19 +127,22 @@ def test_weights_blown_to_huge_finite_values_are_never_named_as_a_good_checkpoin
     r = invoke("sft", "--model", tiny_folder, "--data", sft_file, "--out", out, "--steps", 5, "--lr", 1e20,
                "--max-grad-norm", 0, "--warmup-steps", 0, "--batch-size", 8, "--save-every", 1, "--eval-fraction", 0)
     assert r.exit_code == 1, r.output
-    assert "No checkpoint was written" in error_line(r.output)
+    assert "No good checkpoint is left" in error_line(r.output)
     for path in saved_weights(out):  # whatever is left holds weights that worked
         assert all(t.abs().max() < 1e3 for t in load_file(str(path)).values()), path
 
 
-def test_an_rl_update_to_infinite_weights_stops_before_any_save(tmp_path, tiny_folder):
+@pytest.mark.parametrize("lr", [1e39, 1e20])
+def test_an_rl_update_to_non_finite_or_huge_weights_leaves_no_checkpoint_of_them(tmp_path, tiny_folder, lr):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:"}) + "\n"
                                for a in range(4) for b in range(4)))
     cfg = GRPOConfig(model=str(tiny_folder), prompts=str(prompts), out=str(tmp_path / "grpo"))
     cfg.sampling.group_size, cfg.sampling.prompts_per_step, cfg.sampling.max_new_tokens = 4, 4, 8
-    cfg.train.lr, cfg.train.max_grad_norm, cfg.train.steps, cfg.train.save_every = 1e39, 0.0, 2, 1
-    with pytest.raises(TrainingDiverged, match="not finite.*at step 1.*No checkpoint was written"):
+    cfg.train.lr, cfg.train.max_grad_norm, cfg.train.steps, cfg.train.save_every = lr, 0.0, 3, 1
+    # 1e39: the first update makes the weights infinite; 1e20: huge but finite, and the next update's gradient
+    # is NaN, so the checkpoint written after the first (confirmed when its weights sampled) is set aside
+    with pytest.raises(TrainingDiverged, match="at step [12]; stopped. No good checkpoint is left"):
         run_grpo(cfg, digits)
     assert saved_weights(tmp_path / "grpo") == []
 

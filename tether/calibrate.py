@@ -39,16 +39,20 @@ class CalibrateConfig:
     kl_budget: float = opt(2.0, "largest acceptable KL(π‖π_ref) in nats; the best win-rate within it is recommended")
     model: str = opt("", "dpo/ppo: the SFT folder, both the policy's start and the reference")
     data: str = opt("", "dpo: preference data for the trainings; ppo: training prompts")
-    reward: str = opt("gold", "ppo: the reward trained against: gold or a reward-model folder (see tether.rewards)")
+    reward: str = opt("", "ppo: the reward trained against, gold or a reward-model folder (see tether.rewards; "
+                          "empty: gold); tabular: R(y) of each response (empty: 1,0.5,-1)")
     rollout_batch: int = opt(64, "ppo: prompts sampled per iteration (--steps counts iterations)")
     prompts: str = opt("", "dpo/ppo: held-out prompts (a file with a prompt field) for KL and win-rate")
     judge: str = opt("gold", "dpo/ppo: the win-rate judge: gold or a reward-model folder (see tether.rewards)")
     eval_prompts: int = opt(64, "dpo/ppo: held-out prompts sampled for each measurement")
     max_new_tokens: int = opt(48, "dpo/ppo: longest sampled response")
     sft: str = opt("0.5,0.3,0.2", "tabular: π_SFT over the responses")
-    reward: str = opt("1,0.5,-1", "tabular: R(y) of each response")
     out: str = opt("runs/calibrate", "output folder: frontier.json and frontier.png")
     train: TrainConfig = group(_short_training)
+
+    def reward_spec(self) -> str:
+        """``--reward`` as the method reads it (one option: the tabular R(y), or PPO's reward)."""
+        return self.reward or ("1,0.5,-1" if self.method == "tabular" else "gold")
 
     def beta_list(self) -> list[float]:
         return [float(b) for b in self.betas.split(",") if b.strip()]
@@ -62,12 +66,12 @@ class CalibrateConfig:
         check("kl_budget", self.kl_budget, gt=0)
         check_fields(self, "rollout_batch eval_prompts max_new_tokens", ge=1, integer=True)
         if self.method == "tabular":
-            sft, reward = _numbers("sft", self.sft), _numbers("reward", self.reward)
+            sft, reward = _numbers("sft", self.sft), _numbers("reward", self.reward_spec())
             if len(sft) < 2 or not all(math.isfinite(p) and p > 0 for p in sft) or abs(sum(sft) - 1) > 1e-6:
                 raise ConfigError(f"--sft must be two or more probabilities > 0 that sum to 1, got {self.sft!r}")
             if len(reward) != len(sft) or not all(math.isfinite(r) for r in reward):
                 raise ConfigError(f"--reward must be {len(sft)} finite numbers (one per response of --sft), "
-                                  f"got {self.reward!r}")
+                                  f"got {self.reward_spec()!r}")
         else:
             self.train.validate()
         if self.method != "tabular" and not (self.model and self.data and self.prompts):
@@ -120,7 +124,7 @@ def tabular_frontier(cfg: CalibrateConfig) -> tuple[list[Point], list[Point]]:
     from tether.tabular import TabularProblem, run_preference_exact
 
     pi_ref = np.array([float(v) for v in cfg.sft.split(",")])
-    rewards = np.array([float(v) for v in cfg.reward.split(",")])
+    rewards = np.array([float(v) for v in cfg.reward_spec().split(",")])
     problem = TabularProblem(pi_ref[None], rewards[None])
     measured, exact = [], []
     for beta in cfg.beta_list():
@@ -139,7 +143,7 @@ def train_at(cfg: CalibrateConfig, beta: float) -> Path:
     if cfg.method == "ppo":
         from tether.trainers.ppo import PPOConfig, run_ppo
 
-        return run_ppo(PPOConfig(model=cfg.model, prompts=cfg.data, reward=cfg.reward, beta=beta, out=out,
+        return run_ppo(PPOConfig(model=cfg.model, prompts=cfg.data, reward=cfg.reward_spec(), beta=beta, out=out,
                                  rollout_batch=cfg.rollout_batch, max_new_tokens=cfg.max_new_tokens, overwrite=True,
                                  train=replace(cfg.train, eval_every=0, save_every=0)))
     from tether.trainers.dpo import DPOConfig, run_dpo

@@ -700,7 +700,7 @@ def diverged_error(what: str, step: int, ckpt_dir: Path, cfg: TrainConfig | None
         how = (f"The last good checkpoint is {last}; to go on from it with a lower learning rate, {first}run the "
                f"same command with --resume --allow-resume-changes --lr {lower}")
     else:
-        how = f"No checkpoint was written before it; start over with a lower learning rate: --overwrite --lr {lower}"
+        how = f"No good checkpoint is left to go on from; start over with a lower learning rate: --overwrite --lr {lower}"
     return TrainingDiverged(f"{what} at step {step}; stopped. {how} (or {clip}).")
 
 

@@ -287,3 +287,29 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(reference, resum
 @pytest.mark.parametrize("stage, moment", _cases(KNOWN_METRICS_DEFECTS))
 def test_a_resumed_run_records_the_final_metrics_of_an_uninterrupted_one(reference, resumed, stage, moment):
     assert final_metrics(resumed(stage, moment)) == final_metrics(reference(stage))
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["after-checkpoint", "final-model", "final-meta"])
+def test_an_overwrite_killed_midway_leaves_the_old_run_and_the_next_overwrite_replaces_it(
+        server, reference, workdir, tiny_folder, moment):
+    """`--overwrite` writes the new run beside the old one and swaps it in at the end (tether.trainers.artifact):
+    killed before the swap, the old run is there byte for byte; the same command again replaces it."""
+    args = stage_args("sft", workdir, tiny_folder)
+    out, log = workdir / f"sft-overwrite-{moment}", workdir / f"sft-overwrite-{moment}.log"
+    assert server.run("none", 0, [*args, "--seed", "1"], out, log) == {"exit": 0}, _log(log)  # the old run
+    old = files(out)
+    when, n = MOMENTS[moment]
+    killed = server.run(when, n, [*args, "--overwrite"], out, log)
+    assert killed == {"signal": 9}, f"the run was not killed at {when} #{n}: {killed}\n{_log(log)}"
+    assert files(out) == old
+    answer = server.run("none", 0, [*args, "--overwrite"], out, log)
+    assert answer == {"exit": 0}, _log(log)
+    a, b = load_file(out / "model.safetensors"), load_file(reference("sft") / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b) and a.keys() == b.keys()
+    assert sorted(p.name for p in workdir.glob(f"{out.name}*")) == [out.name, f"{out.name}-cache",
+                                                                    f"{out.name}-kill.json"]  # no staging left

@@ -12,6 +12,8 @@ WHEN is one of MOMENTS:
     final-model        inside the N-th final model write: model.safetensors half written, then SIGKILL
     final-meta         the N-th final model is written, tether.json half written, then SIGKILL
     reference-cache    DPO / KTO: the N-th reference log-prob cache file (under ref_logps/) half written, then SIGKILL
+    metrics-line       the N-th line of metrics.jsonl half written, then SIGKILL (a kill -9 can cut a write
+                       that straddles a page boundary, and a full disk or a power cut does the same)
 
 Nothing in tether has a hook for this: the write functions are replaced by module attribute
 (every module that imported them by name, ``from x import f``, included) before the command runs.
@@ -38,7 +40,7 @@ import traceback
 from pathlib import Path
 
 MOMENTS = ("none", "after-checkpoint", "checkpoint-model", "checkpoint-state", "final-model", "final-meta",
-           "reference-cache")
+           "reference-cache", "metrics-line")
 
 
 NOTE = os.environ.get("KILL_RUNNER_NOTE", "")  # where to say what was cut just before the kill
@@ -107,7 +109,22 @@ def install(when: str, n: int) -> None:
     import tether.io
     import tether.loop
 
-    seen = {"checkpoints": [], "final_models": 0, "metas": 0, "caches": 0}
+    seen = {"checkpoints": [], "final_models": 0, "metas": 0, "caches": 0, "lines": 0}
+
+    if when == "metrics-line":
+        real_log = tether.loop.MetricsLog.log
+
+        def log(self, step, metrics):
+            seen["lines"] += 1
+            if seen["lines"] == n and getattr(self, "file", None) is not None:
+                line = json.dumps({"step": step, **metrics}) + "\n"
+                self.file.write(line[: len(line) // 2])
+                self.file.flush()
+                _die(when=when, file=self.path)
+            return real_log(self, step, metrics)
+
+        tether.loop.MetricsLog.log = log
+        return
 
     if when == "after-checkpoint":
         real_save_checkpoint = tether.loop.save_checkpoint

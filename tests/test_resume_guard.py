@@ -78,6 +78,20 @@ def test_a_lower_lr_needs_the_option_and_then_takes_effect(sft_run):
     assert r.exit_code == 1 and "--lr 0.0001 → 0.01" in error_line(r.output)
 
 
+def test_resuming_a_finished_run_records_the_same_final_metrics(sft_run):
+    out, args = sft_run
+
+    def final():
+        metrics = json.loads((out / "tether.json").read_text())["metrics"]
+        return {k: v for k, v in metrics.items() if not k.startswith(("time/", "perf/"))}
+
+    before = final()
+    assert "train/loss" in before
+    r = invoke(*args, "--resume")  # the last checkpoint is the final one: no step is trained
+    assert r.exit_code == 0, r.output
+    assert final() == before
+
+
 def test_a_checkpoint_from_before_configs_were_stored_resumes_as_it_did(sft_run):
     out, args = sft_run
     state = out / "checkpoints" / "step-000004" / "state.json"

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from tether import distributed
-from tether.config import SEED_MAX, check, check_fields, opt
+from tether.config import SEED_MAX, check, check_fields, opt, to_dict
 from tether.errors import CheckpointError, ConfigError, TetherError
 from tether.io import write_json
 
@@ -268,6 +268,19 @@ class DataOrder:
         return out
 
 
+def logged_until(path: Path, step: int) -> list[str]:
+    """The lines of a JSONL log (``metrics.jsonl``, ``samples.jsonl``) whose ``step`` is at most ``step``, for a
+    run resumed from checkpoint ``step``; none for ``step`` 0 (a run that starts over logs its step 0 again).
+    A last line cut short by a killed process is dropped."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    return [line for line in lines if step and json.loads(line)["step"] <= step]
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one line a step) and TensorBoard events under ``tb/``."""
 
@@ -276,9 +289,8 @@ class MetricsLog:
         self.main = distributed.env().main  # under torchrun rank 0 alone writes
         if not self.main:
             return
-        if self.path.exists():  # keep only what the resumed checkpoint had seen
-            lines = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in lines))
+        if self.path.exists():  # keep only what the resumed checkpoint had seen (nothing when starting over)
+            self.path.write_text("".join(l + "\n" for l in logged_until(self.path, resume_step)))
         self.file = open(self.path, "a", encoding="utf-8")
         from tensorboardX import SummaryWriter
 
@@ -522,6 +534,18 @@ def checkpoint_extra(path: Path) -> dict:
     return checkpoint_state(path).get("extra") or {}
 
 
+def with_metrics(extra: dict, train: dict[str, float], evaluated: dict[str, float]) -> dict:
+    """``extra`` with the last step's metrics (training and latest evaluation), for :func:`checkpoint_metrics`."""
+    return {**extra, "metrics": {"train": dict(train), "eval": dict(evaluated)}}
+
+
+def checkpoint_metrics(meta: dict, kind: str) -> dict[str, float]:
+    """The ``kind`` ("train" or "eval") metrics of the step a checkpoint's state ``meta`` was written after
+    ({} for a checkpoint without them, or none)."""
+    found = ((meta.get("extra") or {}).get("metrics") or {}).get(kind)
+    return dict(found) if isinstance(found, dict) else {}
+
+
 # --- resuming with other options ------------------------------------------------------------
 
 # Options that say how a run is driven, not what it learns: never compared on resume.
@@ -628,6 +652,8 @@ class Checkpoints:
     run that diverges in between never writes it, so the checkpoint a :class:`TrainingDiverged`
     names as the last good one is good. The final checkpoint is written at once (:meth:`write`),
     its weights checked finite. Each holds ``config``, the stage's whole config (see :func:`resume_from`).
+    The RL stages confirm once the next iteration has sampled (GRPO/RLOO) or sampled and scored
+    (PPO) with those weights; if its first update then fails, they pass ``failed`` to :meth:`diverged`.
     """
 
     def __init__(self, folder: Path, cfg: TrainConfig, config: dict | None):
@@ -760,17 +786,17 @@ def train(
     optimizer = build_optimizer(net.module, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     if run_config is None:
-        from tether.config import to_dict
-
         run_config = {"train": to_dict(cfg)}
     ckpts = Checkpoints(out_dir / "checkpoints", cfg, run_config)
     start, ckpt = resume_from(ckpts.folder, net.module, optimizer, scheduler, cfg, run_config) if resume else (0, None)
-    guard = LossGuard(cfg.divergence_factor, checkpoint_state(ckpt).get("loss_guard") if ckpt else None)
+    meta = checkpoint_state(ckpt) if ckpt else {}
+    guard = LossGuard(cfg.divergence_factor, meta.get("loss_guard"))
     order = DataOrder(n_examples, cfg.batch_size, cfg.seed)
     log = MetricsLog(out_dir, resume_step=start)
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, disable=not env.main)
-    train_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
+    # the last step's metrics travel in each checkpoint: resumed from the final one, the run trains no step
+    # and still returns (and its stage records) the metrics an uninterrupted run ends with
+    train_metrics, eval_metrics = checkpoint_metrics(meta, "train"), checkpoint_metrics(meta, "eval")
     t0 = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
@@ -825,9 +851,10 @@ def train(
                                          "update", done)
             log.log(done, {**train_metrics, **evaluated})
             if done == cfg.steps:  # the final weights: written now, if finite (save_checkpoint checks)
-                ckpts.write(done, net.module, optimizer, scheduler, loss_guard=guard.state())
+                ckpts.write(done, net.module, optimizer, scheduler, extra=with_metrics({}, train_metrics, eval_metrics),
+                            loss_guard=guard.state())
             elif cfg.save_every and done % cfg.save_every == 0:
-                ckpts.due(done, loss_guard=guard.state())
+                ckpts.due(done, extra=with_metrics({}, train_metrics, eval_metrics), loss_guard=guard.state())
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", **(
                 {"tok/s": f"{train_metrics['perf/tokens_per_s']:.0f}"} if "tokens" in sums else {}))

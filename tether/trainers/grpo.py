@@ -58,18 +58,21 @@ from tether.data import fingerprint, load_prompts
 from tether.errors import ConfigError
 from tether.generation import BACKENDS, make_backend
 from tether.loop import (
+    Checkpoints,
     DataOrder,
     MetricsLog,
-    Checkpoints,
     TrainConfig,
     TrainingDiverged,
     autocast,
     build_optimizer,
+    checkpoint_metrics,
+    checkpoint_state,
     compiled,
     lr_factor,
     nonfinite_weights,
     resolve_device,
     resume_from,
+    with_metrics,
 )
 from tether.losses import AGGREGATIONS, KL_ESTIMATORS, grpo_advantages, grpo_loss, kl_estimate, rloo_advantages
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
@@ -454,7 +457,7 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
     order = DataOrder(len(records), cfg.sampling.prompts_per_step, cfg.train.seed)
     eval_prompts = [r.prompt for r in eval_records]
     metrics_log = MetricsLog(out, resume_step=start)
-    metrics: dict[str, float] = {}
+    metrics = checkpoint_metrics(checkpoint_state(ckpt), "train") if ckpt is not None else {}  # see loop.train
     t0 = time.perf_counter()
     try:
         if start == 0 and eval_prompts:
@@ -493,9 +496,9 @@ def _run(cfg: GRPOConfig | RLOOConfig, stage: str, reward_fn: RewardFn | None) -
             log.info("iteration %d/%d: reward %.3f%s", done, cfg.train.steps, metrics["reward/mean"],
                      f", eval reward {metrics['eval/reward']:.3f}" if "eval/reward" in metrics else "")
             if done == cfg.train.steps:  # the final weights, checked finite, before write_artifact has them
-                ckpts.write(done, trained, optimizer, scheduler)
+                ckpts.write(done, trained, optimizer, scheduler, with_metrics({}, metrics, {}))
             elif cfg.train.save_every and done % cfg.train.save_every == 0:
-                ckpts.due(done)
+                ckpts.due(done, with_metrics({}, metrics, {}))
     finally:
         metrics_log.close()
     metrics["time/seconds"] = time.perf_counter() - t0

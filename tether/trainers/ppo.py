@@ -55,19 +55,23 @@ from tether.data.collate import encode_sft, nothing_left, pad
 from tether.errors import ConfigError
 from tether.generation import make_backend
 from tether.loop import (
+    Checkpoints,
     DataOrder,
     MetricsLog,
-    Checkpoints,
     TrainConfig,
     TrainingDiverged,
     autocast,
     build_optimizer,
-    compiled,
     checkpoint_extra,
+    checkpoint_metrics,
+    checkpoint_state,
+    compiled,
+    logged_until,
     lr_factor,
     nonfinite_weights,
     resolve_device,
     resume_from,
+    with_metrics,
 )
 from tether.losses import (
     KL_ESTIMATORS,
@@ -479,14 +483,13 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     metrics_log = MetricsLog(out, resume_step=start)
     samples_path = out / "samples.jsonl"  # every evaluation's samples; keep only what the checkpoint had seen
     if samples_path.exists() and distributed.env().main:
-        kept = [l for l in samples_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
-        samples_path.write_text("".join(l + "\n" for l in kept))
+        samples_path.write_text("".join(l + "\n" for l in logged_until(samples_path, start)))
     if eval_prompts and start == 0:  # the starting point of every curve: the policy before any update
         metrics_log.log(0, evaluate(policy, ref_logp_fn, tokenizer, eval_prompts, reward_fn, cfg, step=0,
                                     gold=eval_gold, device=device, samples_path=samples_path))
     bar = tqdm(total=cfg.train.steps, initial=start, desc="ppo", dynamic_ncols=True)
-    metrics: dict[str, float] = {}
-    evaluated: dict[str, float] = {}
+    saved = checkpoint_state(ckpt) if ckpt is not None else {}  # resumed from the final checkpoint: its metrics
+    metrics, evaluated = checkpoint_metrics(saved, "train"), checkpoint_metrics(saved, "eval")
     t_start = time.perf_counter()
     try:
         for it in range(start, cfg.train.steps):
@@ -550,7 +553,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
                                      gold=eval_gold, device=device, samples_path=samples_path)
             metrics_log.log(done, {**metrics, **evaluated})
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
-                extra = {"beta": beta}
+                extra = with_metrics({"beta": beta}, metrics, evaluated)
                 if ptx_batches is not None:
                     extra["ptx_position"] = ptx_batches.position
                 if done == cfg.train.steps:  # the final weights, checked finite, before write_artifact has them

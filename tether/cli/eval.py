@@ -21,10 +21,7 @@ def eval_command(cfg: EvalConfig) -> None:
     from tether.instruments.diagnose import diagnose_report, format_diagnosis
     from tether.instruments.evaluate import run_eval
 
-    try:
-        report = _run(run_eval, cfg)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from e
+    report = _run(run_eval, cfg)
     s = report["summary"]
     click.echo(f"KL(policy ‖ base) {s['kl_exact']:.3f} ± {s['kl_exact_stderr']:.3f} nats (exact; k1 {s['kl_k1']:.3f}, "
                f"k3 {s['kl_k3']:.3f}); win-rate {s['win_rate']:.3f} [{s['win_rate_interval'][0]:.3f}, "
@@ -44,10 +41,7 @@ def diagnose(run_dir: str, report_path: str | None, as_json: bool) -> None:
     from tether.instruments.diagnose import diagnose as run_diagnose
     from tether.instruments.diagnose import format_diagnosis
 
-    try:
-        found = run_diagnose(run_dir, report_path)
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    found = run_diagnose(run_dir, report_path)
     click.echo(json.dumps(found, indent=2) if as_json else format_diagnosis(found))
 
 

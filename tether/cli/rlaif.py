@@ -14,14 +14,8 @@ from tether.rlaif.train_judge import JudgeTrainConfig, run_train_judge
 
 
 def _run(fn, cfg):
-    """A stage's run, with a malformed constitution or a failed endpoint as a one-line error."""
-    from tether.rlaif.constitution import ConstitutionError
-    from tether.rlaif.http import HTTPError
-
-    try:
-        return stages._run(fn, cfg)
-    except (ConstitutionError, HTTPError) as e:
-        raise click.ClickException(str(e)) from e
+    """A stage's run (a malformed constitution or a failed endpoint is a TetherError: one line at tether.cli)."""
+    return stages._run(fn, cfg)
 
 
 def _summary(path) -> dict:
@@ -75,12 +69,9 @@ def train_judge(cfg: JudgeTrainConfig) -> None:
 @click.argument("path", default="default")
 def constitution(path: str) -> None:
     """Check a constitution file (or show the default) and list its principles."""
-    from tether.rlaif.constitution import ConstitutionError, load_constitution
+    from tether.rlaif.constitution import load_constitution
 
-    try:
-        c = load_constitution(path)
-    except ConstitutionError as e:
-        raise click.ClickException(str(e)) from e
+    c = load_constitution(path)
     click.echo(f"{c.name or c.source}: {len(c.principles)} principles (fingerprint {c.fingerprint()})")
     for p in c.principles:
         click.echo(f"  {p.id:<12} w={p.weight:g}  {p.question}" + ("" if p.critique and p.revision else "  [no revise requests]"))

@@ -23,19 +23,15 @@ def _setup_logging() -> None:
 
 
 def _run(fn, cfg):
-    """Run a stage, turning bad input into a one-line error instead of a traceback."""
+    """Run a stage with logging set up (an error becomes one line at the command group: tether.cli)."""
     from tether import distributed
-    from tether.data import DataError
 
     _setup_logging()
     if hasattr(cfg, "train"):  # under torchrun: join the world with the backend of the configured device
         distributed.setup(cfg.train.device)
         if not distributed.env().main:  # one rank speaks
             logging.getLogger().setLevel(logging.WARNING)
-    try:
-        return fn(cfg)
-    except (DataError, FileExistsError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+    return fn(cfg)
 
 
 @click.command()

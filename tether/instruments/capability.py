@@ -66,9 +66,15 @@ def read_gsm8k(path: str | Path, limit: int = 0) -> list[dict]:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            if not isinstance(rec.get("question"), str) or "####" not in str(rec.get("answer", "")):
-                raise ValueError(f"{path}:{line_no}: expected {{\"question\": str, \"answer\": \"... #### N\"}}")
+            from tether.data.records import DataError
+
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), line_no, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) \
+                    or "####" not in str(rec.get("answer", "")):
+                raise DataError(str(path), line_no, None, 'expected {"question": str, "answer": "... #### N"} (GSM8K)')
             rows.append({"prompt": format_prompt(rec["question"]), "answer": rec["answer"]})
             if limit and len(rows) >= limit:
                 break

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tether.config import SEED_MAX, check, check_fields, opt, to_dict
-from tether.errors import ConfigError
+from tether.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     policy = load_model(cfg.policy, device=cfg.device).eval()
     base = load_model(cfg.base, device=cfg.device).eval()
     if policy.config.vocab_size != base.config.vocab_size:
-        raise ValueError(f"policy and base vocabularies differ ({policy.config.vocab_size} vs "
-                         f"{base.config.vocab_size}): the KL needs one tokenizer")
+        raise ModelError(f"--policy {cfg.policy} and --base {cfg.base}: vocabularies differ "
+                         f"({policy.config.vocab_size} vs {base.config.vocab_size}); expected one tokenizer (the KL "
+                         "compares their token distributions)")
     prompts_file = Path(cfg.eval_prompts) if cfg.eval_prompts else (world / "prompts_test.jsonl" if world else None)
     if prompts_file is None or not prompts_file.exists():
         raise FileNotFoundError("tether eval needs held-out prompts: --eval-prompts FILE or --world DIR")
@@ -282,7 +283,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         fitting = [r for r in every if len(tok(r["prompt"])["input_ids"]) <= room]
         rows = fitting[: cfg.limit] if cfg.limit else fitting
         if not rows:
-            raise ValueError(f"--gsm8k {cfg.gsm8k}: no question fits the model's context of "
+            raise ConfigError(f"--gsm8k {cfg.gsm8k}: no question fits the model's context of "
                              f"{room + cfg.max_new_tokens} tokens with {cfg.max_new_tokens} new ones")
         cap["gsm8k"] = {"too_long_left_out": len(every) - len(fitting), "policy": capability.exact_match_eval(policy, tok, rows, max_new_tokens=cfg.max_new_tokens)[0],
                         "base": capability.exact_match_eval(base, tok, rows, max_new_tokens=cfg.max_new_tokens)[0],

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from tether.errors import ConfigError, ModelError
+
 JUDGE_TEMPLATE = ("\n\nHuman: Which answer to the question is better? Reply with A or B.\n"
                   "Question: {question}\nAnswer A: {first}\nAnswer B: {second}\n\nAssistant: The better answer is")
 
@@ -72,7 +74,7 @@ def option_margin(model, tokenizer, texts: Sequence[str], options: tuple[str, st
 
     ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     if not ids[0] or not ids[1] or ids[0] == ids[1]:
-        raise ValueError(f"the judge's tokenizer cannot tell {options[0]!r} from {options[1]!r}")
+        raise ModelError(f"the judge's tokenizer cannot tell {options[0]!r} from {options[1]!r}")
     pairs = [(prompt_ids(tokenizer, t), o) for t in texts for o in ids]  # (2N,) option k of text i at 2i + k
     ll = response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size).view(len(texts), 2)
     return ll[:, 0] - ll[:, 1]
@@ -110,7 +112,7 @@ def load_judge(spec: str, device: str = "cpu"):
         folders = [Path(x) for x in spec.removeprefix("ensemble:").split(",") if x]
         missing = [str(f) for f in folders if not f.exists()]
         if len(folders) < 2 or missing:
-            raise ValueError(f"judge {spec!r}: expected ensemble:DIR,DIR,... of at least two reward-model folders"
+            raise ConfigError(f"judge {spec!r}: expected ensemble:DIR,DIR,... of at least two reward-model folders"
                              + (f"; missing {missing}" if missing else ""))
         return ScoreJudge(EnsembleReward([LearnedReward.from_folder(f, device=device) for f in folders]), spec)
     if spec.startswith("llm:"):
@@ -120,4 +122,4 @@ def load_judge(spec: str, device: str = "cpu"):
         if not folder.exists():
             raise FileNotFoundError(f"judge {spec!r}: {folder} does not exist")
         return LLMJudge(load_model(folder, device=device), load_tokenizer(folder), spec)
-    raise ValueError(f"judge {spec!r}: expected gold, rm:DIR, ensemble:DIR,DIR,... or llm:DIR")
+    raise ConfigError(f"judge {spec!r}: expected gold, rm:DIR, ensemble:DIR,DIR,... or llm:DIR")

@@ -17,6 +17,22 @@ CORPUS = [
 ]
 
 
+def invoke(*args):
+    """The `tether` command in this process, every argument turned into a string."""
+    from click.testing import CliRunner
+
+    from tether.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_line(output: str) -> str:
+    """The one ``Error:`` line of a command's output (and no traceback)."""
+    lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """A saved tiny model (random weights) and its tokenizer, trained on a small arithmetic corpus."""

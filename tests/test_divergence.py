@@ -10,24 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from tether.cli import main
 from tether.loop import TrainConfig, TrainingDiverged, latest_checkpoint, train
 from tether.trainers.grpo import GRPOConfig, run_grpo
+from tests.conftest import error_line, invoke
 from tests.test_loop import X, collate, make_model, mse
 from tests.toy import digits
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in output, output
-    return lines[0]
 
 
 def saved_weights(out: Path) -> list[Path]:

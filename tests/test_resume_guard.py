@@ -9,22 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from tether.cli import main
 from tether.errors import CheckpointError
 from tether.loop import latest_checkpoint, train
+from tests.conftest import error_line, invoke
 from tests.test_loop import X, cfg, collate, make_model, mse
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in output, output
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -24,7 +24,7 @@ from tether.trainers.grpo import (
     score_batch,
     update,
 )
-from tests.toy import digits
+from tests.toy import digits, digits_failing_at
 
 PROMPTS = [f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:" for a in range(4) for b in range(4)]
 
@@ -200,16 +200,8 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_folder, promp
         return c
 
     whole = run(cfg_for("whole"), digits)
-    calls = []
-
-    def dies_in_iteration_3(prompts, responses):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return digits(prompts, responses)
-
     with pytest.raises(RuntimeError, match="killed"):
-        run(cfg_for("part"), dies_in_iteration_3)  # checkpoint at 2, then dies while scoring iteration 3
+        run(cfg_for("part"), digits_failing_at(3, RuntimeError("killed")))  # checkpoint at 2, then dies while scoring iteration 3
     resumed_calls = []
     part = run(cfg_for("part", resume=True), lambda p, r: resumed_calls.append(1) or digits(p, r))
     assert len(resumed_calls) == 2  # iterations 3 and 4 only: it continued from the checkpoint
@@ -258,16 +250,8 @@ def test_an_engine_with_its_own_weights_samples_the_checkpoint_after_resume(tiny
         return c
 
     whole = run(cfg_for("whole"), digits)
-    calls = []
-
-    def dies_in_iteration_3(prompts, responses):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return digits(prompts, responses)
-
     with pytest.raises(RuntimeError, match="killed"):
-        run(cfg_for("part"), dies_in_iteration_3)  # checkpoint at 2, then dies while scoring iteration 3
+        run(cfg_for("part"), digits_failing_at(3, RuntimeError("killed")))  # checkpoint at 2, then dies while scoring iteration 3
     checkpoint = load_file(str(tmp_path / "part" / "checkpoints" / "step-000002" / "model.safetensors"))
     part = run(cfg_for("part", resume=True), digits)
     first_after_resume = engines[-1].sampled_from[0]

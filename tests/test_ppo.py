@@ -23,7 +23,7 @@ from tether.trainers.ppo import (
 )
 from tether.loop import TrainConfig
 from tests.conftest import CORPUS
-from tests.toy import digits
+from tests.toy import digits, digits_failing_at
 
 T = torch.tensor
 
@@ -124,17 +124,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_folder, p
     full = run_ppo(_cfg(tmp_path, tiny_folder, prompts_file, "full", steps=4, save_every=1, kl_target=1.0),
                    reward=digits)
 
-    calls = {"n": 0}
-
-    def crashes_in_iteration_3(prompts, responses):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Crash
-        return digits(prompts, responses)
-
     cfg = _cfg(tmp_path, tiny_folder, prompts_file, "resumed", steps=4, save_every=1, kl_target=1.0)
     with pytest.raises(Crash):
-        run_ppo(cfg, reward=crashes_in_iteration_3)
+        run_ppo(cfg, reward=digits_failing_at(3, Crash()))
     cfg.resume = True
     resumed = run_ppo(cfg, reward=digits)
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
@@ -153,17 +145,9 @@ def test_ppo_ptx_resumes_exactly_when_early_stopping_cut_an_update_short(tmp_pat
     updates = [r["policy/updates"] for r in rows]
     assert any(r["policy/early_stop"] for r in rows[:2]) and min(updates[:2]) < 4  # 4: two epochs x two mini-batches
 
-    calls = {"n": 0}
-
-    def crashes_in_iteration_3(prompts, responses):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Crash
-        return digits(prompts, responses)
-
     cfg = _cfg(tmp_path, tiny_folder, prompts_file, "resumed", **kw)
     with pytest.raises(Crash):
-        run_ppo(cfg, reward=crashes_in_iteration_3)
+        run_ppo(cfg, reward=digits_failing_at(3, Crash()))
     cfg.resume = True
     resumed = run_ppo(cfg, reward=digits)
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))

@@ -8,9 +8,13 @@ because they change the distribution the KL to the reference is measured on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from tether.config import check, check_fields, opt
+from tether.errors import ConfigError
 
 
 @torch.no_grad()
@@ -150,6 +154,44 @@ def _cut_at_stop(tokenizer, response: list[int], stop_strings: Sequence[str]) ->
         if any(s in tokenizer.decode(response[:n], skip_special_tokens=True) for s in stop_strings):
             return response[:n], True
     return response, False  # unreachable: the whole response contains one
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled, one group for every stage that samples: PPO, GRPO, RLOO, best-of-N and
+    RLAIF (CLI options keep their leaf names: --max-new-tokens, --temperature, ...).
+
+    The KL estimates assume plain temperature sampling: log-probs are computed on the full softmax at
+    ``temperature``, so ``top_k`` / ``top_p`` (off by default) bias every KL figure. A model's own
+    ``generation_config`` is never read.
+    """
+
+    max_new_tokens: int = opt(48, "longest response in tokens (also L_max of the overlong reward)")
+    temperature: float = opt(1.0, "sampling temperature; log-probs are taken at the same temperature")
+    top_k: int = opt(0, "top-k sampling (0: off; it biases the KL estimate, off unless you insist)")
+    top_p: float = opt(1.0, "nucleus sampling (1: off; it biases the KL estimate, off unless you insist)")
+    stop_strings: str = opt("", "comma-separated strings that end a response (kept in it)")
+    gen_batch_size: int = opt(64, "sequences generated at once")
+    backend: str = opt("tether", "generation backend: tether (the policy's own batched sampler) | vllm "
+                                 "(pip install 'tether[vllm]', a GPU; weights synced after each update and on resume)")
+
+    def validate(self) -> None:
+        from tether.generation import BACKENDS
+
+        check_fields(self, "max_new_tokens gen_batch_size", ge=1, integer=True)
+        check("temperature", self.temperature, gt=0)
+        check("top_k", self.top_k, ge=0, integer=True, note="0: off")
+        check("top_p", self.top_p, gt=0, le=1, note="1: off")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def stops(self) -> list[str]:
+        return [s for s in self.stop_strings.split(",") if s]
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of :func:`rollout` these settings give."""
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, stop_strings=self.stops(), batch_size=self.gen_batch_size)
 
 
 def rollout(

@@ -293,13 +293,14 @@ def tether_run(a, clock: Clock) -> dict:
                 return bradley_terry_loss(r_w, r_l).loss, {}
         elif stage == "dpo":
             from tether.data.collate import encode_pairs, pad_pairs_labelled, pair_rows
-            from tether.trainers.dpo import DPOConfig, batched_logps, dpo_step
+            from tether.scoring import sequence_logprobs
+            from tether.trainers.dpo import DPOConfig, dpo_step
 
             rows, _ = encode_pairs([_Rec(prompt=p, chosen=c, rejected=r) for p, c, r in
                                     zip(d["prompt"], d["chosen"], d["rejected"])][:n_rows], tok, max_len)
-            batched_logps(model, pair_rows(rows[:B]), pad_id, 2 * B)  # untimed: TRL's warm-up steps hold its first
+            sequence_logprobs(model, pair_rows(rows[:B]), pad_id, batch_size=2 * B)  # untimed: TRL's warm-up steps hold its first
             t0, c0 = time.perf_counter(), time.process_time()  # the trainer's one reference pass, before training
-            ref_c, ref_r = batched_logps(model, pair_rows(rows), pad_id, 2 * B).chunk(2)
+            ref_c, ref_r = sequence_logprobs(model, pair_rows(rows), pad_id, batch_size=2 * B).chunk(2)
             extra = (time.perf_counter() - t0, time.process_time() - c0, a.warmup + a.steps)  # rows of every step
             dcfg = DPOConfig(model="bench", data="bench", loss="sigmoid", beta=0.1)
 
@@ -313,7 +314,7 @@ def tether_run(a, clock: Clock) -> dict:
         else:
             from tether.data.collate import encode_feedback, pad
             from tether.loop import DataOrder
-            from tether.trainers.dpo import batched_logps
+            from tether.scoring import sequence_logprobs
             from tether.trainers.kto import KTOConfig, kto_step, matched_rows, mismatched_rows
 
             rows, _ = encode_feedback([_Rec(prompt=p, completion=c, label=l) for p, c, l in
@@ -321,9 +322,9 @@ def tether_run(a, clock: Clock) -> dict:
             order = DataOrder(len(rows), B, 0)
             micro = [tuple(order.indices(k)) for k in range(a.warmup + a.steps)]
             kl_rows = [r for idx in micro for r in mismatched_rows([rows[i] for i in idx], max_len)]
-            batched_logps(model, matched_rows(rows[:B], max_len), pad_id, 2 * B)  # untimed, as for DPO
+            sequence_logprobs(model, matched_rows(rows[:B], max_len), pad_id, batch_size=2 * B)  # untimed, as for DPO
             t0, c0 = time.perf_counter(), time.process_time()
-            ref = batched_logps(model, matched_rows(rows, max_len) + kl_rows, pad_id, 2 * B)
+            ref = sequence_logprobs(model, matched_rows(rows, max_len) + kl_rows, pad_id, batch_size=2 * B)
             extra = (time.perf_counter() - t0, time.process_time() - c0, a.warmup + a.steps)  # rows of every step
             ref_m, ref_kl = ref[: len(rows)], ref[len(rows):]
             kcfg = KTOConfig(model="bench", data="bench", beta=0.1, train=TrainConfig(batch_size=B))

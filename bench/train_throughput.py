@@ -92,12 +92,13 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         n = len(pairs)
     elif stage == "dpo":
         from tether.data.collate import pad_pairs_labelled, pair_rows
-        from tether.trainers.dpo import DPOConfig, batched_logps, dpo_step
+        from tether.scoring import sequence_logprobs
+        from tether.trainers.dpo import DPOConfig, dpo_step
 
         pairs = [EncodedPair(rows[i].input_ids, rows[i + 1].input_ids, seq_len // 4) for i in range(0, len(rows), 2)]
         n = len(pairs)
         t0 = time.perf_counter()  # the reference pass the trainer makes once (here: the initial weights)
-        ref = batched_logps(model, pair_rows(pairs), 1, 2 * batch_size)  # (2N,)
+        ref = sequence_logprobs(model, pair_rows(pairs), 1, batch_size=2 * batch_size)  # (2N,)
         ref_rate = n / (time.perf_counter() - t0)
         ref_c, ref_r = ref.chunk(2)
         dcfg = DPOConfig(model="bench", data="bench", loss="sigmoid", beta=0.1)
@@ -111,7 +112,7 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
     elif stage == "kto":
         from tether.data.collate import EncodedFeedback
         from tether.loop import DataOrder
-        from tether.trainers.dpo import batched_logps
+        from tether.scoring import sequence_logprobs
         from tether.trainers.kto import KTOConfig, kto_step, matched_rows, mismatched_rows
 
         cut = seq_len // 4
@@ -124,7 +125,7 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         where = {idx: k * batch_size for k, idx in enumerate(micro)}
         kl_rows = [r for idx in micro for r in mismatched_rows([examples[i] for i in idx], seq_len)]
         t0 = time.perf_counter()
-        ref = batched_logps(model, matched_rows(examples, seq_len) + kl_rows, 1, 2 * batch_size)
+        ref = sequence_logprobs(model, matched_rows(examples, seq_len) + kl_rows, 1, batch_size=2 * batch_size)
         ref_rate = n / (time.perf_counter() - t0)
         ref_matched, ref_kl = ref[:n], ref[n:]
         kcfg = KTOConfig(model="bench", data="bench", beta=0.1, train=TrainConfig(batch_size=batch_size))

@@ -72,10 +72,11 @@ def grpo(model, data, out, strategy):
 
 
 def ppo(model, data, out, strategy):
+    from tether.rollout import SamplingConfig
     from tether.trainers.ppo import PPOConfig, run_ppo
 
     cfg = _train(PPOConfig(model=model, prompts=str(data / "prompts.jsonl"), eval_prompts=str(data / "eval_prompts.jsonl"),
-                           out=str(out), rollout_batch=4, epochs=2, max_new_tokens=8, kl_target=1.0, reward_norm="batch"),
+                           out=str(out), rollout_batch=4, epochs=2, sampling=SamplingConfig(max_new_tokens=8, gen_batch_size=32), kl_target=1.0, reward_norm="batch"),
                  steps=2, batch_size=2, lr=1e-3, warmup_steps=0, schedule="constant", strategy=strategy)
     run_ppo(cfg, digits)
 

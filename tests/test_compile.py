@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.rollout import SamplingConfig
 from tether.loop import TrainConfig
 from tether.trainers.grpo import GRPOConfig, run_grpo
 from tether.trainers.ppo import PPOConfig, run_ppo
@@ -78,12 +79,13 @@ def test_compiled_ppo_iteration_is_the_same_update(tiny_folder, prompt_file, tmp
         train = TrainConfig(steps=1, batch_size=4, lr=3e-3, warmup_steps=0, schedule="constant", eval_every=0,
                             save_every=0, compile=flag)
         cfg = PPOConfig(model=str(tiny_folder), prompts=str(prompt_file), out=str(tmp_path / name),
-                        max_new_tokens=8, rollout_batch=8, epochs=2, beta=0.05, value="head", train=train)
+                        sampling=SamplingConfig(max_new_tokens=8, gen_batch_size=32), rollout_batch=8, epochs=2,
+                        beta=0.05, value="head", train=train)
         before = len(compiles)
         runs[name] = run_ppo(cfg, reward=digits)
     assert before == 0 < len(compiles)  # only the compiled run went through torch.compile
     assert_same_weights(runs["eager"], runs["compiled"])
-    losses = [json.loads((runs[n] / "metrics.jsonl").read_text().splitlines()[-1])["losses/policy"] for n in runs]
+    losses = [json.loads((runs[n] / "metrics.jsonl").read_text().splitlines()[-1])["loss/policy"] for n in runs]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3, abs=1e-6)
 
 

@@ -29,7 +29,7 @@ from .conftest import CORPUS
 RTOL = 1e-5
 STAGES = ["sft_ddp", "sft_fsdp2", "rm_ddp", "dpo_ddp", "dpo_fsdp2", "kto_fsdp2", "grpo_ddp"]
 COMPARED = ("train/loss", "train/grad_norm", "eval/loss", "eval/accuracy", "eval/reward", "eval/reward_margin",
-            "reward/mean", "objective/kl", "losses/policy")
+            "reward/mean", "kl/k1", "loss/policy")
 
 
 def _write_data(folder: Path) -> None:
@@ -109,8 +109,8 @@ def test_grpo_reward_and_kl_are_global_not_one_ranks(runs):
     w1, w2, _ = runs
     rows = [json.loads(l) for l in (w2 / "grpo_ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert all("reward/mean" in r and "objective/kl" in r for r in rows[1:])
-    assert rows[-1]["objective/kl"] > 0  # the policy moved away from the reference
+    assert all("reward/mean" in r and "kl/k1" in r for r in rows[1:])
+    assert rows[-1]["kl/k1"] > 0  # the policy moved away from the reference
 
 
 @pytest.mark.slow
@@ -120,8 +120,8 @@ def test_ppo_runs_under_torchrun_with_global_statistics_and_one_writer(runs):
     _, w2, data = runs
     rows = [json.loads(l) for l in (w2 / "ppo_ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert all({"objective/kl_k1", "objective/beta", "losses/value"} <= r.keys() for r in rows[1:])
-    assert rows[-1]["objective/beta"] != 0.05  # the adaptive controller moved β on the all-reduced KL
+    assert all({"kl/k1", "kl/beta", "loss/value"} <= r.keys() for r in rows[1:])
+    assert rows[-1]["kl/beta"] != 0.05  # the adaptive controller moved β on the all-reduced KL
     samples = [json.loads(l) for l in (w2 / "ppo_ddp" / "samples.jsonl").read_text().splitlines()]
     eval_prompts = [json.loads(l)["prompt"] for l in (data / "eval_prompts.jsonl").read_text().splitlines()]
     assert sorted(s["prompt"] for s in samples if s["step"] == 0) == sorted(eval_prompts)  # 2 ranks, 4 prompts, once each

@@ -76,11 +76,11 @@ def test_eval_errors_are_one_line(world_models):
 
 
 def test_llm_judge_asked_in_both_orders_cannot_prefer_identical_answers(world_models):
-    from tether.instruments.judges import LLMJudge
+    from tether.rlaif.judge import LMJudge
     from tether.models import load_model, load_tokenizer
 
     _, base, _ = world_models
-    judge = LLMJudge(load_model(base), load_tokenizer(base))
+    judge = LMJudge(load_model(base), load_tokenizer(base))  # the one LLM judge, called as `tether eval`'s
     prompts = ["\n\nHuman: What is 2 plus 2?\n\nAssistant:"] * 3
     same = judge(prompts, [" 4", " five", " no"], [" 4", " five", " no"])
     assert same.outcome.tolist() == [0.5, 0.5, 0.5]  # whatever its position bias, the orders cancel

@@ -203,7 +203,7 @@ def test_each_symptom_is_named_and_a_healthy_run_is_called_healthy(change, sympt
 
 
 def test_metrics_rules_negative_k1_and_gold_falling():
-    metrics = [{"step": i, "objective/kl_k1": -0.1 if i % 4 else 0.2} for i in range(1, 9)]
+    metrics = [{"step": i, "kl/k1": -0.1 if i % 4 else 0.2} for i in range(1, 9)]
     metrics += [{"step": 10 * i, "eval/gold": g, "eval/reward": float(i)} for i, g in enumerate([0.5, 0.8, 0.9, 0.8, 0.3, 0.2])]
     found = diagnose_report({"summary": HEALTHY}, metrics)
     assert {f["symptom"] for f in found["findings"]} == {"persistently negative k1 KL", "gold falls while proxy rises"}

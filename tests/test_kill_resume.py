@@ -211,7 +211,7 @@ def model_files(out: Path) -> list[Path]:
 
 def metric_lines(out: Path) -> list[dict]:
     """metrics.jsonl without the timings (of every member of an ensemble)."""
-    timing = ("time/", "perf/", "charts/samples_per_s")
+    timing = ("time/", "perf/", "perf/samples_per_s")
     files = sorted(out.glob("member-*/metrics.jsonl")) or [out / "metrics.jsonl"]
     return [{k: v for k, v in json.loads(line).items() if not k.startswith(timing)}
             for f in files for line in f.read_text().splitlines() if line.strip()]
@@ -220,7 +220,7 @@ def metric_lines(out: Path) -> list[dict]:
 def final_metrics(out: Path) -> dict[str, dict]:
     """The final metrics tether.json records (of the ensemble and of each member), timings aside, and
     whether DPO's reference log-probs came from the cache (a resumed run finds the killed one's)."""
-    timing = ("time/", "perf/", "charts/samples_per_s", "ref/cache_hit")
+    timing = ("time/", "perf/", "perf/samples_per_s", "ref/cache_hit")
 
     def strip(d: dict) -> dict:
         return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if not k.startswith(timing)}

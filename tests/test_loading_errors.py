@@ -471,7 +471,7 @@ def test_a_damaged_reference_cache_is_recomputed_and_replaced(tmp_path, tiny_fol
     from tether.data.collate import Encoded
     from tether.loop import TrainConfig
     from tether.models import load_tokenizer
-    from tether.trainers.dpo import reference_logps
+    from tether.scoring import cached_reference
 
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
     tokenizer = load_tokenizer(tiny_folder)
@@ -480,7 +480,8 @@ def test_a_damaged_reference_cache_is_recomputed_and_replaced(tmp_path, tiny_fol
         ids = tokenizer(p + c)["input_ids"]
         rows.append(Encoded(ids, [-100] * 3 + ids[3:]))
     cfg = TrainConfig(batch_size=4)
-    first, hit = reference_logps(str(tiny_folder), rows, tokenizer.pad_token_id, cfg)
+    first, hit = cached_reference(str(tiny_folder), rows, tokenizer.pad_token_id, cfg)
+    first = first.cached
     assert not hit and first.shape == (6,)
     (path,) = (tmp_path / "cache" / "ref_logps").iterdir()
     data = path.read_bytes()
@@ -494,11 +495,12 @@ def test_a_damaged_reference_cache_is_recomputed_and_replaced(tmp_path, tiny_fol
         save_file({"logps": torch.zeros(3)}, str(path))
     else:
         save_file({"logps": torch.full((6,), float("nan"))}, str(path))
-    with caplog.at_level("WARNING", logger="tether.dpo"):
-        again, hit = reference_logps(str(tiny_folder), rows, tokenizer.pad_token_id, cfg)
+    with caplog.at_level("WARNING", logger="tether.scoring"):
+        again, hit = cached_reference(str(tiny_folder), rows, tokenizer.pad_token_id, cfg)
+    again = again.cached
     assert not hit and torch.equal(again, first)
     assert any("is unusable" in r.message and "recomputing" in r.message for r in caplog.records)
     assert torch.equal(load_file(str(path))["logps"], first)  # replaced by a good one
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
-    third, hit = reference_logps(str(tiny_folder), rows, tokenizer.pad_token_id, cfg)
-    assert hit and torch.equal(third, first)
+    third, hit = cached_reference(str(tiny_folder), rows, tokenizer.pad_token_id, cfg)
+    assert hit and third.kind == "cache" and torch.equal(third.cached, first)

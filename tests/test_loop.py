@@ -24,8 +24,8 @@ def collate(idx):
 
 
 def mse(model, batch):
-    loss = ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
-    return loss, {}
+    """The squared error summed over the micro-batch's rows (the loop divides by the step's rows)."""
+    return {"rows": ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).sum()}, {}
 
 
 def cfg(**kw) -> TrainConfig:
@@ -78,9 +78,9 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path):
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     def nan_at_step_5(model, batch):
-        loss, m = mse(model, batch)
+        terms, m = mse(model, batch)
         nan_at_step_5.calls += 1
-        return (loss * math.nan if nan_at_step_5.calls == 5 else loss), m
+        return ({"rows": terms["rows"] * math.nan} if nan_at_step_5.calls == 5 else terms), m
 
     nan_at_step_5.calls = 0
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*step-000003"):
@@ -103,7 +103,7 @@ def test_gradient_accumulation_matches_a_large_batch(tmp_path):
 
 def test_training_reduces_the_loss(tmp_path):
     model = make_model()
-    before = mse(model, collate(list(range(64))))[0].item()
+    before = mse(model, collate(list(range(64))))[0]["rows"].item()
     train(model, len(X), collate, mse, cfg(steps=60, lr=3e-2, save_every=0), tmp_path)
     model.eval()
-    assert mse(model, collate(list(range(64))))[0].item() < 0.2 * before
+    assert mse(model, collate(list(range(64))))[0]["rows"].item() < 0.2 * before

@@ -55,7 +55,8 @@ STAGE_BAD = {
              ("--inner-iters", "-1"), ("--prompts-per-step", "-1"), ("--max-new-tokens", "0"),
              ("--gen-batch-size", "0"), ("--eval-samples", "0"), *LORA_BAD],
     "bon": [("--n", "0"), ("--temperature", "nan"), ("--limit", "-1"), ("--max-new-tokens", "0"),
-            ("--gen-batch-size", "0"), ("--seed", "-1"), ("--pool", "2")],
+            ("--gen-batch-size", "0"), ("--seed", "-1"), ("--pool", "2"), ("--top-k", "-1"), ("--top-p", "nan"),
+            ("--temperature", "0")],
     "demo": [("--pretrain-steps", "0"), ("--sft-steps", "-1"), ("--rm-steps", "-1"), ("--ppo-steps", "-5"),
              ("--dpo-steps", "-1"), ("--grpo-steps", "-1"),
              ("--instrument-prompts", "-1"), ("--eval-prompts", "0"), ("--sft-flaw-rate", "nan"),
@@ -75,10 +76,12 @@ STAGE_BAD = {
     "rlaif label": [("--samples", "3"), ("--samples", "0"), ("--temperature", "nan"), ("--min-confidence", "nan"),
                     ("--min-confidence", "0.5"), ("--limit", "-1"), ("--judge-max-len", "-1"), ("--batch-size", "0"),
                     ("--max-new-tokens", "0"), ("--timeout", "0"), ("--timeout", "nan"), ("--retries", "-1"),
-                    ("--backoff", "nan"), ("--top-logprobs", "0"), ("--top-logprobs", "21"), ("--seed", "-1")],
+                    ("--backoff", "nan"), ("--top-logprobs", "0"), ("--top-logprobs", "21"), ("--seed", "-1"),
+                    ("--temperature", "0"), ("--top-p", "0"), ("--top-k", "-1"), ("--gen-batch-size", "0")],
     "rlaif revise": [("--rounds", "0"), ("--temperature", "nan"), ("--reviser-temperature", "-1"),
                      ("--max-new-tokens", "0"), ("--batch-size", "0"), ("--limit", "-1"), ("--seed", "-1"),
-                     ("--retries", "-1"), ("--backoff", "-1"), ("--timeout", "inf"), ("--top-logprobs", "0")],
+                     ("--retries", "-1"), ("--backoff", "-1"), ("--timeout", "inf"), ("--top-logprobs", "0"),
+                     ("--temperature", "-1"), ("--top-p", "1.5"), ("--top-k", "-1"), ("--gen-batch-size", "0")],
     "rlaif train-judge": [("--pairs", "0"), ("--eval-pairs", "0"), ("--max-len", "0"), ("--world-seed", "-1")],
 }
 TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "kto", "grpo", "rloo", "rlaif train-judge")
@@ -200,10 +203,12 @@ def test_a_yaml_config_is_checked_the_same_way(tmp_path, nothing_runs):
 
 def test_good_values_at_the_edges_are_accepted():
     """The bounds themselves, where they are allowed, pass: 0 where 0 means off, 1 where 1 means off."""
+    from tether.rollout import SamplingConfig
     from tether.trainers.grpo import GRPOConfig
     from tether.trainers.ppo import PPOConfig
 
-    cfg = PPOConfig(model="m", prompts="p", top_p=1.0, lam=0.0, gamma=1.0, beta=0.0, top_k=0, reward_clip=0.0)
+    cfg = PPOConfig(model="m", prompts="p", sampling=SamplingConfig(top_p=1.0, top_k=0), lam=0.0, gamma=1.0, beta=0.0,
+                    reward_clip=0.0)
     cfg.train.max_grad_norm, cfg.train.min_lr_ratio, cfg.train.warmup_steps, cfg.train.save_every = 0.0, 1.0, 0, 0
     cfg.validate()
     GRPOConfig(model="m", prompts="p", beta=0.0, clip_eps_high=0.28).validate()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.rollout import SamplingConfig
 from tether.losses import adaptive_kl_coef
 from tether.trainers.ppo import (
     PPOConfig,
@@ -85,7 +86,8 @@ def _cfg(tmp_path, tiny_folder, prompts_file, name="ppo", **kw) -> PPOConfig:
     train = TrainConfig(steps=kw.pop("steps", 4), batch_size=4, lr=kw.pop("lr", 3e-3), warmup_steps=0,
                         schedule="constant", eval_every=0, save_every=kw.pop("save_every", 0), seed=0)
     kw = {"rollout_batch": 8, "epochs": 2, **kw}
-    return PPOConfig(model=str(tiny_folder), prompts=str(prompts_file), out=str(tmp_path / name), max_new_tokens=12,
+    return PPOConfig(model=str(tiny_folder), prompts=str(prompts_file), out=str(tmp_path / name),
+                     sampling=SamplingConfig(max_new_tokens=12, gen_batch_size=32),
                      beta=0.05, no_eos_penalty=0.0, train=train, **kw)
 
 
@@ -98,12 +100,12 @@ def test_ppo_raises_the_reward_and_writes_a_loadable_policy(tmp_path, tiny_folde
     assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)
     rows = rows[1:]
     first, last = rows[0], rows[-1]
-    assert first["objective/kl_k1"] == pytest.approx(0.0, abs=1e-5)  # π = π_ref before any update
+    assert first["kl/k1"] == pytest.approx(0.0, abs=1e-5)  # π = π_ref before any update
     # the share of digits roughly doubles (≈ 0.1 → 0.25 on this seed)
-    assert sum(r["objective/reward"] for r in rows[-3:]) / 3 > sum(r["objective/reward"] for r in rows[:3]) / 3 + 0.06
-    assert last["objective/kl_k1"] > 0
-    for key in ("objective/kl_k2", "objective/kl_k3", "objective/entropy", "policy/clip_fraction", "losses/value",
-                "value/explained_variance", "policy/approx_kl", "rollout/length", "objective/beta", "eval/kl"):
+    assert sum(r["reward/mean"] for r in rows[-3:]) / 3 > sum(r["reward/mean"] for r in rows[:3]) / 3 + 0.06
+    assert last["kl/k1"] > 0
+    for key in ("kl/k2", "kl/k3", "objective/entropy", "policy/clip_fraction", "loss/value",
+                "value/explained_variance", "policy/approx_kl", "rollout/length", "kl/beta", "eval/kl"):
         assert key in last
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +115,7 @@ def test_ppo_raises_the_reward_and_writes_a_loadable_policy(tmp_path, tiny_folde
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 16 and {"step", "prompt", "response", "reward", "kl"} <= set(samples[0])
     meta = json.loads((out / "tether.json").read_text())
-    assert meta["stage"] == "ppo" and "objective/reward" in meta["metrics"]
+    assert meta["stage"] == "ppo" and "reward/mean" in meta["metrics"]
 
 
 class Crash(RuntimeError):
@@ -131,7 +133,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_folder, p
     resumed = run_ppo(cfg, reward=digits)
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    beta = [json.loads(line)["objective/beta"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    beta = [json.loads(line)["kl/beta"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert len(beta) == 4 and len(set(beta)) > 1  # the adaptive β moved, and was restored on resume
 
 
@@ -153,21 +155,21 @@ def test_ppo_ptx_resumes_exactly_when_early_stopping_cut_an_update_short(tmp_pat
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["losses/ptx"] for r in again] == [r["losses/ptx"] for r in rows]  # the same ptx batches
+    assert [r["loss/ptx"] for r in again] == [r["loss/ptx"] for r in rows]  # the same ptx batches
 
 
 def test_value_head_lora_and_ptx_variants_run(tmp_path, tiny_folder, prompts_file, sft_file):
     out = run_ppo(_cfg(tmp_path, tiny_folder, prompts_file, "head", steps=2, value="head", ptx_data=str(sft_file),
                        ptx_coef=0.5), reward=digits)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["losses/ptx"] > 0
-    assert rows[0]["objective/kl_k1"] == pytest.approx(0.0, abs=1e-5) and rows[-1]["objective/kl_k1"] != 0
+    assert rows[-1]["loss/ptx"] > 0
+    assert rows[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5) and rows[-1]["kl/k1"] != 0
     cfg = _cfg(tmp_path, tiny_folder, prompts_file, "lora", steps=2)
     cfg.lora.r = 4
     out = run_ppo(cfg, reward=digits)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the reference is the policy with its adapters off: exactly the policy before any update, not after
-    assert rows[0]["objective/kl_k1"] == pytest.approx(0.0, abs=1e-5) and rows[-1]["objective/kl_k1"] != 0
+    assert rows[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5) and rows[-1]["kl/k1"] != 0
     assert (out / "adapter").is_dir() and (out / "model.safetensors").exists()
 
 

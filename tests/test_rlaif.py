@@ -412,12 +412,13 @@ def test_label_with_an_http_judge_writes_soft_labels_and_provenance_and_never_th
         tiny_folder, prompt_file, tmp_path, monkeypatch, caplog, capsys):
     from tether.data import load_preferences
     from tether.rlaif.label import HTTPOptions, LabelConfig, run_label
+    from tether.rollout import SamplingConfig
 
     monkeypatch.setenv("TETHER_TEST_KEY", KEY)
     out = tmp_path / "out" / "labels.jsonl"
     with FakeAPI(length_chat, script=[500]) as api, caplog.at_level(logging.DEBUG):
         cfg = LabelConfig(policy=str(tiny_folder), prompts=str(prompt_file), out=str(out), samples=4,
-                          max_new_tokens=12, gold=True,
+                          sampling=SamplingConfig(max_new_tokens=12), gold=True,
                           http=HTTPOptions(url=api.url, url_model="judge", api_key_env="TETHER_TEST_KEY", backoff=0))
         run_label(cfg)
     assert all(r["auth"] == f"Bearer {KEY}" for r in api.requests)
@@ -451,8 +452,10 @@ def test_label_with_a_local_judge_feeds_tether_rm_with_soft_labels_and_tether_dp
     from tether.trainers.reward import RMConfig, run_rm
 
     out = tmp_path / "labels.jsonl"
-    run_label(LabelConfig(policy=str(tiny_folder), prompts=str(prompt_file), judge=str(tiny_folder), out=str(out),
-                          samples=4, max_new_tokens=10, principles="harmless,polite", seed=3))
+    cfg = LabelConfig(policy=str(tiny_folder), prompts=str(prompt_file), judge=str(tiny_folder), out=str(out),
+                      samples=4, principles="harmless,polite", seed=3)
+    cfg.sampling.max_new_tokens = 10
+    run_label(cfg)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and all(0.5 <= r["label_prob"] <= 1.0 for r in rows)
     assert {r["principle"] for r in rows} <= {"harmless", "polite"}
@@ -475,6 +478,7 @@ def test_revise_chains_critique_then_revision_and_writes_sft_data(tiny_folder, p
     from tether.data import load_sft
     from tether.rlaif.label import HTTPOptions
     from tether.rlaif.revise import ReviseConfig, run_revise
+    from tether.rollout import SamplingConfig
 
     def writer(body):
         text = body["messages"][0]["content"]
@@ -485,8 +489,9 @@ def test_revise_chains_critique_then_revision_and_writes_sft_data(tiny_folder, p
 
     out = tmp_path / "rev.jsonl"
     with FakeAPI(writer) as api:
-        run_revise(ReviseConfig(policy=str(tiny_folder), prompts=str(prompt_file), out=str(out), max_new_tokens=8,
-                                principles="helpful", rounds=2, http=HTTPOptions(url=api.url, url_model="w")))
+        run_revise(ReviseConfig(policy=str(tiny_folder), prompts=str(prompt_file), out=str(out),
+                                sampling=SamplingConfig(max_new_tokens=8), principles="helpful", rounds=2,
+                                http=HTTPOptions(url=api.url, url_model="w")))
     records = load_sft(out)
     assert len(records) == 6 - json.loads((tmp_path / "rev.summary.json").read_text())["left_out"].get("empty_original", 0)
     for rec in records:
@@ -501,10 +506,37 @@ def test_revise_with_the_policy_as_its_own_reviser_runs_locally(tiny_folder, pro
     from tether.rlaif.revise import ReviseConfig, run_revise
 
     out = tmp_path / "rev.jsonl"
-    run_revise(ReviseConfig(policy=str(tiny_folder), prompts=str(prompt_file), out=str(out), max_new_tokens=6, limit=3))
+    cfg = ReviseConfig(policy=str(tiny_folder), prompts=str(prompt_file), out=str(out), limit=3)
+    assert cfg.sampling.max_new_tokens == 64 and cfg.sampling.gen_batch_size == 32  # revise's own defaults
+    cfg.sampling.max_new_tokens = 6
+    run_revise(cfg)
     summary = json.loads((tmp_path / "rev.summary.json").read_text())
     assert summary["rows"] + sum(summary["left_out"].values()) == 3
     assert summary["reviser"] == f"lm:{tiny_folder}"
+    assert summary["config"]["sampling"]["max_new_tokens"] == 6
+
+
+def test_the_sampling_group_reaches_the_rlaif_policy(tiny_folder, prompt_file, tmp_path):
+    """Greedy first responses (--temperature 0, or --top-k 1) are the same on every call, and a stop string
+    ends each response it occurs in; revise takes --temperature 0 (greedy) and checks the rest of the group."""
+    from tether.errors import ConfigError
+    from tether.rlaif.label import LocalGenerator
+    from tether.rlaif.revise import ReviseConfig
+    from tether.rollout import SamplingConfig
+
+    prompts = [json.loads(line)["prompt"] for line in prompt_file.read_text().splitlines()]
+    greedy = LocalGenerator(str(tiny_folder), sampling=SamplingConfig(max_new_tokens=8, temperature=0), seed=0)
+    top1 = LocalGenerator(str(tiny_folder), sampling=SamplingConfig(max_new_tokens=8, top_k=1), seed=5)
+    first = greedy.generate(prompts)
+    assert greedy.generate(prompts) == first == top1.generate(prompts)
+    stop = first[0].strip()[len(first[0].strip()) // 2]  # a character from the middle of the first response
+    cut = LocalGenerator(str(tiny_folder), sampling=SamplingConfig(max_new_tokens=8, top_k=1, stop_strings=stop),
+                         seed=0).generate(prompts)
+    assert all(w.startswith(c) for c, w in zip(cut, first)) and len(cut[0]) < len(first[0])
+    assert all(stop in c for c, w in zip(cut, first) if c != w)
+    ReviseConfig(policy="p", prompts="q", sampling=SamplingConfig(temperature=0)).validate()  # greedy is allowed
+    with pytest.raises(ConfigError, match="--top-p"):
+        ReviseConfig(policy="p", prompts="q", sampling=SamplingConfig(temperature=0, top_p=0)).validate()
 
 
 # --- the gold world's judge -----------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tether.rollout import SamplingConfig
 from tether import theory
 from tether.config import check, check_fields, flag, group, opt
 from tether.errors import ConfigError
@@ -144,7 +145,8 @@ def train_at(cfg: CalibrateConfig, beta: float) -> Path:
         from tether.trainers.ppo import PPOConfig, run_ppo
 
         return run_ppo(PPOConfig(model=cfg.model, prompts=cfg.data, reward=cfg.reward_spec(), beta=beta, out=out,
-                                 rollout_batch=cfg.rollout_batch, max_new_tokens=cfg.max_new_tokens, overwrite=True,
+                                 rollout_batch=cfg.rollout_batch, overwrite=True,
+                                 sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, gen_batch_size=32),
                                  train=replace(cfg.train, eval_every=0, save_every=0)))
     from tether.trainers.dpo import DPOConfig, run_dpo
 

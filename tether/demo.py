@@ -161,19 +161,21 @@ def _grpo(cfg: DemoConfig, files: dict, sft: Path, out: Path) -> Path:
     three-term sums 150 such iterations took sampled exact match from 0.71 to 0.91; on held-out two-term ones,
     each a single fact, far less (GRPO issue's note; bench/grpo_arithmetic.py)."""
     from tether.io import write_jsonl
-    from tether.trainers.grpo import GRPOConfig, SamplingConfig, run_grpo
+    from tether.rollout import SamplingConfig
+    from tether.trainers.grpo import GRPOConfig, run_grpo
 
     arithmetic = {}
     for split in ("train", "eval"):
         rows = [r for r in read_jsonl(files[f"prompts_{split}"]) if r["family"] == "arithmetic"]
         arithmetic[split] = write_jsonl(out / "world" / f"prompts_arithmetic_{split}.jsonl", rows)
-    train = TrainConfig(steps=_steps(cfg, cfg.grpo_steps, 4), batch_size=64, lr=GRPO_LR, warmup_steps=0,
-                        schedule="constant", eval_every=0, save_every=0, seed=cfg.seed)
-    sampling = SamplingConfig(group_size=8, prompts_per_step=8 if cfg.quick else 32, max_new_tokens=24,
-                              gen_batch_size=128)
+    prompts_per_step = 8 if cfg.quick else 32
+    # one optimiser step on the whole rollout batch of prompts_per_step x 8 rows, in micro-batches of 64
+    train = TrainConfig(steps=_steps(cfg, cfg.grpo_steps, 4), batch_size=64, grad_accum=prompts_per_step * 8 // 64,
+                        lr=GRPO_LR, warmup_steps=0, schedule="constant", eval_every=0, save_every=0, seed=cfg.seed)
     return run_grpo(GRPOConfig(model=str(sft), prompts=str(arithmetic["train"]), eval_prompts=str(arithmetic["eval"]),
                                reward="exact_match", out=str(out / "grpo"), beta=0.04, overwrite=cfg.overwrite,
-                               sampling=sampling, train=train))
+                               group_size=8, prompts_per_step=prompts_per_step,
+                               sampling=SamplingConfig(max_new_tokens=24, gen_batch_size=128), train=train))
 
 
 def _grpo_summary(grpo: Path) -> dict:
@@ -182,7 +184,7 @@ def _grpo_summary(grpo: Path) -> dict:
     held_out = [r["eval/reward"] for r in read_jsonl(grpo / "metrics.jsonl") if "eval/reward" in r]
     final = json.loads((grpo / "tether.json").read_text())["metrics"]
     return {"eval_exact_match_start": held_out[0], "eval_exact_match_end": held_out[-1],
-            "objective/kl": final.get("objective/kl")}
+            "kl/k1": final.get("kl/k1")}
 
 
 def _instruments(cfg: DemoConfig, policy: Path, sft: Path, rm: Path | None, out: Path) -> dict:
@@ -245,12 +247,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     if ppo is not None:
         report["artifacts"]["ppo"] = str(ppo)
         ppo_metrics = json.loads((ppo / "tether.json").read_text())["metrics"]
-        report["ppo"] = {k: ppo_metrics.get(k) for k in ("eval/kl", "eval/reward", "objective/beta")}
+        report["ppo"] = {k: ppo_metrics.get(k) for k in ("eval/kl", "eval/reward", "kl/beta")}
         report["gold"]["ppo"] = _policy_eval(ppo, rows, cfg.seed)
     if dpo is not None:
         report["artifacts"]["dpo"] = str(dpo)
         dpo_metrics = json.loads((dpo / "tether.json").read_text())["metrics"]
-        report["dpo"] = {k: dpo_metrics.get(k) for k in ("eval/reward_accuracy", "eval/reward_margin", "eval/kl_to_ref")}
+        report["dpo"] = {k: dpo_metrics.get(k) for k in ("eval/reward_accuracy", "eval/reward_margin", "eval/kl")}
         report["gold"]["dpo"] = _policy_eval(dpo, rows, cfg.seed)
     if grpo is not None:
         report["artifacts"]["grpo"] = str(grpo)
@@ -286,16 +288,16 @@ def format_report(report: dict) -> str:
     if "ppo" in report:
         p = report["ppo"]
         lines.append(f"  PPO: held-out KL to SFT {p['eval/kl']:.3f} nats, RM reward {p['eval/reward']:.3f}, "
-                     f"final β {p['objective/beta']:.3g}")
+                     f"final β {p['kl/beta']:.3g}")
     if "dpo" in report:
         d = report["dpo"]
         lines.append(f"  DPO: held-out implicit-reward accuracy {d['eval/reward_accuracy']:.3f}, margin "
-                     f"{d['eval/reward_margin']:.3f}, KL to SFT {d.get('eval/kl_to_ref') or float('nan'):.3f} nats")
+                     f"{d['eval/reward_margin']:.3f}, KL to SFT {d.get('eval/kl') or float('nan'):.3f} nats")
     if "grpo" in report:
         g = report["grpo"]
         lines.append(f"  GRPO (exact-match reward): exact match on held-out arithmetic questions "
                      f"{g['eval_exact_match_start']:.3f} -> {g['eval_exact_match_end']:.3f} (4 samples each), "
-                     f"KL to SFT {g.get('objective/kl') or float('nan'):.3f} nats")
+                     f"KL to SFT {g.get('kl/k1') or float('nan'):.3f} nats")
     lines += ["", f"  {'gold metric on test prompts':<34}" + "".join(f"{title:>12}" for _, title in columns)]
     for key in sorted(set().union(*gold)):
         lines.append(f"  {key:<34}" + "".join(f"{g.get(key, float('nan')):>12.3f}" for g in gold))

@@ -120,3 +120,21 @@ def make_backend(name: str, model: torch.nn.Module, tokenizer, *, model_path: st
     if name == "vllm":
         return VLLMSampler(model_path, tokenizer)
     raise ValueError(f"generation backend must be one of {BACKENDS}, got {name!r}")
+
+
+def sample_as(backend: Backend, tokenizer, prompts: Sequence[str], sampling, *, seed: int,
+              greedy: bool = False) -> Pairs:
+    """(prompt ids, response ids) per prompt, sampled as ``sampling`` (a :class:`tether.rollout.SamplingConfig`)
+    says: its length, temperature, top-k / top-p and generation batch; a response that did not end with EOS
+    is cut at the first stop string (kept), as :func:`tether.rollout.rollout` cuts it. For the stages that
+    sample without training (best-of-N, RLAIF); ``greedy`` ignores temperature, top-k and top-p."""
+    from tether.rollout import _cut_at_stop
+
+    pairs = backend.sample(prompts, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                           top_k=sampling.top_k, top_p=sampling.top_p, batch_size=sampling.gen_batch_size, seed=seed,
+                           **({"greedy": True} if greedy else {}))
+    stops, eos = sampling.stops(), tokenizer.eos_token_id
+    if stops:
+        pairs = [(prompt, response if response and response[-1] == eos else _cut_at_stop(tokenizer, response, stops)[0])
+                 for prompt, response in pairs]
+    return pairs

@@ -240,13 +240,7 @@ def rollout(
 
 
 def policy_logprobs(model, batch: Rollout, temperature: float = 1.0, *, with_logits: bool = False):
-    """log π(y_t | x, y_<t) of every response token at the sampling temperature. Shape: (B, T − 1).
+    """Deprecated alias of tether.scoring.response_logprobs (log π of every response token, (B, T − 1))."""
+    from tether.scoring import response_logprobs
 
-    Gradients flow when called outside ``torch.no_grad``. With ``with_logits`` also returns
-    the logits (B, T, V) of the same forward pass (for the entropy).
-    """
-    from tether.losses.lm import token_logprobs
-
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    logp = token_logprobs(logits, batch.labels, temperature)  # (B, T-1), 0 where the label is IGNORE_INDEX
-    return (logp, logits) if with_logits else logp
+    return response_logprobs(model, batch, temperature, with_logits=with_logits)

@@ -9,7 +9,8 @@ import click
 from tether.cli.stages import _run
 from tether.config import options
 from tether.trainers.bon import BoNConfig, run_bon
-from tether.trainers.grpo import GRPOConfig, RLOOConfig, run_grpo, run_rloo
+from tether.trainers.grpo import GRPOConfig, run_grpo
+from tether.trainers.rloo import RLOOConfig, run_rloo
 
 
 def _show(out, prefixes: tuple[str, ...]) -> None:
@@ -29,7 +30,7 @@ def grpo(cfg: GRPOConfig) -> None:
     verifiable terms such as "exact_match:1.0,format:0.2" (answers from the prompt file's "answer").
     """
     out = _run(run_grpo, cfg)
-    _show(out, ("reward/", "eval/", "objective/"))
+    _show(out, ("reward/", "kl/", "eval/", "objective/"))
     click.echo(f"GRPO policy in {out}")
 
 
@@ -38,7 +39,7 @@ def grpo(cfg: GRPOConfig) -> None:
 def rloo(cfg: RLOOConfig) -> None:
     """RLOO: k samples a prompt, leave-one-out baseline, −β·KL per token summed into the reward (k1)."""
     out = _run(run_rloo, cfg)
-    _show(out, ("reward/", "eval/", "objective/"))
+    _show(out, ("reward/", "kl/", "eval/", "objective/"))
     click.echo(f"RLOO policy in {out}")
 
 

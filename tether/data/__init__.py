@@ -12,6 +12,7 @@ from tether.data.loaders import (
     split_conversation,
 )
 from tether.data.records import DataError, FeedbackRecord, PreferenceRecord, PromptRecord, SFTRecord
+from tether.data.split import split_eval
 
 __all__ = [
     "Row",
@@ -28,4 +29,5 @@ __all__ = [
     "read_rows",
     "render_messages",
     "split_conversation",
+    "split_eval",
 ]

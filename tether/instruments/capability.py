@@ -25,13 +25,12 @@ from tether.data.collate import prompt_ids
 @torch.no_grad()
 def choice_logliks(model, tokenizer, prompt: str, choices: Sequence[str]) -> list[float]:
     """log π(choice | prompt) summed over the choice's tokens, for each choice (no EOS appended)."""
-    from tether.instruments.kl import response_logprobs
+    from tether.scoring import next_token_logprobs
 
-    p = prompt_ids(tokenizer, prompt)
-    pairs = [(p, tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices]
-    if any(not r for _, r in pairs):
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    if not all(ids):
         raise ValueError(f"a choice of {prompt!r} tokenises to nothing")
-    return response_logprobs(model, pairs, tokenizer.pad_token_id).tolist()
+    return next_token_logprobs(model, tokenizer, [prompt_ids(tokenizer, prompt)], ids, batch_size=32)[0].tolist()
 
 
 def mc_scores(logliks: Sequence[float], choices: Sequence[str], gold: int) -> tuple[float, float]:

@@ -108,7 +108,7 @@ def diagnose_report(report: dict, metrics: list[dict] | None = None) -> dict:
                     f"{gold[-1]:.2f}; proxy {proxy[top]:.2f} → {proxy[-1]:.2f} (3-evaluation averages)",
                     "over-optimisation", "reward hacking: optimising the proxy past the point it tracks the truth",
                     "stop at the peak (its KL is in the over-optimisation section); raise β; an RM ensemble"))
-        k1 = [m["objective/kl_k1"] for m in metrics if "objective/kl_k1" in m]
+        k1 = [m["kl/k1"] for m in metrics if "kl/k1" in m]
         if len(k1) >= 5 and sum(v < 0 for v in k1) / len(k1) >= NEG_K1_SHARE:
             found.append(_finding(
                 "persistently negative k1 KL", f"k1 < 0 on {sum(v < 0 for v in k1)} of {len(k1)} iterations",

@@ -7,6 +7,7 @@ or 0 (b wins). Spec strings (``tether eval --judge``):
     rm:DIR               a reward model or ensemble folder written by `tether rm` (tether.rewards)
     ensemble:DIR,DIR,... reward models served as one ensemble, mean of members (tether.rewards.EnsembleReward)
     llm:DIR              a causal language model asked which answer is better, in both orders
+                         (tether.rlaif.judge.LMJudge, the same judge RLAIF labels with)
 
 A pointwise score cannot prefer a position, so it is asked once. A language-model judge can
 (judges favour the first answer shown; Zheng et al. 2023, "Judging LLM-as-a-Judge"), so it is
@@ -65,39 +66,16 @@ class ScoreJudge:
 
 
 def option_margin(model, tokenizer, texts: Sequence[str], options: tuple[str, str], batch_size: int = 16) -> torch.Tensor:
-    """log π(options[0] | text) − log π(options[1] | text) for each text, each option scored over all its tokens.
-
-    Shape: N texts -> (N,). The two options must tokenise differently.
+    """log π(options[0] | text) − log π(options[1] | text) for each text, each option scored over all its tokens
+    (tether.scoring.next_token_logprobs). Shape: N texts -> (N,). The two options must tokenise differently.
     """
-    from tether.data.collate import prompt_ids
-    from tether.instruments.kl import response_logprobs
+    from tether.scoring import next_token_logprobs
 
     ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     if not ids[0] or not ids[1] or ids[0] == ids[1]:
         raise ModelError(f"the judge's tokenizer cannot tell {options[0]!r} from {options[1]!r}")
-    pairs = [(prompt_ids(tokenizer, t), o) for t in texts for o in ids]  # (2N,) option k of text i at 2i + k
-    ll = response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size).view(len(texts), 2)
+    ll = next_token_logprobs(model, tokenizer, texts, ids, batch_size=batch_size)  # (N, 2)
     return ll[:, 0] - ll[:, 1]
-
-
-class LLMJudge:
-    """A causal LM asked "which is better, A or B?"; its verdict is the likelier continuation, " A" or " B"."""
-
-    def __init__(self, model, tokenizer, name: str = "llm", batch_size: int = 16):
-        self.model, self.tokenizer, self.name, self.batch_size = model.eval(), tokenizer, name, batch_size
-
-    def first_wins(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> torch.Tensor:
-        """1 where the judge prefers the first answer shown, 0 the second, ½ when both options are equally likely."""
-        from tether.world import question_of
-
-        texts = [JUDGE_TEMPLATE.format(question=question_of(p), first=f.strip(), second=s.strip())
-                 for p, f, s in zip(prompts, first, second)]
-        diff = option_margin(self.model, self.tokenizer, texts, (" A", " B"), self.batch_size).double()
-        return (diff > 0).double() + 0.5 * (diff == 0).double()
-
-    def __call__(self, prompts: Sequence[str], ya: Sequence[str], yb: Sequence[str]) -> Judged:
-        outcome, first_rate = both_orders(self.first_wins(prompts, ya, yb), self.first_wins(prompts, yb, ya))
-        return Judged(outcome, first_rate)
 
 
 def load_judge(spec: str, device: str = "cpu"):
@@ -117,9 +95,10 @@ def load_judge(spec: str, device: str = "cpu"):
         return ScoreJudge(EnsembleReward([LearnedReward.from_folder(f, device=device) for f in folders]), spec)
     if spec.startswith("llm:"):
         from tether.models import load_model, load_tokenizer
+        from tether.rlaif.judge import LMJudge
 
         folder = Path(spec.removeprefix("llm:"))
         if not folder.exists():
             raise FileNotFoundError(f"judge {spec!r}: {folder} does not exist")
-        return LLMJudge(load_model(folder, device=device), load_tokenizer(folder), spec)
+        return LMJudge(load_model(folder, device=device), load_tokenizer(folder), batch_size=16, name=spec)
     raise ConfigError(f"judge {spec!r}: expected gold, rm:DIR, ensemble:DIR,DIR,... or llm:DIR")

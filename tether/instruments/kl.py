@@ -9,29 +9,16 @@ KL is defined on (top-k or top-p would change it).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from tether.data.collate import Encoded, pad
-from tether.losses.lm import IGNORE_INDEX, sequence_logprobs
+from tether.data.collate import prompt_ids
 from tether.rollout import sample
+from tether.scoring import Reference, labelled_rows, sequence_logprobs
 
-
-@torch.no_grad()
-def response_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                      batch_size: int = 32) -> torch.Tensor:
-    """log π(y | x) summed over response tokens, for (prompt ids, response ids) pairs. Shape: (N,)."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        rows = [Encoded(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in pairs[i : i + batch_size]]
-        batch = {k: v.to(device) for k, v in pad(rows, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logprobs(logits, batch["labels"]).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+log = logging.getLogger("tether.kl")
 
 
 @dataclass
@@ -44,12 +31,32 @@ class KLEstimate:
 
 
 def sampled_kl(policy, reference, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
-               seed: int = 0, batch_size: int = 32) -> KLEstimate:
-    """Estimate KL(π ‖ π_ref) from one policy sample per prompt."""
+               seed: int = 0, batch_size: int = 32, precision: str = "fp32") -> KLEstimate:
+    """Estimate KL(π ‖ π_ref) from one policy sample per prompt, scored on the sampled token ids themselves.
+
+    ``reference``: a tether.scoring.Reference (a frozen model, the policy's adapters off) or a model.
+    Under torchrun every rank must call this (the scoring is sharded over ranks).
+    """
+    ref = reference if isinstance(reference, Reference) else Reference.frozen(reference)
     pairs = sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-    ratio = response_logprobs(policy, pairs, tokenizer.pad_token_id, batch_size) - \
-        response_logprobs(reference, pairs, tokenizer.pad_token_id, batch_size)  # (N,)
+    rows, pad_id = labelled_rows(pairs), tokenizer.pad_token_id
+    ratio = sequence_logprobs(policy, rows, pad_id, batch_size=batch_size, precision=precision) - \
+        ref.sequence_logprobs(rows, pad_id, batch_size=batch_size, precision=precision)  # (N,)
     n = len(ratio)
     stderr = ratio.std().item() / math.sqrt(n) if n > 1 else float("nan")
     texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
     return KLEstimate(ratio.mean().item(), stderr, texts)
+
+
+def kl_prompt_set(records: list, tokenizer, n: int, max_len: int, max_new_tokens: int) -> list[str]:
+    """Up to ``n`` distinct held-out prompts that leave room for a whole sample within ``max_len``.
+
+    A sample is scored on prompt + response, at most ``max_len`` tokens, so a longer prompt would
+    have its sample cut short and the KL estimate biased: such prompts are passed over (counted).
+    """
+    prompts = list(dict.fromkeys(r.prompt for r in records))
+    fits = [p for p in prompts if len(prompt_ids(tokenizer, p)) <= max_len - max_new_tokens]
+    if n and len(fits) < len(prompts):
+        log.info("KL to the reference: %d of %d held-out prompts leave no room for %d new tokens within "
+                 "max_len=%d and are passed over", len(prompts) - len(fits), len(prompts), max_new_tokens, max_len)
+    return fits[:n]

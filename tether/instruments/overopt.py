@@ -12,7 +12,7 @@ Both are linear in (α, β), so they are fitted here by ordinary least squares o
     RL:   α − β·log d − β = 0   →   d* = exp(α/β − 1)    (a peak only when β > 0)
     BoN:  α − 2β·d = 0          →   d* = α / (2β)        (a peak only when β > 0)
 
-The points come from a run's evaluations (PPO's ``metrics.jsonl`` rows with ``eval/kl`` and
+The points come from a run's evaluations (``metrics.jsonl`` rows of PPO, GRPO, RLOO, DPO or KTO with ``eval/kl`` and
 ``eval/gold`` and ``eval/reward``, written at every ``--eval-every`` checkpoint, step 0 included)
 or from a best-of-N run's curve (``tether.json``: KL and expected reward per N).
 """
@@ -143,38 +143,25 @@ def bon_curve(model, tokenizer, prompts: Sequence[str], proxy_fn, gold_fn=None, 
 def pool_curve(responses: Sequence[tuple], proxy: torch.Tensor, gold: torch.Tensor | None = None) -> list[dict]:
     """Best-of-n over sampled pools, exact on each prompt's empirical distribution, for n = 1, 2, 4, ... ≤ pool.
 
-    ``responses``: P·M response token-id tuples, prompt by prompt; ``proxy``, ``gold``: (P, M) rewards. Identical
-    responses merge into the empirical π̂_ref; π_BoN = tether.theory.bon_distribution(π̂_ref, proxy, n) (ties
-    handled), and KL(π_BoN ‖ π̂_ref), E_{π_BoN}[proxy] and E_{π_BoN}[gold] are averaged over prompts.
+    ``responses``: P·M response token-id tuples, prompt by prompt; ``proxy``, ``gold``: (P, M) rewards. Each
+    prompt's pool goes through tether.trainers.bon.pool_stats, the computation `tether bon` uses (identical
+    responses merged into π̂_ref, each with one reward: the mean over its copies where they differ;
+    π_BoN = tether.theory.bon_distribution(π̂_ref, proxy, n)); KL(π_BoN ‖ π̂_ref), E_{π_BoN}[proxy] and
+    E_{π_BoN}[gold] are averaged over prompts.
     """
     import numpy as np
 
-    from tether.theory import bon_distribution, kl_divergence
-    from tether.trainers.bon import curve_sizes
+    from tether.trainers.bon import curve_sizes, pool_stats
 
     n_prompts, pool = proxy.shape
-    sizes = curve_sizes(pool)
-    acc = {n: {"kl": [], "proxy": [], "gold": []} for n in sizes}
-    for i in range(n_prompts):
-        merged: dict[tuple, list] = {}  # response ids -> [count, proxy, gold]
-        for j in range(pool):
-            entry = merged.setdefault(responses[i * pool + j],
-                                      [0, proxy[i, j].item(), gold[i, j].item() if gold is not None else 0.0])
-            entry[0] += 1
-        counts = np.array([c for c, _, _ in merged.values()], dtype=np.float64)
-        r_proxy = np.array([r for _, r, _ in merged.values()])
-        r_gold = np.array([g for _, _, g in merged.values()])
-        p_ref = counts / counts.sum()
-        for n in sizes:
-            p_bon = bon_distribution(p_ref, r_proxy, n)
-            acc[n]["kl"].append(float(kl_divergence(p_bon, p_ref)))
-            acc[n]["proxy"].append(float(p_bon @ r_proxy))
-            acc[n]["gold"].append(float(p_bon @ r_gold))
     points = []
-    for n in sizes:
-        kl = float(np.mean(acc[n]["kl"]))
-        point = {"step": n, "n": n, "kl": kl, "d": math.sqrt(max(kl, 0.0)), "proxy": float(np.mean(acc[n]["proxy"]))}
+    for n in curve_sizes(pool):
+        stats = [pool_stats(list(responses[i * pool : (i + 1) * pool]), proxy[i].tolist(), n,
+                            gold[i].tolist() if gold is not None else None) for i in range(n_prompts)]
+        kl = float(np.mean([s.kl for s in stats]))
+        point = {"step": n, "n": n, "kl": kl, "d": math.sqrt(max(kl, 0.0)),
+                 "proxy": float(np.mean([s.expected_reward for s in stats]))}
         if gold is not None:
-            point["gold"] = float(np.mean(acc[n]["gold"]))
+            point["gold"] = float(np.mean([s.expected_gold for s in stats]))
         points.append(point)
     return points

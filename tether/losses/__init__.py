@@ -4,12 +4,13 @@ Each function's docstring states its equation, its source and the shapes it take
 gather inputs and call these; nothing here touches a model or an optimiser.
 """
 
-from tether.losses.lm import sequence_logprobs, sft_nll, token_logprobs
+from tether.losses.lm import Summed, labelled_tokens, sequence_logprobs, sft_nll, token_logprobs
 
-__all__ = ["sequence_logprobs", "sft_nll", "token_logprobs"]
+__all__ = ["Summed", "labelled_tokens", "sequence_logprobs", "sft_nll", "token_logprobs"]
 from tether.losses.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_estimate
 from tether.losses.policy import (
     AGGREGATIONS,
+    aggregation_count,
     GAEOutput,
     GRPOOutput,
     PolicyLossOutput,
@@ -39,7 +40,7 @@ from tether.losses.preference import (
 )
 
 __all__ += [
-    "AGGREGATIONS", "GAEOutput", "adaptive_kl_coef", "GRPOOutput", "KL_ESTIMATORS", "KTOOutput", "PREFERENCE_LOSSES",
+    "AGGREGATIONS", "aggregation_count", "GAEOutput", "adaptive_kl_coef", "GRPOOutput", "KL_ESTIMATORS", "KTOOutput", "PREFERENCE_LOSSES",
     "PolicyLossOutput", "PreferenceOutput", "RewardModelOutput", "ValueLossOutput", "bradley_terry_loss",
     "dpo_loss", "gae", "grpo_advantages", "grpo_loss", "hinge_loss", "ipo_loss", "kl_estimate", "kto_loss", "reward_centering",
     "masked_mean", "ppo_policy_loss", "ppo_value_loss", "rloo_advantages", "robust_dpo_loss", "simpo_loss",

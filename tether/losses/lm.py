@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -36,20 +38,39 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool 
     return total
 
 
-def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class Summed(NamedTuple):
+    """A loss as its sum over units (labelled tokens, pairs, rows) and the number of units.
+
+    A step's loss is Σ total / Σ count over all of its micro-batches and ranks, which
+    tether.loop.accumulate forms; ``mean()`` is that of this batch alone. total (), count ().
+    """
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+def labelled_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """N: the labelled (response) tokens a causal-LM loss runs over, from the labels alone. (B, T) -> ()."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> Summed:
     """Supervised fine-tuning loss: L = −(1/N) Σ_{t ∈ response} log π(y_t | x, y_<t).
 
-    The mean runs over the N labelled tokens of the whole batch (prompt tokens carry
-    IGNORE_INDEX and are masked), so every response token weighs the same.
+    The mean runs over the N labelled tokens of the whole step (prompt tokens carry IGNORE_INDEX and
+    are masked), so every response token weighs the same, whatever micro-batch it falls in: this
+    returns the sum and N of this batch, and the step divides (tether.loop.accumulate).
 
-    Shape: logits (B, T, V), labels (B, T) -> (loss (), token count ()).
+    Shape: logits (B, T, V), labels (B, T) -> Summed(total (), count ()).
     """
     targets = labels[:, 1:]
-    count = (targets != IGNORE_INDEX).sum()
-    loss = F.cross_entropy(
+    total = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.size(-1)),
         targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return loss / count.clamp(min=1), count
+    return Summed(total, labelled_tokens(labels))

@@ -103,12 +103,16 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 
 class PolicyLossOutput(NamedTuple):
-    """loss: () the scalar to minimise. clip_fraction: () share of tokens where the clipped
-    branch was active (detached). approx_kl: () masked mean of k3 for KL(π_old || π) (detached)."""
+    """loss: () the scalar to minimise, total / count. clip_fraction: () share of tokens where the clipped
+    branch was active (detached). approx_kl: () masked mean of k3 for KL(π_old || π) (detached).
+    total: () the per-token losses summed; count: () the response tokens (a step over several
+    micro-batches divides the sum of totals by the sum of counts: tether.loop.accumulate)."""
 
     loss: torch.Tensor
     clip_fraction: torch.Tensor
     approx_kl: torch.Tensor
+    total: torch.Tensor
+    count: torch.Tensor
 
 
 def _clipped_surrogate(
@@ -137,18 +141,20 @@ def ppo_policy_loss(
     Shape: logp (B, T), old_logp (B, T), advantages (B, T), mask (B, T).
     """
     per_token, was_clipped = _clipped_surrogate(logp, old_logp, advantages, clip_eps, clip_eps_high)
-    loss = masked_mean(per_token, mask)
+    total, count = (per_token * mask.to(per_token.dtype)).sum(), mask.sum()
     clip_fraction = masked_mean(was_clipped.to(logp.dtype), mask).detach()
     approx_kl = masked_mean(kl_estimate(old_logp, logp, "k3"), mask).detach()
-    return PolicyLossOutput(loss, clip_fraction, approx_kl)
+    return PolicyLossOutput(total / count.clamp(min=1), clip_fraction, approx_kl, total, count)
 
 
 class ValueLossOutput(NamedTuple):
-    """loss: () the scalar to minimise. clip_fraction: () share of tokens where the clipped value
-    error was the larger one (detached)."""
+    """loss: () the scalar to minimise, total / count. clip_fraction: () share of tokens where the clipped
+    value error was the larger one (detached). total: () summed over response tokens; count: () those tokens."""
 
     loss: torch.Tensor
     clip_fraction: torch.Tensor
+    total: torch.Tensor
+    count: torch.Tensor
 
 
 def ppo_value_loss(
@@ -162,9 +168,9 @@ def ppo_value_loss(
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # (B, T)
     err = (values - returns).square()  # (B, T)
     err_clipped = (clipped - returns).square()  # (B, T)
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    total, count = 0.5 * (torch.maximum(err, err_clipped) * mask.to(values.dtype)).sum(), mask.sum()
     clip_fraction = masked_mean((err_clipped > err).to(values.dtype), mask).detach()
-    return ValueLossOutput(loss, clip_fraction)
+    return ValueLossOutput(total / count.clamp(min=1), clip_fraction, total, count)
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
@@ -203,34 +209,44 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).reshape(-1)
 
 
-def _aggregate_sequence(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
-    return masked_mean(per_token, mask, dim=-1).mean()
+def _aggregate_sequence(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None):
+    return masked_mean(per_token, mask, dim=-1).sum(), torch.tensor(float(per_token.size(0)))
 
 
-def _aggregate_token(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
-    return masked_mean(per_token, mask)
+def _aggregate_token(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None):
+    return (per_token * mask.to(per_token.dtype)).sum(), mask.sum().float()
 
 
-def _aggregate_constant(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+def _aggregate_constant(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None):
     if max_tokens is None:
         raise ValueError('aggregation="constant" needs max_tokens (the generation budget)')
-    return (per_token * mask.to(per_token.dtype)).sum() / (per_token.size(0) * max_tokens)
+    return (per_token * mask.to(per_token.dtype)).sum() / max_tokens, torch.tensor(float(per_token.size(0)))
 
 
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]] = {
+# each returns (total, count): the loss of a batch is total / count, that of a step Σ totals / Σ counts
+AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], tuple[torch.Tensor, torch.Tensor]]] = {
     "sequence": _aggregate_sequence,  # GRPO: (1/G) Σ_i (1/|o_i|) Σ_t  (Shao et al. 2024, eq. 3)
     "token": _aggregate_token,  # DAPO: 1/Σ_i|o_i| Σ_i Σ_t  (Yu et al. 2025, eq. 8)
     "constant": _aggregate_constant,  # Dr. GRPO: 1/(G·max_tokens) Σ_i Σ_t  (Liu et al. 2025)
 }
 
 
+def aggregation_count(mask: torch.Tensor, aggregation: str) -> float:
+    """The units an aggregation's mean runs over, from the response mask alone (B, T): response tokens
+    for "token", rows otherwise (what a step's count is before any forward pass: tether.loop.accumulate)."""
+    return float(mask.sum()) if aggregation == "token" else float(mask.size(0))
+
+
 class GRPOOutput(NamedTuple):
-    """loss: () the scalar to minimise. clip_fraction: () masked share of clipped tokens.
-    kl: () masked mean of k3(π || π_ref). All but loss detached."""
+    """loss: () the scalar to minimise, total / count. clip_fraction: () masked share of clipped tokens.
+    kl: () masked mean of k3(π || π_ref). total, count: () the aggregation's sum and its units
+    (rows, or response tokens for "token"). clip_fraction and kl detached."""
 
     loss: torch.Tensor
     clip_fraction: torch.Tensor
     kl: torch.Tensor
+    total: torch.Tensor
+    count: torch.Tensor
 
 
 def grpo_loss(
@@ -263,6 +279,7 @@ def grpo_loss(
     kl = kl_estimate(logp, ref_logp, "k3")  # (B, T)
     if beta != 0.0:
         per_token = per_token + beta * kl
-    loss = AGGREGATIONS[aggregation](per_token, mask, max_tokens)
+    total, count = AGGREGATIONS[aggregation](per_token, mask, max_tokens)
+    count = count.to(total.device)
     clip_fraction = masked_mean(was_clipped.to(logp.dtype), mask).detach()
-    return GRPOOutput(loss, clip_fraction, masked_mean(kl, mask).detach())
+    return GRPOOutput(total / count.clamp(min=1), clip_fraction, masked_mean(kl, mask).detach(), total, count)

@@ -27,7 +27,7 @@ The flip rate over pairs measures position bias; ``first_bias`` = mean over both
 P(first position chosen) − ½ says which way it leans.
 
 Every kind of judge implements one method, ``choice_probs(texts) -> [P_A]``: :class:`LMJudge`
-(any causal LM, a local folder or a hub name) here, :class:`tether.rlaif.http.HTTPJudge` (an
+(any causal LM, a local folder or a hub name; the same class is `tether eval`'s llm judge) here, :class:`tether.rlaif.http.HTTPJudge` (an
 OpenAI-compatible endpoint) beside it. :func:`judge_pairs` does the rest for both.
 """
 
@@ -133,13 +133,21 @@ def two_way_softmax(logp_a: float, logp_b: float) -> float:
 
 
 class LMJudge:
-    """A causal language model as judge: a local folder (an earlier tether stage) or a hub name.
+    """The one causal-LM judge, for RLAIF labelling and for `tether eval --judge llm:DIR`.
 
-    For each judge prompt it scores both choice strings as continuations, log π(" A" | q) and
-    log π(" B" | q) summed over their tokens (one token each for most tokenizers, including the
-    tiny default's), and returns their two-way softmax. ``max_len`` bounds prompt + choice in
-    tokens: a longer judge prompt keeps its last tokens (the responses and the question), and
-    such cuts are counted in ``self.truncated``.
+    ``model_or_path``: a model object (with its ``tokenizer``), a local folder (an earlier tether
+    stage) or a hub name. For each judge prompt q it reads log π(" A" | q) and log π(" B" | q),
+    each summed over the choice's tokens (one token each for most tokenizers, including the tiny
+    default's), with tether.scoring.next_token_logprobs. Two ways to ask it, both in both orders:
+
+    - :meth:`choice_probs` (RLAIF, :func:`judge_pairs`): P_A = two-way softmax of the two log-probs,
+      the orders averaged as probabilities (module docstring);
+    - calling it, ``judge(prompts, ya, yb)`` (tether.instruments.judges, `tether eval`): on
+      tether.instruments.judges.JUDGE_TEMPLATE, a verdict 1 / ½ / 0 for the first answer shown
+      (P_A > ½, = ½, < ½), the orders combined by tether.instruments.judges.both_orders.
+
+    ``max_len`` bounds prompt + choice in tokens: a longer judge prompt keeps its last tokens
+    (the responses and the question), and such cuts are counted in ``self.truncated``.
     """
 
     def __init__(self, model_or_path, tokenizer=None, *, batch_size: int = 32, max_len: int | None = None,
@@ -157,30 +165,45 @@ class LMJudge:
         self.batch_size = batch_size
         self.max_len = max_len or getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.choice_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in CHOICES]
-        if not all(self.choice_ids):
-            raise ValueError(f"the tokenizer encodes a choice string {CHOICES} as no tokens")
+        if not all(self.choice_ids) or self.choice_ids[0] == self.choice_ids[1]:
+            from tether.errors import ModelError
+
+            raise ModelError(f"the judge's tokenizer cannot tell the choice strings {CHOICES} apart")
         self.truncated = 0
 
-    @torch.no_grad()
-    def choice_probs(self, texts: Sequence[str]) -> list[float]:
-        from tether.data.collate import Encoded, pad, prompt_ids
-        from tether.losses import sequence_logprobs
-        from tether.losses.lm import IGNORE_INDEX
+    def choice_logprobs(self, texts: Sequence[str]) -> torch.Tensor:
+        """log π(" A" | q), log π(" B" | q) for each judge prompt q (cut to ``max_len``). Shape: N -> (N, 2)."""
+        from tether.data.collate import prompt_ids
+        from tether.scoring import next_token_logprobs
 
-        rows = []
+        room = self.max_len - max(map(len, self.choice_ids))
+        contexts = []
         for text in texts:
             ids = prompt_ids(self.tokenizer, text)
-            room = self.max_len - max(map(len, self.choice_ids))
             if len(ids) > room:
                 ids, self.truncated = ids[-room:], self.truncated + 1
-            for choice in self.choice_ids:
-                rows.append(Encoded(ids + choice, [IGNORE_INDEX] * len(ids) + choice))
-        device = next(self.model.parameters()).device
-        logps = torch.empty(len(rows))
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # batch rows of like length
-        for s in range(0, len(order), 2 * self.batch_size):
-            idx = order[s : s + 2 * self.batch_size]
-            batch = {k: v.to(device) for k, v in pad([rows[i] for i in idx], self.tokenizer.pad_token_id).items()}
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
-            logps[idx] = sequence_logprobs(logits, batch["labels"]).float().cpu()  # (b,)
-        return [two_way_softmax(logps[2 * i].item(), logps[2 * i + 1].item()) for i in range(len(texts))]
+            contexts.append(ids)
+        return next_token_logprobs(self.model, self.tokenizer, contexts, self.choice_ids, batch_size=self.batch_size)
+
+    def choice_probs(self, texts: Sequence[str]) -> list[float]:
+        """P(" A") normalised over {" A", " B"} for each judge prompt."""
+        lp = self.choice_logprobs(texts).tolist()
+        return [two_way_softmax(a, b) for a, b in lp]
+
+    def first_wins(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> torch.Tensor:
+        """1 where the judge prefers the first answer shown, 0 the second, ½ when both are equally likely. (N,)."""
+        from tether.instruments.judges import JUDGE_TEMPLATE
+        from tether.world import question_of
+
+        texts = [JUDGE_TEMPLATE.format(question=question_of(p), first=f.strip(), second=s.strip())
+                 for p, f, s in zip(prompts, first, second)]
+        lp = self.choice_logprobs(texts).double()
+        diff = lp[:, 0] - lp[:, 1]
+        return (diff > 0).double() + 0.5 * (diff == 0).double()
+
+    def __call__(self, prompts: Sequence[str], ya: Sequence[str], yb: Sequence[str]):
+        """tether.instruments.judges.Judged: a against b, asked in both orders."""
+        from tether.instruments.judges import Judged, both_orders
+
+        outcome, first_rate = both_orders(self.first_wins(prompts, ya, yb), self.first_wins(prompts, yb, ya))
+        return Judged(outcome, first_rate)

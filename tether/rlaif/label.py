@@ -1,6 +1,7 @@
 """``tether rlaif label``: preference data from an AI judge (RLAIF; Bai et al. 2022, Lee et al. 2023).
 
-1. sample ``samples`` responses a prompt from the policy (temperature sampling, seeded) and pair
+1. sample ``samples`` responses a prompt from the policy (as the ``sampling`` group says: temperature
+   sampling by default; top-k / top-p and stop strings if asked; seeded) and pair
    them consecutively (1st with 2nd, 3rd with 4th, ...); a pair of identical responses, or one
    with an empty side, carries no preference and is left out (counted);
 2. sample a principle of the constitution for each pair (seeded; P(i) ∝ weight);
@@ -31,13 +32,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tether.config import SEED_MAX, check, check_fields, group, opt, to_dict
+from tether.config import SEED_MAX, check, group, opt, to_dict
 from tether.data import load_prompts
 from tether.errors import ConfigError
 from tether.io import write_json, write_jsonl
 from tether.rlaif.constitution import load_constitution
 from tether.rlaif.http import ENDPOINTS, HTTPClient, HTTPGenerator, HTTPJudge
 from tether.rlaif.judge import LMJudge, judge_pairs, order_stats
+from tether.rollout import SamplingConfig
 
 log = logging.getLogger("tether.rlaif")
 
@@ -80,33 +82,41 @@ def make_judge(local: str, http: HTTPOptions, *, max_len: int | None = None, bat
     return HTTPJudge(http.client(), http.url_model, endpoint=http.endpoint, top_logprobs=http.top_logprobs)
 
 
-def make_generator(local: str, http: HTTPOptions, *, max_new_tokens: int, temperature: float, seed: int):
+def make_generator(local: str, http: HTTPOptions, *, max_new_tokens: int, temperature: float, seed: int,
+                   gen_batch_size: int = 32):
     """``generate(prompts) -> texts`` from a local model or an HTTP endpoint; exactly one."""
     if bool(local) == bool(http.url):
         raise ValueError("give exactly one writer: --model (a local folder or hub name) or --url (an HTTP endpoint)")
     if http.url:
         return HTTPGenerator(http.client(), http.url_model, endpoint=http.endpoint, max_tokens=max_new_tokens,
                              temperature=temperature)
-    return LocalGenerator(local, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, gen_batch_size=gen_batch_size)
+    return LocalGenerator(local, sampling=sampling, seed=seed)
 
 
 class LocalGenerator:
-    """Sampled (or, at temperature 0, greedy) continuations from a local causal LM."""
+    """Continuations from a local causal LM, sampled as ``sampling`` says (greedy at temperature 0)."""
 
-    def __init__(self, path: str, *, max_new_tokens: int, temperature: float, seed: int):
+    def __init__(self, path: str, *, sampling: SamplingConfig, seed: int):
+        from tether.generation import make_backend
         from tether.models import load_model, load_tokenizer
 
         self.model, self.tokenizer = load_model(path).eval(), load_tokenizer(path)
-        self.name, self.max_new_tokens, self.temperature, self.seed = f"lm:{path}", max_new_tokens, temperature, seed
+        self.backend = make_backend(sampling.backend, self.model, self.tokenizer, model_path=path)
+        self.name, self.sampling, self.seed = f"lm:{path}", sampling, seed
         self.calls = 0
 
     def generate(self, prompts: list[str]) -> list[str]:
-        from tether.rollout import generate
+        from tether.generation import sample_as
 
         self.calls += 1  # a fresh seed each call, the sequence of calls fixed by ``seed``
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
-                        temperature=self.temperature or 1.0, greedy=self.temperature == 0,
-                        seed=self.seed * 1000 + self.calls)
+        pairs = sample_as(self.backend, self.tokenizer, prompts, self.sampling, seed=self.seed * 1000 + self.calls,
+                          greedy=self.sampling.temperature == 0)
+        return self.tokenizer.batch_decode([response for _, response in pairs], skip_special_tokens=True)
+
+
+def _rlaif_sampling() -> SamplingConfig:
+    return SamplingConfig(gen_batch_size=32)  # the batch RLAIF always sampled in: the same seed, the same samples
 
 
 @dataclass
@@ -118,8 +128,6 @@ class LabelConfig:
     constitution: str = opt("default", "constitution file (YAML), or 'default'")
     principles: str = opt("", "comma-separated principle ids to use (empty: every principle of the constitution)")
     samples: int = opt(2, "responses sampled per prompt, paired consecutively (even, at least 2)")
-    max_new_tokens: int = opt(48, "longest response")
-    temperature: float = opt(1.0, "sampling temperature of the policy")
     limit: int = opt(0, "use at most this many prompts (0: all)")
     min_confidence: float = opt(0.0, "leave out pairs with |P(a ≻ b) − ½| below this (0: keep every pair)")
     judge_max_len: int = opt(0, "longest judge prompt in tokens for a local judge (0: the model's own limit)")
@@ -127,6 +135,7 @@ class LabelConfig:
     batch_size: int = opt(32, "pairs judged per batch")
     seed: int = opt(0, "seed of sampling and of the principles drawn")
     overwrite: bool = opt(False, "replace an existing output file")
+    sampling: SamplingConfig = group(_rlaif_sampling, "how the policy's responses are sampled")
     http: HTTPOptions = group(HTTPOptions)
 
     def validate(self) -> None:
@@ -136,8 +145,8 @@ class LabelConfig:
             raise ConfigError("give exactly one judge: --judge (a local folder or hub name) or --url (an HTTP endpoint)")
         if not isinstance(self.samples, int) or self.samples < 2 or self.samples % 2:
             raise ConfigError(f"--samples must be an even number of at least 2, got {self.samples}")
-        check_fields(self, "max_new_tokens batch_size", ge=1, integer=True)
-        check("temperature", self.temperature, gt=0)
+        check("batch_size", self.batch_size, ge=1, integer=True)
+        self.sampling.validate()
         check("limit", self.limit, ge=0, integer=True, note="0: all")
         check("min_confidence", self.min_confidence, ge=0, lt=0.5)
         check("judge_max_len", self.judge_max_len, ge=0, integer=True, note="0: the model's own limit")
@@ -145,15 +154,17 @@ class LabelConfig:
         self.http.validate()
 
 
-def sample_pairs(policy_path: str, rows: list, *, samples: int, max_new_tokens: int, temperature: float,
+def sample_pairs(policy_path: str, rows: list, *, samples: int, sampling: SamplingConfig,
                  seed: int) -> tuple[list[tuple[int, str, str]], Counter]:
     """(prompt row index, a, b) pairs of the policy's samples, and counts of pairs left out."""
+    from tether.generation import make_backend, sample_as
     from tether.models import load_model, load_tokenizer
-    from tether.rollout import generate
 
     policy, tokenizer = load_model(policy_path).eval(), load_tokenizer(policy_path)
+    backend = make_backend(sampling.backend, policy, tokenizer, model_path=policy_path)
     prompts = [r.prompt for r in rows for _ in range(samples)]  # sample k of row i at i·samples + k
-    responses = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    responses = tokenizer.batch_decode([response for _, response in sample_as(backend, tokenizer, prompts, sampling,
+                                                                              seed=seed)], skip_special_tokens=True)
     pairs, left_out = [], Counter()
     for i in range(len(rows)):
         for k in range(0, samples, 2):
@@ -181,8 +192,7 @@ def run_label(cfg: LabelConfig) -> Path:
         raise ValueError(f"{cfg.prompts}: no prompts")
     judge = make_judge(cfg.judge, cfg.http, max_len=cfg.judge_max_len or None, batch_size=cfg.batch_size)
 
-    pairs, left_out = sample_pairs(cfg.policy, rows, samples=cfg.samples, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature, seed=cfg.seed)
+    pairs, left_out = sample_pairs(cfg.policy, rows, samples=cfg.samples, sampling=cfg.sampling, seed=cfg.seed)
     rng = random.Random(cfg.seed)
     principles = [constitution.sample(rng) for _ in pairs]
     judgements = []

@@ -1,8 +1,9 @@
 """``tether rlaif revise``: the supervised stage of Constitutional AI (Bai et al. 2022, Sec. 3).
 
-For each prompt: the policy writes a response; then, ``rounds`` times, a principle is sampled
-(seeded) and the reviser (a local causal LM, by default the policy itself as in the paper, or an
-OpenAI-compatible endpoint) is asked for a critique and then a revision, in the paper's format:
+For each prompt: the policy writes a response (sampled as the ``sampling`` group says; greedy at
+``--temperature 0``); then, ``rounds`` times, a principle is sampled (seeded) and the reviser (a
+local causal LM, by default the policy itself as in the paper, or an OpenAI-compatible endpoint)
+is asked for a critique and then a revision, in the paper's format:
 
     <conversation> <response>
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ from tether.errors import ConfigError
 from tether.io import write_json, write_jsonl
 from tether.rlaif.constitution import Constitution, load_constitution
 from tether.rlaif.label import HTTPOptions, LocalGenerator, make_generator
+from tether.rollout import SamplingConfig
 
 log = logging.getLogger("tether.rlaif")
 
@@ -52,6 +54,10 @@ def revision_prompt(prompt: str, response: str, critique_request: str, critique:
             f"Revision request: {revision_request.strip()}\n\nRevision:")
 
 
+def _revise_sampling() -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=64, gen_batch_size=32)
+
+
 @dataclass
 class ReviseConfig:
     policy: str = opt("", "policy that writes the first responses: a folder, local path or hub name")
@@ -61,13 +67,14 @@ class ReviseConfig:
     constitution: str = opt("default", "constitution file (YAML), or 'default'")
     principles: str = opt("", "comma-separated principle ids to use (empty: every one with critique and revision)")
     rounds: int = opt(1, "critique-then-revise rounds per response, a principle sampled each round")
-    max_new_tokens: int = opt(64, "longest response, critique or revision")
-    temperature: float = opt(1.0, "sampling temperature of the first responses")
-    reviser_temperature: float = opt(0.0, "temperature of critiques and revisions (0: greedy)")
+    reviser_temperature: float = opt(0.0, "temperature of critiques and revisions (0: greedy); their length is "
+                                          "--max-new-tokens, and --temperature 0 makes the first responses greedy")
     limit: int = opt(0, "use at most this many prompts (0: all)")
     batch_size: int = opt(32, "prompts per batch")
     seed: int = opt(0, "seed of sampling and of the principles drawn")
     overwrite: bool = opt(False, "replace an existing output file")
+    sampling: SamplingConfig = group(_revise_sampling, "how the first responses are sampled (top-k, top-p and stop "
+                                                       "strings apply to them only; max_new_tokens to every text)")
     http: HTTPOptions = group(HTTPOptions)
 
     def validate(self) -> None:
@@ -75,8 +82,10 @@ class ReviseConfig:
             raise ConfigError("--policy and --prompts are required")
         if self.model and self.http.url:
             raise ConfigError("give one reviser: --model or --url, not both")
-        check_fields(self, "rounds max_new_tokens batch_size", ge=1, integer=True)
-        check_fields(self, "temperature reviser_temperature", ge=0, note="0: greedy")
+        check_fields(self, "rounds batch_size", ge=1, integer=True)
+        check("temperature", self.sampling.temperature, ge=0, note="0: greedy")
+        check("reviser_temperature", self.reviser_temperature, ge=0, note="0: greedy")
+        replace(self.sampling, temperature=self.sampling.temperature or 1.0).validate()  # the rest; 0 is greedy here
         check("limit", self.limit, ge=0, integer=True, note="0: all")
         check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
         self.http.validate()
@@ -123,9 +132,10 @@ def run_revise(cfg: ReviseConfig) -> Path:
     rows = load_prompts(cfg.prompts, limit=cfg.limit or None)
     if not rows:
         raise ValueError(f"{cfg.prompts}: no prompts")
-    policy = LocalGenerator(cfg.policy, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    policy = LocalGenerator(cfg.policy, sampling=cfg.sampling, seed=cfg.seed)
     reviser = make_generator(cfg.model or ("" if cfg.http.url else cfg.policy), cfg.http,
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.reviser_temperature, seed=cfg.seed + 1)
+                             max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.reviser_temperature,
+                             seed=cfg.seed + 1, gen_batch_size=cfg.sampling.gen_batch_size)
     rng = random.Random(cfg.seed)
     out_rows, left_out = [], Counter()
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="rlaif revise", unit="batch"):

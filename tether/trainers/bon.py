@@ -1,11 +1,14 @@
 """Best-of-N: sample N responses from the policy, keep the one the reward likes best. No training.
 
-For each prompt, ``pool`` ≥ N responses are sampled from π_ref (the model given, temperature 1
-by default) and scored by the reward (tether.rewards.load_reward). The chosen response is the
-highest-reward one among the first N (ties: the first); it goes to ``responses.jsonl``.
+For each prompt, ``pool`` ≥ N responses are sampled from π_ref (the model given, sampled as its
+``sampling`` group says: temperature 1, no top-k/top-p, by default) and scored by the reward
+(tether.rewards.load_reward). The chosen response is the highest-reward one among the first N
+(ties: the first); it goes to ``responses.jsonl``. π_ref is whatever distribution those settings
+sample, so top-k/top-p change π_ref but do not bias the measured KL (it is computed on the pool).
 
 The pool also measures what best-of-N costs and buys, exactly, on the empirical distribution
-π̂_ref of the pool (identical responses merged, each weighing count / pool):
+π̂_ref of the pool (identical responses merged, each weighing count / pool, and each given one
+reward: the mean over its copies where a stochastic reward scored them differently; merge_pool):
 
     π_BoN = tether.theory.bon_distribution(π̂_ref, R, N)    (Beirami et al. 2024, Lemma 1; ties handled)
     measured KL = KL(π_BoN ‖ π̂_ref)                          (tether.theory.kl_divergence)
@@ -31,14 +34,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tether.config import SEED_MAX, check, check_fields, opt, save_yaml, to_dict
+from tether.config import SEED_MAX, check, group, opt, save_yaml, to_dict
 from tether.data import fingerprint, load_prompts
 from tether.errors import ConfigError
+from tether.generation import make_backend, sample_as
 from tether.io import write_json, write_jsonl
 from tether.loop import resolve_device
 from tether.models import load_model, load_tokenizer
 from tether.rewards import RewardFn, load_reward, reward_for_prompts
-from tether.rollout import sample
+from tether.rollout import SamplingConfig
 from tether.theory import bon_distribution, bon_kl, expected_reward, kl_divergence
 from tether.trainers.artifact import check_output, data_info, finish_output, prepare_output, versions
 
@@ -54,46 +58,66 @@ class BoNConfig:
     n: int = opt(4, "N: samples the best is chosen from")
     pool: int = opt(32, "samples per prompt for the measured KL and expected reward (at least N)")
     limit: int = opt(0, "use a seeded sample of this many prompts (0: all)")
-    max_new_tokens: int = opt(48, "longest response in tokens")
-    temperature: float = opt(1.0, "sampling temperature of π_ref (the KL is to this distribution)")
-    gen_batch_size: int = opt(64, "sequences generated at once")
     seed: int = opt(0, "seed for the prompt sample and the sampling")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
+    sampling: SamplingConfig = group(SamplingConfig, "how π_ref is sampled (the KL is to this distribution)")
 
     def validate(self) -> None:
         if not self.model or not self.prompts:
             raise ConfigError("--model and --prompts are required")
-        check_fields(self, "n max_new_tokens gen_batch_size", ge=1, integer=True)
+        check("n", self.n, ge=1, integer=True)
+        self.sampling.validate()
         check("limit", self.limit, ge=0, integer=True, note="0: all")
-        check("temperature", self.temperature, gt=0)
         check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
         if self.pool < self.n:
             raise ConfigError(f"--pool must be at least n ({self.n}), got {self.pool}")
 
 
 class PoolStats(NamedTuple):
-    """Best-of-n on one prompt's pool, exact on its empirical distribution: KL(π_BoN ‖ π̂_ref) and E_BoN[R]."""
+    """Best-of-n on one prompt's pool, exact on its empirical distribution: KL(π_BoN ‖ π̂_ref) and E_BoN[R]
+    (and E_BoN[gold] when a second reward, not the one selected on, is given; NaN otherwise)."""
 
     kl: float
     expected_reward: float
+    expected_gold: float = float("nan")
 
 
-def pool_stats(responses: list[tuple[int, ...]], rewards: list[float], n: int) -> PoolStats:
-    """Merge identical responses into π̂_ref(y) = count/M, then best-of-n over it (module docstring).
+def merge_pool(responses, *rewards) -> tuple[np.ndarray, list[np.ndarray]]:
+    """π̂_ref over the pool's distinct responses, and each reward as one value per distinct response.
 
-    Shape: M responses (token-id tuples) with M rewards -> two scalars.
+    ``responses``: M hashable responses (token-id tuples), identical ones merged with weight
+    count / M. A response's reward must be one value: best-of-n selects on R(x, y), a function of
+    the response. Where the copies of one response got different values (a stochastic reward, or
+    a learned one whose score moved with batching), that value is the mean over its copies,
+    the estimate of E[R(x, y)]; for a deterministic reward it is simply its value.
+
+    Shape: M responses, each reward (M,) -> p_ref (K,), [reward (K,), ...] for K distinct responses.
     """
-    outcomes: dict[tuple[int, ...], list] = {}
-    for y, r in zip(responses, rewards):
-        if y in outcomes and outcomes[y][1] != r:
-            raise ValueError("the reward gave one response two different values; best-of-n needs R(x, y) fixed")
-        outcomes.setdefault(y, [0, r])[0] += 1
-    counts = np.array([c for c, _ in outcomes.values()], dtype=np.float64)
-    values = np.array([r for _, r in outcomes.values()], dtype=np.float64)
-    p_ref = counts / counts.sum()  # (K,)
+    draws: dict = {}  # response -> the positions of its copies, in first-seen order
+    for j, y in enumerate(responses):
+        draws.setdefault(y, []).append(j)
+    counts = np.array([len(js) for js in draws.values()], dtype=np.float64)  # (K,)
+
+    def one_value(r: np.ndarray, js: list[int]) -> float:
+        v = r[js]
+        return float(v[0]) if (v == v[0]).all() else float(v.mean())  # equal copies keep their exact value (ties)
+
+    merged = [np.array([one_value(np.asarray(r, dtype=np.float64), js) for js in draws.values()]) for r in rewards]
+    return counts / counts.sum(), merged
+
+
+def pool_stats(responses: list[tuple[int, ...]], rewards, n: int, gold=None) -> PoolStats:
+    """Best-of-n over one prompt's pool (module docstring), exact on π̂_ref (:func:`merge_pool`).
+
+    ``rewards`` is what best-of-n selects on; ``gold`` (optional) a second reward whose expectation
+    under the same π_BoN is reported. Shape: M responses with M rewards -> scalars. This is the one
+    pool computation: `tether bon` and tether.instruments.overopt.pool_curve both call it.
+    """
+    p_ref, (values, *others) = merge_pool(responses, rewards, *([gold] if gold is not None else []))
     p_bon = bon_distribution(p_ref, values, n)  # (K,)
-    return PoolStats(float(kl_divergence(p_bon, p_ref)), float(expected_reward(p_bon, values)))
+    expected_gold = float(expected_reward(p_bon, others[0])) if others else float("nan")
+    return PoolStats(float(kl_divergence(p_bon, p_ref)), float(expected_reward(p_bon, values)), expected_gold)
 
 
 def curve_sizes(n: int) -> list[int]:
@@ -111,8 +135,8 @@ def run_bon(cfg: BoNConfig, reward_fn: RewardFn | None = None) -> Path:
     if cfg.limit and cfg.limit < len(records):
         records = random.Random(cfg.seed).sample(records, cfg.limit)
     if reward_fn is None:
-        reward_fn = reward_for_prompts(cfg.reward, records, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                       device=str(device))
+        reward_fn = reward_for_prompts(cfg.reward, records, tokenizer=tokenizer,
+                                       max_new_tokens=cfg.sampling.max_new_tokens, device=str(device))
     else:  # recorded by name in tether.json
         cfg = replace(cfg, reward=f"<function {getattr(reward_fn, '__name__', type(reward_fn).__name__)}>")
         reward_fn = load_reward(reward_fn)
@@ -122,8 +146,8 @@ def run_bon(cfg: BoNConfig, reward_fn: RewardFn | None = None) -> Path:
 
     M, n = cfg.pool, cfg.n
     prompts = [r.prompt for r in records]
-    pairs = sample(model, tokenizer, [p for p in prompts for _ in range(M)], max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, batch_size=cfg.gen_batch_size, seed=cfg.seed)
+    backend = make_backend(cfg.sampling.backend, model, tokenizer, model_path=cfg.model)
+    pairs = sample_as(backend, tokenizer, [p for p in prompts for _ in range(M)], cfg.sampling, seed=cfg.seed)
     texts = tokenizer.batch_decode([resp for _, resp in pairs], skip_special_tokens=True)
     rewards = torch.as_tensor(reward_fn([p for p in prompts for _ in range(M)], texts), dtype=torch.float32)
     rewards = rewards.view(len(prompts), M)  # (P, M)

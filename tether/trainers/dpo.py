@@ -11,7 +11,7 @@ The losses live in tether.losses.preference; this file only gathers their inputs
 - chosen and rejected go through one forward pass (2B rows);
 - the reference log-probs of every train pair the run will visit (the data order is a pure
   function of seed and step) and every eval pair are computed once, before training,
-  with no gradient, and cached under ``$TETHER_CACHE/ref_logps/<key>.safetensors``
+  with no gradient, and cached (tether.scoring.cached_reference) under ``$TETHER_CACHE/ref_logps/<key>.safetensors``
   (default ``~/.cache/tether``), the key a hash of the token ids of every row, the reference
   model's identity (a folder's path, file sizes and mtimes; or a hub name) and the precision.
   A rerun (or --resume) loads them instead of loading the reference model at all; a cache
@@ -21,45 +21,38 @@ The losses live in tether.losses.preference; this file only gathers their inputs
 
 Evaluation on held-out pairs reports loss, implicit rewards β·log(π/π_ref) of chosen and
 rejected, their margin and accuracy, and the mean log-probs of both sides (the known failure
-where both fall shows there). At the end, ``eval/kl_to_ref`` is a Monte-Carlo estimate of
+where both fall shows there). At the end, ``eval/kl`` is a Monte-Carlo estimate of
 KL(π‖π_ref) = E_{y~π}[log π(y|x) − log π_ref(y|x)] on up to ``kl_prompts`` held-out prompts,
-from samples of the trained policy at temperature 1. Departure: tether.rollout.generate returns
-text, so a sample is re-tokenised before scoring; where a tokenizer's round trip is not exact the
-scored tokens differ slightly from the sampled ones.
+from samples of the trained policy at temperature 1, scored on the sampled token ids
+(tether.instruments.kl.sampled_kl) against tether.scoring.reference_for (the policy with its
+adapters off under LoRA on the reference itself, else the reference model, loaded only then).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from tether import distributed
+from tether import scoring
 from tether.config import check, group, opt, to_dict
-from tether.data import fingerprint, load_preferences
+from tether.data import fingerprint, load_preferences, split_eval
 from tether.data.collate import (
     OVERFLOW_CHOICES,
-    Encoded,
     EncodedPair,
     encode_pairs,
     nothing_left,
-    pad,
     pad_pairs_labelled,
     pair_rows,
-    prompt_ids,
 )
 from tether.errors import ConfigError
-from tether.loop import DataOrder, TrainConfig, autocast, resolve_device, train
-from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, sequence_logprobs, sft_nll, simpo_loss
+from tether.instruments.kl import kl_prompt_set, sampled_kl
+from tether.loop import DataOrder, TrainConfig, train
+from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, labelled_tokens, sequence_logprobs, sft_nll, simpo_loss
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
-from tether.trainers.sft import split_eval
 
 log = logging.getLogger("tether.dpo")
 
@@ -119,158 +112,6 @@ class DPOConfig:
         self.train.validate()
 
 
-# --- shared with KTO: log-probs, the reference cache, KL to the reference -----------------
-
-
-@torch.no_grad()
-def batched_logps(model, rows: list[Encoded], pad_id: int, batch_size: int, *, precision: str = "fp32",
-                  average: bool = False) -> torch.Tensor:
-    """Sequence log-probs of labelled rows, batched by length. Shape: N rows -> (N,) on the CPU.
-
-    Under torchrun each rank scores its block of rows and the results are gathered (every rank
-    must call this).
-    """
-    device = next(model.parameters()).device
-
-    def logps(part: list[Encoded]) -> torch.Tensor:
-        order = sorted(range(len(part)), key=lambda i: len(part[i].input_ids))
-        out = torch.zeros(len(part))
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            batch = {k: v.to(device) for k, v in pad([part[i] for i in idx], pad_id).items()}
-            with autocast(device, precision):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
-            out[idx] = sequence_logprobs(logits, batch["labels"], average=average).float().cpu()
-        return out
-
-    return distributed.map_rows(logps, rows)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TETHER_CACHE") or Path.home() / ".cache" / "tether")
-
-
-def model_identity(name: str) -> str:
-    """A folder: its path and every file's size and mtime; otherwise the (hub) name."""
-    path = Path(name)
-    if not path.is_dir():
-        return name
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
-    return json.dumps([str(path.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
-
-
-def reference_logps(ref: str, rows: list[Encoded], pad_id: int, cfg: TrainConfig) -> tuple[torch.Tensor, bool]:
-    """log π_ref of every row (N,), computed once and cached on disk; returns (log-probs, cache hit)."""
-    device = resolve_device(cfg.device)
-    h = hashlib.sha256()
-    h.update(json.dumps([model_identity(ref), device.type, cfg.precision]).encode())
-    for r in rows:
-        h.update(json.dumps([r.input_ids, r.labels], separators=(",", ":")).encode())
-    path = cache_dir() / "ref_logps" / f"{h.hexdigest()[:24]}.safetensors"
-    logps, problem = read_reference_cache(path, len(rows))
-    hit = logps is not None
-    if distributed.all_reduce(torch.tensor(float(hit)), "min").item():  # under torchrun: only if every rank has it
-        log.info("reference log-probs of %d rows: cache hit (%s)", len(rows), path)
-        return logps, True
-    if problem:
-        log.warning("reference log-probs cache %s is unusable (%s): recomputing it", path, problem)
-    else:
-        log.info("reference log-probs of %d rows: computing once (cache miss, %s)", len(rows), path)
-    model = load_model(ref, device=device).eval()
-    logps = batched_logps(model, rows, pad_id, max(cfg.batch_size, 32), precision=cfg.precision)
-    del model
-    if distributed.env().main:
-        write_reference_cache(path, logps)
-    return logps, False
-
-
-def read_reference_cache(path: Path, n: int) -> tuple[torch.Tensor | None, str]:
-    """(log-probs, "") from a cache file that holds ``n`` finite float log-probs; (None, why not) otherwise.
-
-    A missing file is a plain miss (why = ""); an unreadable, truncated, wrong-shaped or non-finite
-    one is reported, and the caller recomputes and replaces it.
-    """
-    if not path.exists():
-        return None, ""
-    try:
-        logps = load_file(str(path)).get("logps")
-    except Exception as e:  # safetensors raises its own error type for a truncated or garbage file
-        return None, f"unreadable: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
-    if logps is None:
-        return None, "no 'logps' tensor"
-    if logps.shape != (n,) or not logps.is_floating_point():
-        return None, f"{tuple(logps.shape)} {logps.dtype} where ({n},) float log-probs were expected"
-    if not torch.isfinite(logps).all():
-        return None, f"{int((~torch.isfinite(logps)).sum())} non-finite value(s)"
-    return logps.float(), ""
-
-
-def write_reference_cache(path: Path, logps: torch.Tensor) -> None:
-    """Write the cache atomically: a temporary file, flushed to disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        save_file({"logps": logps.contiguous()}, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def sample_rows(tokenizer, prompts: list[str], responses: list[str], max_new_tokens: int, max_len: int) -> list[Encoded]:
-    """Re-tokenise sampled responses for scoring; EOS is appended where the sample stopped before the limit."""
-    rows = []
-    for p, r in zip(prompts, responses):
-        prompt = prompt_ids(tokenizer, p)
-        resp = tokenizer(r, add_special_tokens=False)["input_ids"]
-        if len(resp) < max_new_tokens:
-            resp = resp + [tokenizer.eos_token_id]
-        ids = (prompt + resp)[:max_len]
-        rows.append(Encoded(ids, ([-100] * len(prompt) + resp)[:max_len]))
-    return rows
-
-
-def kl_prompt_set(records: list, tokenizer, n: int, max_len: int, max_new_tokens: int) -> list[str]:
-    """Up to ``n`` distinct held-out prompts that leave room for a whole sample within ``max_len``.
-
-    A sample is scored on prompt + response cut to ``max_len`` tokens, so a longer prompt would
-    have its sample cut short and the KL estimate biased: such prompts are passed over (counted).
-    """
-    prompts = list(dict.fromkeys(r.prompt for r in records))
-    fits = [p for p in prompts if len(prompt_ids(tokenizer, p)) <= max_len - max_new_tokens]
-    if n and len(fits) < len(prompts):
-        log.info("KL to the reference: %d of %d held-out prompts leave no room for %d new tokens within "
-                 "max_len=%d and are passed over", len(prompts) - len(fits), len(prompts), max_new_tokens, max_len)
-    return fits[:n]
-
-
-def kl_to_reference(policy, ref: str, tokenizer, prompts: list[str], *, max_new_tokens: int, max_len: int,
-                    cfg: TrainConfig, lora_on_ref: bool = False) -> float:
-    """Monte-Carlo KL(π‖π_ref) = mean over samples y ~ π(·|x) of log π(y|x) − log π_ref(y|x).
-
-    ``lora_on_ref``: the policy is LoRA on the reference itself, so the reference is the policy
-    with its adapters disabled (no second model is loaded).
-    """
-    from tether.rollout import generate
-
-    responses = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=cfg.seed)
-    rows = sample_rows(tokenizer, prompts, responses, max_new_tokens, max_len)
-    pad_id, bs = tokenizer.pad_token_id, max(cfg.batch_size, 32)
-    was_training = policy.training
-    policy.eval()
-    logp = batched_logps(policy, rows, pad_id, bs, precision=cfg.precision)
-    if lora_on_ref:
-        with policy.disable_adapter():
-            ref_logp = batched_logps(policy, rows, pad_id, bs, precision=cfg.precision)
-    else:
-        ref_model = load_model(ref, device=next(policy.parameters()).device).eval()
-        ref_logp = batched_logps(ref_model, rows, pad_id, bs, precision=cfg.precision)
-        del ref_model
-    policy.train(was_training)
-    return (logp - ref_logp).mean().item()
-
-
 # --- the preference step ------------------------------------------------------------------
 
 
@@ -292,12 +133,13 @@ def preference_metrics(out: PreferenceOutput, policy_chosen: torch.Tensor, polic
             "logp_chosen": policy_chosen.detach().mean().item(), "logp_rejected": policy_rejected.detach().mean().item()}
 
 
-def dpo_step(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch: a single forward over 2B rows (chosen then rejected), then the loss.
+def dpo_step(model, batch: dict, cfg: DPOConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One micro-batch: a single forward over 2B rows (chosen then rejected), then the loss summed over pairs.
 
     ``batch`` holds input_ids, attention_mask, labels (2B, T) and ref_chosen, ref_rejected (B,).
     With ``rpo_alpha`` the loss is RPO's  L = L_pref + α · L_NLL(chosen)  (Pang et al. 2024, Eq. 3),
-    L_NLL being ``sft_nll`` over the chosen rows' response tokens.
+    L_pref a mean over the step's pairs and L_NLL ``sft_nll`` over its chosen rows' response tokens
+    (:func:`pair_count` gives both counts).
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
     logps = sequence_logprobs(logits, batch["labels"], average=cfg.loss == "simpo")  # (2B,)
@@ -305,17 +147,24 @@ def dpo_step(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict[str
     out = preference_output(cfg, chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], batch.get("soft_label"))
     metrics = {**preference_metrics(out, chosen, rejected), "tokens": float(batch["attention_mask"].sum())}
     if not cfg.rpo_alpha:
-        return out.loss, metrics
+        return {"pairs": out.losses.sum()}, metrics
     n = chosen.numel()
-    nll, _ = sft_nll(logits[:n], batch["labels"][:n])
-    return out.loss + cfg.rpo_alpha * nll, {**metrics, "nll_chosen": nll.item()}
+    nll = sft_nll(logits[:n], batch["labels"][:n])
+    return ({"pairs": out.losses.sum(), "chosen_tokens": cfg.rpo_alpha * nll.total},
+            {**metrics, "nll_chosen": nll.mean().item()})
+
+
+def pair_count(batch: dict) -> dict[str, float]:
+    """Pairs in a batch of 2B rows (chosen first), and the chosen rows' labelled tokens (RPO's NLL term)."""
+    n = len(batch["input_ids"]) // 2
+    return {"pairs": float(n), "chosen_tokens": float(labelled_tokens(batch["labels"][:n]))}
 
 
 def evaluate_pairs(model, pairs: list[EncodedPair], ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
                    cfg: DPOConfig, pad_id: int) -> dict[str, float]:
     """Loss, implicit rewards, margin, accuracy and log-probs over held-out pairs (pair-weighted means)."""
-    logps = batched_logps(model, pair_rows(pairs), pad_id, max(cfg.train.batch_size, 32),
-                          precision=cfg.train.precision, average=cfg.loss == "simpo")
+    logps = scoring.sequence_logprobs(model, pair_rows(pairs), pad_id, batch_size=max(cfg.train.batch_size, 32),
+                              precision=cfg.train.precision, average=cfg.loss == "simpo")
     chosen, rejected = logps.chunk(2)
     soft = torch.tensor([p.label for p in pairs]) if cfg.label_field else None
     out = preference_output(cfg, chosen, rejected, ref_chosen, ref_rejected, soft)
@@ -353,7 +202,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
         eval_ref_c = eval_ref_r = torch.zeros(m)
         hit = False
     else:
-        ref_logps, hit = reference_logps(ref, pair_rows([pairs[i] for i in seen]) + pair_rows(eval_pairs), pad_id, cfg.train)
+        ref_logps, hit = scoring.cached_reference(ref, pair_rows([pairs[i] for i in seen]) + pair_rows(eval_pairs), pad_id,
+                                          cfg.train)
         k = len(seen)
         ref_c[seen], ref_r[seen] = ref_logps[:k], ref_logps[k : 2 * k]
         eval_ref_c, eval_ref_r = ref_logps[2 * k : 2 * k + m], ref_logps[2 * k + m :]  # (m,), (m,)
@@ -372,17 +222,18 @@ def run_dpo(cfg: DPOConfig) -> Path:
     def eval_fn(m_) -> dict[str, float]:
         return evaluate_pairs(m_, eval_pairs, eval_ref_c, eval_ref_r, cfg, pad_id)
 
-    result = train(model, n, collate, lambda m_, b: dpo_step(m_, b, cfg), cfg.train, out,
+    result = train(model, n, collate, lambda m_, b: dpo_step(m_, b, cfg), cfg.train, out, count=pair_count,
                    eval_fn=eval_fn if eval_pairs else None, resume=cfg.resume, desc=f"dpo {cfg.loss}",
                    run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
     kl_prompts = kl_prompt_set(eval_records, tokenizer, cfg.kl_prompts, cfg.max_len, cfg.kl_max_new_tokens)
     if kl_prompts:
-        metrics["eval/kl_to_ref"] = kl_to_reference(model, ref, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
-                                                    max_len=cfg.max_len, cfg=cfg.train,
-                                                    lora_on_ref=cfg.lora.r > 0 and ref == cfg.model)
-        log.info("KL(π‖π_ref) on %d held-out prompts: %.4f nats", len(kl_prompts), metrics["eval/kl_to_ref"])
+        reference = scoring.reference_for(model, cfg.model, cfg.ref, cfg.lora.r, next(model.parameters()).device)
+        metrics["eval/kl"] = sampled_kl(model, reference, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
+                                               seed=cfg.train.seed, precision=cfg.train.precision).kl
+        del reference
+        log.info("KL(π‖π_ref) on %d held-out prompts: %.4f nats", len(kl_prompts), metrics["eval/kl"])
     data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
     if eval_records:
         data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))

@@ -13,7 +13,7 @@ mean log-ratio over those mismatched pairs, clamped at 0 and detached. Since it 
 gradient, the mismatched rows go through a no-grad forward of the policy. Their reference
 log-probs, like those of every matched row, are computed once before training: the data order
 is a pure function of (seed, micro-batch), so every micro-batch the run will see is known in
-advance. They are cached as in tether.trainers.dpo (a changed seed, batch size or step count
+advance. They are cached as DPO's (tether.scoring.cached_reference; a changed seed, batch size or step count
 is a different key). Held-out evaluation estimates z0 over the whole held-out set the same way.
 """
 
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from tether import distributed
+from tether import distributed, scoring
 from tether.config import check, check_fields, group, opt, to_dict
-from tether.data import fingerprint, load_feedback
+from tether.data import fingerprint, load_feedback, split_eval
 from tether.data.collate import (
     OVERFLOW_CHOICES,
     Encoded,
@@ -38,12 +38,11 @@ from tether.data.collate import (
     pad,
 )
 from tether.errors import ConfigError
+from tether.instruments.kl import kl_prompt_set, sampled_kl
 from tether.loop import DataOrder, TrainConfig, train
 from tether.losses import KTOOutput, kto_loss, sequence_logprobs
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
-from tether.trainers.dpo import batched_logps, kl_prompt_set, kl_to_reference, reference_logps
-from tether.trainers.sft import split_eval
 
 log = logging.getLogger("tether.kto")
 
@@ -113,7 +112,7 @@ def kto_metrics(out: KTOOutput, policy_logps: torch.Tensor, labels: torch.Tensor
     return m
 
 
-def kto_step(model, batch: dict, cfg: KTOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def kto_step(model, batch: dict, cfg: KTOConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One micro-batch. ``batch``: input_ids, attention_mask, labels (B, T) of matched rows and
     kl_input_ids, kl_attention_mask, kl_labels (B, T') of mismatched rows; ref, ref_kl, label (B,)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
@@ -123,7 +122,8 @@ def kto_step(model, batch: dict, cfg: KTOConfig) -> tuple[torch.Tensor, dict[str
         z0 = (sequence_logprobs(kl_logits, batch["kl_labels"]) - batch["ref_kl"]).mean().clamp(min=0)  # ()
     labels = batch["label"].bool()
     out = kto_loss(policy, batch["ref"], labels, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
-    return out.loss, {**kto_metrics(out, policy, labels, z0), "tokens": float(batch["attention_mask"].sum())}
+    # summed over examples (the step divides by all of them); z0 is this micro-batch's own estimate
+    return {"rows": out.losses.sum()}, {**kto_metrics(out, policy, labels, z0), "tokens": float(batch["attention_mask"].sum())}
 
 
 def run_kto(cfg: KTOConfig) -> Path:
@@ -155,8 +155,8 @@ def run_kto(cfg: KTOConfig) -> Path:
     where = {idx: k * cfg.train.batch_size for k, idx in enumerate(micro)}  # micro-batch -> offset of its KL rows
     kl_rows = [r for idx in micro for r in mismatched_rows([examples[i] for i in idx], mx)]
     rows = matched_rows(examples, mx) + matched_rows(eval_examples, mx) + mismatched_rows(eval_examples, mx) + kl_rows
-    ref_logps, hit = reference_logps(ref, rows, pad_id, cfg.train)
-    ref_train, ref_eval, ref_eval_kl, ref_kl = ref_logps.split([n, m, m, len(kl_rows)])
+    reference, hit = scoring.cached_reference(ref, rows, pad_id, cfg.train)
+    ref_train, ref_eval, ref_eval_kl, ref_kl = reference.cached.split([n, m, m, len(kl_rows)])
 
     model = apply_lora(load_model(cfg.model), cfg.lora)
     out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
@@ -174,8 +174,8 @@ def run_kto(cfg: KTOConfig) -> Path:
 
     def eval_fn(model_) -> dict[str, float]:
         bs = max(cfg.train.batch_size, 32)
-        logps = batched_logps(model_, matched_rows(eval_examples, mx) + mismatched_rows(eval_examples, mx), pad_id,
-                              bs, precision=cfg.train.precision)
+        logps = scoring.sequence_logprobs(model_, matched_rows(eval_examples, mx) + mismatched_rows(eval_examples, mx),
+                                          pad_id, batch_size=bs, precision=cfg.train.precision)
         policy, policy_kl = logps.split([m, m])
         z0 = (policy_kl - ref_eval_kl).mean().clamp(min=0)
         labels = torch.tensor([e.label for e in eval_examples])
@@ -183,14 +183,17 @@ def run_kto(cfg: KTOConfig) -> Path:
         return {"eval/loss": o.loss.item(), **{f"eval/{k}": v for k, v in kto_metrics(o, policy, labels, z0).items()}}
 
     result = train(model, n, collate, lambda m_, b: kto_step(m_, b, cfg), cfg.train, out,
+                   count=lambda b: {"rows": float(len(b["label"]))},
                    eval_fn=eval_fn if m >= 2 else None, resume=cfg.resume, desc="kto",
                    run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
     kl_prompts = kl_prompt_set(eval_records, tokenizer, cfg.kl_prompts, mx, cfg.kl_max_new_tokens)
     if kl_prompts:
-        metrics["eval/kl_to_ref"] = kl_to_reference(model, ref, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
-                                                    max_len=mx, cfg=cfg.train, lora_on_ref=cfg.lora.r > 0 and ref == cfg.model)
+        reference = scoring.reference_for(model, cfg.model, cfg.ref, cfg.lora.r, next(model.parameters()).device)
+        metrics["eval/kl"] = sampled_kl(model, reference, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
+                                               seed=cfg.train.seed, precision=cfg.train.precision).kl
+        del reference
     data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
     if eval_records:
         data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from tether.config import check, group, opt, to_dict
-from tether.data import fingerprint, load_sft
+from tether.data import fingerprint, load_sft, split_eval
 from tether.data.collate import Encoded, OverflowCount, encode_sft, nothing_left, pack
 from tether.errors import ConfigError
 from tether.loop import TrainConfig
 from tether.models import TinyConfig, build_tiny, count_parameters, load_model, load_tokenizer, train_tokenizer
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
-from tether.trainers.sft import fit_causal_lm, split_eval
+from tether.trainers.sft import fit_causal_lm
 
 log = logging.getLogger("tether.pretrain")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tether.config import check, group, opt, to_dict
-from tether.data import DataError, fingerprint, load_preferences
+from tether.data import DataError, fingerprint, load_preferences, split_eval
 from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, nothing_left, pad_pairs, prompt_ids
 from tether.instruments.rm_eval import rm_report
 from tether import distributed
@@ -32,7 +32,6 @@ from tether.models import load_model, load_tokenizer
 from tether.models.reward import load_reward_model, mark_trained, raw_scores, set_normalisation
 from tether.rewards import AGGREGATIONS
 from tether.trainers.artifact import check_output, data_info, finish_output, prepare_output, versions, write_artifact
-from tether.trainers.sft import split_eval
 
 log = logging.getLogger("tether.rm")
 
@@ -182,14 +181,17 @@ def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: li
         r = raw_scores(m, batch["input_ids"], batch["attention_mask"])  # (2B,)
         r_w, r_l = r.chunk(2)
         bt = bradley_terry_loss(r_w, r_l, batch["margin"], batch.get("target"))
-        loss = bt.loss + cfg.center_coef * reward_centering(r_w, r_l) if cfg.center_coef else bt.loss
-        return loss, {"accuracy": bt.accuracy.item(), "margin": (r_w - r_l).mean().item(),
+        total = bt.losses.sum()  # over pairs (the step divides by all of them); centring is a mean over pairs too
+        if cfg.center_coef:
+            total = total + cfg.center_coef * reward_centering(r_w, r_l) * len(r_w)
+        return {"pairs": total}, {"accuracy": bt.accuracy.item(), "margin": (r_w - r_l).mean().item(),
                       "tokens": float(batch["attention_mask"].sum())}
 
     def eval_fn(m) -> dict[str, float]:
         return {f"eval/{k}": v for k, v in evaluate_rm(m, eval_pairs, eval_records, pad_id).items()}
 
-    result = train(model, len(pairs), collate, loss_fn, cfg.train, out, eval_fn=eval_fn if eval_pairs else None,
+    result = train(model, len(pairs), collate, loss_fn, cfg.train, out, count=lambda b: {"pairs": len(b["input_ids"]) / 2},
+                   eval_fn=eval_fn if eval_pairs else None,
                    resume=cfg.resume, desc=f"rm {out.name}", run_config=to_dict(cfg))
     model.eval()
     mark_trained(model)  # saved in config.json: the head is trained, normalised or not

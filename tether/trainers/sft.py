@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tether.config import check, group, opt, to_dict
-from tether.data import fingerprint, load_sft
+from tether.data import fingerprint, load_sft, split_eval
 from tether.data.collate import OVERFLOW_CHOICES, Encoded, encode_sft, nothing_left, pack, pad
 from tether.loop import TrainConfig, TrainResult, train
-from tether.distributed import map_rows
 from tether.errors import ConfigError
-from tether.losses import sequence_logprobs, sft_nll
-from tether.losses.lm import IGNORE_INDEX
+from tether.losses import labelled_tokens, sft_nll
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
+from tether.scoring import token_nll
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 
 log = logging.getLogger("tether.sft")
@@ -58,30 +56,23 @@ class SFTConfig:
 # --- shared with pretraining --------------------------------------------------------------
 
 
-def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+def lm_loss(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The summed NLL of a micro-batch's labelled tokens (the step divides by all of its tokens: lm_count)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    loss, count = sft_nll(logits, batch["labels"])
-    # a token mean: split across ranks, each part is weighted by its labelled tokens (tether.distributed)
-    return loss, {"tokens": float(batch["attention_mask"].sum()), "loss_weight": float(count)}
+    nll = sft_nll(logits, batch["labels"])
+    return {"labelled": nll.total}, {"tokens": float(batch["attention_mask"].sum())}
 
 
-def eval_nll(model, rows: list[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Held-out NLL per labelled token (token-weighted over the whole set) and perplexity.
+def lm_count(batch: dict) -> dict[str, float]:
+    return {"labelled": float(labelled_tokens(batch["labels"]))}
 
-    Under torchrun each rank scores its block of rows and the per-row sums are gathered.
+
+def eval_nll(model, rows: list[Encoded], pad_id: int, batch_size: int, precision: str = "fp32") -> dict[str, float]:
+    """Held-out NLL per labelled token (token-weighted over the whole set) and perplexity (tether.scoring.token_nll).
+
+    Under torchrun each rank scores its block of rows and the sums are gathered.
     """
-    device = next(model.parameters()).device
-
-    def per_row(part: list[Encoded]) -> torch.Tensor:  # (k, 2): summed NLL and labelled tokens of each row
-        out = []
-        for i in range(0, len(part), batch_size):
-            batch = {k: v.to(device) for k, v in pad(part[i : i + batch_size], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (b,)
-            out.append(torch.stack([-sequence_logprobs(logits, batch["labels"]).double(), count.double()], -1))
-        return torch.cat(out).cpu()
-
-    total, count = map_rows(per_row, rows).sum(0).tolist()
+    total, count = token_nll(model, rows, pad_id, batch_size=batch_size, precision=precision)
     nll = total / max(count, 1)
     return {"eval/loss": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
 
@@ -92,21 +83,10 @@ def fit_causal_lm(model, tokenizer, rows: list[Encoded], eval_rows: list[Encoded
     stage's config as a dict, kept in every checkpoint (see tether.loop.train)."""
     pad_id = tokenizer.pad_token_id
     return train(
-        model, len(rows), lambda idx: pad([rows[i] for i in idx], pad_id), lm_loss, cfg, out,
+        model, len(rows), lambda idx: pad([rows[i] for i in idx], pad_id), lm_loss, cfg, out, count=lm_count,
         eval_fn=(lambda m: eval_nll(m, eval_rows, pad_id, cfg.batch_size)) if eval_rows else None,
         resume=resume, desc=desc, run_config=run_config,
     )
-
-
-def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded hold-out of ``fraction`` of the records (at least one when fraction > 0)."""
-    if fraction == 0:
-        return records, []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    k = max(1, int(len(records) * fraction))
-    held = set(order[:k])
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
 # --- the stage ----------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""tether.scoring: every log-prob against a direct computation, chunking, eval mode, and the reference kinds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tether.data.collate import Encoded
+from tether.losses.lm import IGNORE_INDEX
+from tether.models import LoraConfig, apply_lora, load_model, load_tokenizer
+from tether.scoring import (
+    Reference,
+    eval_mode,
+    labelled_rows,
+    next_token_logprobs,
+    reference_for,
+    response_logprobs,
+    sequence_logprobs,
+    token_nll,
+)
+
+PROMPTS = ["\n\nHuman: What is 3 plus 4?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:",
+           "\n\nHuman: What is 11 plus 10? Say it twice.\n\nAssistant:", "\n\nHuman: 2?\n\nAssistant:"]
+ANSWERS = [" 3 plus 4 is 7. #### 7", " Hello", " 21", " 2 plus 2 is 4, and that is all. #### 4"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    torch.manual_seed(0)
+    return load_model(tiny_folder), load_tokenizer(tiny_folder)
+
+
+def _rows(tok) -> list[Encoded]:
+    pairs = [(tok(p)["input_ids"], tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+             for p, a in zip(PROMPTS, ANSWERS)]
+    return labelled_rows(pairs)
+
+
+def _alone(model, row: Encoded, temperature: float = 1.0) -> torch.Tensor:
+    """log π of each labelled token of one row, with no padding at all: the direct computation."""
+    with torch.no_grad():
+        logits = model(torch.tensor([row.input_ids])).logits[0, :-1].float() / temperature  # (T-1, V)
+    logp = torch.log_softmax(logits, -1)
+    return torch.tensor([logp[t, y].item() for t, y in enumerate(row.labels[1:]) if y != IGNORE_INDEX])
+
+
+def test_response_logprobs_match_each_row_alone_and_chunks_match_the_whole(tiny):
+    from tether.data.collate import pad
+
+    model, tok = tiny
+    rows = _rows(tok)
+    batch = pad(rows, tok.pad_token_id)
+    with torch.no_grad():
+        whole = response_logprobs(model, batch, 0.7)  # (B, T-1)
+        chunked = response_logprobs(model, batch, 0.7, batch_size=3)
+    assert whole.shape == (len(rows), batch["input_ids"].shape[1] - 1)
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    for b, row in enumerate(rows):
+        mask = batch["labels"][b, 1:] != IGNORE_INDEX
+        assert torch.allclose(whole[b][mask], _alone(model, row, 0.7), atol=1e-5)
+        assert (whole[b][~mask] == 0).all()
+
+
+def test_response_logprobs_carry_gradient_outside_no_grad(tiny):
+    from tether.data.collate import pad
+
+    model, tok = tiny
+    logp = response_logprobs(model, pad(_rows(tok), tok.pad_token_id), batch_size=2)
+    assert logp.requires_grad
+    logp.sum().backward()
+    assert any(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_sequence_logprobs_and_token_nll_match_direct_sums(tiny):
+    model, tok = tiny
+    rows = _rows(tok)
+    direct = torch.stack([_alone(model, r).sum() for r in rows])
+    one = sequence_logprobs(model, rows, tok.pad_token_id, batch_size=1)
+    many = sequence_logprobs(model, rows, tok.pad_token_id, batch_size=3)
+    assert one.shape == (len(rows),) and torch.allclose(one, direct, atol=1e-5)
+    assert torch.allclose(one, many, atol=1e-6)
+    counts = torch.tensor([len(_alone(model, r)) for r in rows])
+    avg = sequence_logprobs(model, rows, tok.pad_token_id, batch_size=2, average=True)
+    assert torch.allclose(avg, direct / counts, atol=1e-5)
+    total, count = token_nll(model, rows, tok.pad_token_id, batch_size=2)
+    assert count == int(counts.sum()) and total == pytest.approx(-direct.sum().item(), abs=1e-4)
+    assert sequence_logprobs(model, [], tok.pad_token_id, batch_size=2).shape == (0,)
+
+
+def test_row_scorers_run_in_eval_mode_and_restore_every_module(tiny):
+    model, tok = tiny
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    try:
+        model.train()
+        first = next(iter(model.children()))
+        first.eval()  # a submodule in its own mode comes back in it
+        sequence_logprobs(model, _rows(tok), tok.pad_token_id, batch_size=2)
+        assert seen and not any(seen)
+        assert model.training and not first.training
+        with eval_mode(model):
+            assert not model.training
+        assert model.training and not first.training
+    finally:
+        hook.remove()
+        model.eval()
+
+
+def test_next_token_logprobs_of_uneven_texts_equal_each_text_alone(tiny):
+    model, tok = tiny
+    cands = [tok(" A", add_special_tokens=False)["input_ids"][0], tok(" B", add_special_tokens=False)["input_ids"][0], 5]
+    for side in ("left", "right"):  # the tokenizer's padding side plays no part
+        tok.padding_side = side
+        got = next_token_logprobs(model, tok, PROMPTS, cands, batch_size=3)
+        assert got.shape == (len(PROMPTS), len(cands))
+        for i, text in enumerate(PROMPTS):
+            with torch.no_grad():
+                last = model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1].float()
+            assert torch.allclose(got[i], torch.log_softmax(last, -1)[cands], atol=1e-5)
+    tok.padding_side = "right"
+    # multi-token candidates: each (text, candidate) a row; single-token ones agree with the fast path
+    multi = [tok(" yes", add_special_tokens=False)["input_ids"], [cands[0]], [cands[1], cands[0]]]
+    got = next_token_logprobs(model, tok, PROMPTS, multi, batch_size=2)
+    for i, text in enumerate(PROMPTS):
+        ids = tok(text)["input_ids"]
+        direct = [_alone(model, Encoded(ids + c, [IGNORE_INDEX] * len(ids) + c)).sum().item() for c in multi]
+        assert got[i].tolist() == pytest.approx(direct, abs=1e-5)
+    fast = next_token_logprobs(model, tok, PROMPTS, [cands[0]], batch_size=4)
+    assert torch.allclose(fast[:, 0], got[:, 1], atol=1e-5)
+    # token ids in place of text (a caller that cut a long text)
+    ids = [tok(t)["input_ids"] for t in PROMPTS]
+    assert torch.allclose(next_token_logprobs(model, tok, ids, cands, batch_size=4),
+                          next_token_logprobs(model, tok, PROMPTS, cands, batch_size=4), atol=1e-6)
+
+
+def test_adapters_off_reference_is_the_base_model(tiny_folder):
+    from tether.data.collate import pad
+
+    tok = load_tokenizer(tiny_folder)
+    base = load_model(tiny_folder).eval()
+    policy = apply_lora(load_model(tiny_folder), LoraConfig(r=4))
+    with torch.no_grad():  # move the adapters away from zero, so the policy differs from the base
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    rows = _rows(tok)
+    ref = reference_for(policy, str(tiny_folder), "", 4, "cpu")
+    assert ref.kind == "adapters_off"
+    want = sequence_logprobs(base, rows, tok.pad_token_id, batch_size=4)
+    assert torch.allclose(ref.sequence_logprobs(rows, tok.pad_token_id, batch_size=2), want, atol=1e-5)
+    assert not torch.allclose(sequence_logprobs(policy, rows, tok.pad_token_id, batch_size=4), want, atol=1e-3)
+    batch = pad(rows, tok.pad_token_id)
+    policy.train()
+    got = ref.response_logprobs(batch, 0.9, batch_size=3)
+    assert policy.training and not got.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(got, response_logprobs(base, batch, 0.9), atol=1e-5)
+    # a different reference name, or no LoRA: a frozen model of its own
+    frozen = reference_for(policy, str(tiny_folder), "", 0, "cpu")
+    assert frozen.kind == "frozen" and not frozen.model.training
+    assert not any(p.requires_grad for p in frozen.model.parameters())
+    assert torch.allclose(frozen.sequence_logprobs(rows, tok.pad_token_id, batch_size=4), want, atol=1e-5)
+
+
+def test_cached_reference_reads_by_row_and_scores_nothing():
+    ref = Reference.cache(torch.tensor([-1.0, -2.0, -3.0]))
+    assert len(ref) == 3 and ref[1].item() == -2.0 and ref[[0, 2]].tolist() == [-1.0, -3.0]
+    assert ref.cached.dtype == torch.float32
+    with pytest.raises(TypeError, match="cannot compute"):
+        ref.sequence_logprobs([], 0, batch_size=1)
+    with pytest.raises(TypeError):
+        Reference.frozen(torch.nn.Linear(1, 1))[0]
+    with pytest.raises(TypeError, match="adapters"):
+        Reference.adapters_off(torch.nn.Linear(1, 1))

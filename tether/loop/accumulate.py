@@ -1,0 +1,109 @@
+"""Gradient accumulation by sums and counts: the one rule by which every stage turns micro-batches into a step.
+
+A stage's loss over one optimiser step is a weighted sum of terms, each a mean over its own units
+(labelled tokens for an NLL, pairs for a preference loss, response tokens for a PPO surrogate):
+
+    L = Σ_k  (1 / N_k) Σ_{u ∈ step} ℓ_k(u),      N_k = Σ_{micro-batches m, ranks r} n_k(m, r)
+
+The step's rows are cut into micro-batches (``grad_accum``) and, under torchrun, spread over ranks.
+Each micro-batch reports the sum S_k(m) = Σ_{u ∈ m} ℓ_k(u) of every term (its ``loss_fn``) and, from
+the batch alone, before any forward pass, how many units n_k(m) it holds (its ``count``). The step's
+counts N_k are summed over the micro-batches and all-reduced over the ranks first; then each
+micro-batch back-propagates Σ_k S_k(m) / N_k (times the world size W, because DDP and FSDP2
+average gradients over ranks). The gradients add up to ∇L exactly, whatever the split: averaging
+each micro-batch's own mean instead (what tether did before) weights a token of a short micro-batch
+more than one of a long one, so the gradient depended on the split (rows with 18 and 2 labelled
+tokens, batch 4 × 1 against 2 × 2: cosine 0.56). Hugging Face's Trainer passes the same global count
+as ``num_items_in_batch``.
+
+Metrics a ``loss_fn`` reports are means over its micro-batch; they are weighted by the micro-batch's
+share of the first term's count, so that they too are means over the step (a ``tokens`` entry is
+summed instead: it feeds the throughput figure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from tether import distributed
+
+Counts = dict[str, float]
+LossFn = Callable[[object], tuple[dict[str, torch.Tensor], dict[str, float]]]
+
+
+def rows(batch: dict) -> Counts:
+    """The default count: every row of the batch is one unit."""
+    return {"rows": float(len(next(iter(batch.values()))))}
+
+
+def step_counts(batches: Sequence, count: Callable[[object], Counts], keys: Sequence[str] = ()) -> Counts:
+    """N_k: each term's units over every micro-batch of the step and every rank (float64, one all-reduce).
+    ``keys``: the terms to count when this rank has no micro-batch (every rank must reduce the same ones)."""
+    local: Counts = dict.fromkeys(keys, 0.0)
+    for batch in batches:
+        for k, v in count(batch).items():
+            local[k] = local.get(k, 0.0) + float(v)
+    if not distributed.env().active:
+        return local
+    keys = sorted(local)
+    total = distributed.all_reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64))
+    return dict(zip(keys, total.tolist()))
+
+
+class Accumulated(NamedTuple):
+    """One step's gradient is in the parameters' ``.grad``. loss: L over the whole step (every rank);
+    metrics: the step means of what ``loss_fn`` reported (reduced over ranks); nonfinite: what went
+    wrong when a micro-batch's loss was not finite on this or another rank (None when all were finite)."""
+
+    loss: float
+    metrics: dict[str, float]
+    nonfinite: str | None
+
+
+def accumulate(module: torch.nn.Module, batches: Sequence, count: Callable[[object], Counts], loss_fn: LossFn,
+               *, context=None, filler=None) -> Accumulated:
+    """Back-propagate one step of ``batches`` (this rank's micro-batches) into ``module``'s gradients.
+
+    ``count(batch)`` gives n_k(m) for every term from the batch alone; ``loss_fn(batch)`` runs the
+    forward pass and returns ({term: S_k(m)}, metrics). ``context()``, if given, wraps each forward
+    pass (autocast). Under torchrun every rank must run as many backward passes as the others (DDP
+    synchronises on the last): a rank with fewer micro-batches repeats ``filler`` (by default its
+    first batch) with weight 0. A non-finite loss is recorded, not raised, so every rank stops together.
+    """
+    env = distributed.env()
+    totals = step_counts(batches, count, keys=count(filler) if filler is not None else ())
+    n = len(batches)
+    if env.active:
+        n = int(distributed.all_reduce(torch.tensor(n), "max").item())
+    padded = list(batches) + [filler if filler is not None else batches[0]] * (n - len(batches))
+    primary = next(iter(totals), None)
+    sums: dict[str, float] = {}
+    bad = None
+    for i, batch in enumerate(padded):
+        weight = 0.0 if i >= len(batches) else float(env.world_size)
+        with context() if context is not None else contextlib.nullcontext():
+            terms, metrics = loss_fn(batch)
+        loss = sum(s / totals[k] for k, s in terms.items() if totals.get(k, 0.0) > 0)
+        if not torch.is_tensor(loss):  # no term has a unit anywhere in the step: nothing to learn from
+            loss = next(iter(terms.values())).sum() * 0.0
+        if i < len(batches):
+            if not torch.isfinite(loss) and bad is None:
+                bad = loss.item()
+            share = count(batch)[primary] / totals[primary] if primary and totals[primary] > 0 else 0.0
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v * share)
+        with distributed.accumulating(module, last=i == n - 1):
+            (loss * weight).backward()
+    if bad is not None:
+        sums["_nonfinite"] = 1.0
+    sums = distributed.reduce_metrics(sums)
+    flagged = sums.pop("_nonfinite", 0.0)
+    nonfinite = f"the loss is {bad}" if bad is not None else ("the loss is not finite on another rank" if flagged
+                                                               else None)
+    return Accumulated(sums.get("loss", 0.0), sums, nonfinite)
+

@@ -1,0 +1,400 @@
+"""Scoring: token and sequence log-probs of rows, and one reference, for every stage, instrument and judge.
+
+Every log-probability tether computes from a model goes through this module:
+
+    response_logprobs     log π(y_t | x, y_<t) at every labelled position          (B, T − 1), grad allowed
+    sequence_logprobs     log π(y | x) = Σ_t log π(y_t | x, y_<t) over labelled tokens   (N,), no grad
+    token_nll             Σ over labelled tokens of −log π(y_t | x, y_<t), and their count
+    next_token_logprobs   log π(c | text) of each candidate continuation c after each text   (N, K)
+
+The per-token formula is written once, in tether.losses.lm.token_logprobs (the next-token shift
+and the IGNORE_INDEX mask); everything here only batches rows and calls it. The row scorers
+(all but :func:`response_logprobs`) run without gradient, in eval mode (each module's previous
+mode restored afterwards), in batches of rows of like length, and under torchrun split the rows
+across ranks and gather the result (tether.distributed.map_rows: every rank must call them).
+
+:class:`Reference` is the one reference π_ref of every stage: a frozen model, the policy with its
+LoRA adapters switched off (no second model in memory), or a cache of precomputed sequence
+log-probs (DPO's and KTO's, computed once before training and kept on disk by
+:func:`cached_reference`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from tether import distributed
+from tether.data.collate import Encoded, pad, prompt_ids
+from tether.losses.lm import IGNORE_INDEX, token_logprobs
+from tether.losses.lm import sequence_logprobs as _sequence_logprobs_of_logits
+
+log = logging.getLogger("tether.scoring")
+
+__all__ = [
+    "Reference",
+    "cached_reference",
+    "eval_mode",
+    "labelled_rows",
+    "next_token_logprobs",
+    "reference_for",
+    "response_logprobs",
+    "sequence_logprobs",
+    "token_nll",
+]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device, precision: str):
+    from tether.loop import autocast  # imported here: tether.loop may itself use this module
+
+    return autocast(device, precision)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run the block with ``model`` in eval mode, then put every submodule back in the mode it was in."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask, labels of a Rollout-like object or a dict."""
+    if isinstance(batch, dict):
+        return batch["input_ids"], batch["attention_mask"], batch["labels"]
+    return batch.input_ids, batch.attention_mask, batch.labels
+
+
+def labelled_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[Encoded]:
+    """(prompt ids, response ids) pairs as rows labelled on the response only (the prompt gets IGNORE_INDEX)."""
+    return [Encoded(list(p) + list(r), [IGNORE_INDEX] * len(p) + list(r)) for p, r in pairs]
+
+
+# --- a padded batch, with gradient where the caller wants it ------------------------------
+
+
+def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int | None = None,
+                      precision: str = "fp32", with_logits: bool = False):
+    """log π(y_t | x, y_<t) at the sampling ``temperature`` at every labelled position, 0 elsewhere.
+
+    ``batch``: anything with ``input_ids``, ``attention_mask`` and ``labels`` (B, T) (a
+    tether.rollout.Rollout) or a dict with those keys; moved to the model's device. Position t
+    scores token t + 1 (tether.losses.lm.token_logprobs). With ``batch_size`` the rows go through
+    the model in chunks of that many (row slices of the already padded batch, so the result is
+    the same) and are concatenated. Gradients flow when called outside ``torch.no_grad``; the
+    model's mode is left as it is. ``precision``: autocast as tether.loop.autocast. With
+    ``with_logits`` also returns the logits (B, T, V) of the same forward passes (for the entropy).
+
+    Shape: (B, T) -> (B, T − 1), float32.
+    """
+    ids, mask, labels = _tensors(batch)
+    device = _device(model)
+    n = ids.shape[0]
+    size = batch_size or max(n, 1)
+    logps, all_logits = [], []
+    for s in range(0, n, size):
+        rows = slice(s, s + size)
+        with _autocast(device, precision):
+            logits = model(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device)).logits  # (b, T, V)
+        logps.append(token_logprobs(logits, labels[rows].to(device), temperature))  # (b, T-1)
+        if with_logits:
+            all_logits.append(logits)
+    out = torch.cat(logps) if logps else torch.zeros(0, max(ids.shape[1] - 1, 0), device=device)
+    if with_logits:
+        return out, (torch.cat(all_logits) if all_logits else None)
+    return out
+
+
+# --- lists of rows: no grad, eval mode, batched by length, sharded over ranks -------------
+
+
+def _score_rows(model, rows: Sequence[Encoded], pad_id: int, batch_size: int, precision: str,
+                score: Callable[[torch.Tensor, dict], torch.Tensor], width: tuple[int, ...] = ()) -> torch.Tensor:
+    """``score(logits, batch)`` of every row, in batches of rows of like length. Shape: N rows -> (N, *width), CPU.
+
+    Rows are sorted by length so that a batch carries little padding; results come back in the
+    rows' own order. Under torchrun each rank scores its block and the blocks are gathered.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = _device(model)
+
+    def part_scores(part: list[Encoded]) -> torch.Tensor:
+        order = sorted(range(len(part)), key=lambda i: len(part[i].input_ids))
+        out = None
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            batch = {k: v.to(device) for k, v in pad([part[i] for i in idx], pad_id).items()}
+            with _autocast(device, precision):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            value = score(logits, batch).cpu()  # (b, *width)
+            if out is None:
+                out = torch.zeros((len(part), *value.shape[1:]), dtype=value.dtype)
+            out[idx] = value
+        return out if out is not None else torch.zeros((0, *width))
+
+    with torch.no_grad(), eval_mode(model):
+        return distributed.map_rows(part_scores, list(rows))
+
+
+def sequence_logprobs(model, rows: Sequence[Encoded], pad_id: int, *, batch_size: int, precision: str = "fp32",
+                      average: bool = False) -> torch.Tensor:
+    """log π(y | x) = Σ_t log π(y_t | x, y_<t) over each row's labelled tokens (its response).
+
+    With ``average`` the sum is divided by the row's number of labelled tokens (SimPO's length
+    normalisation). No gradient, eval mode, batched by length, sharded over ranks (module docstring).
+
+    Shape: N rows -> (N,) float32 on the CPU.
+    """
+    return _score_rows(model, rows, pad_id, batch_size, precision,
+                       lambda logits, b: _sequence_logprobs_of_logits(logits, b["labels"], average=average).float())
+
+
+def token_nll(model, rows: Sequence[Encoded], pad_id: int, *, batch_size: int,
+              precision: str = "fp32") -> tuple[float, int]:
+    """(Σ over every labelled token of every row of −log π(y_t | x, y_<t), number of labelled tokens).
+
+    The held-out NLL per token is their ratio (token-weighted over the whole set). Sums are taken
+    in float64. No gradient, eval mode, batched by length, sharded over ranks.
+    """
+    def nll_and_count(logits: torch.Tensor, b: dict) -> torch.Tensor:  # (b, 2)
+        count = (b["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+        return torch.stack([-_sequence_logprobs_of_logits(logits, b["labels"]).double(), count.double()], -1)
+
+    total, count = _score_rows(model, rows, pad_id, batch_size, precision, nll_and_count, (2,)).sum(0).tolist()
+    return float(total), int(count)
+
+
+def next_token_logprobs(model, tokenizer, texts: Sequence[str | Sequence[int]], token_ids: Sequence[int | Sequence[int]],
+                        *, batch_size: int, precision: str = "fp32") -> torch.Tensor:
+    """log π(c_k | text_i) of each candidate continuation c_k after each text: what an LLM judge reads.
+
+    ``texts``: strings (tokenised with the tokenizer's own prefix, tether.data.collate.prompt_ids)
+    or lists of token ids (a caller that cut a long text to fit). ``token_ids``: each candidate a
+    token id, or a list of ids (a continuation of several tokens, scored over all of them:
+    log π(c|x) = Σ_t log π(c_t | x, c_<t)). Texts of any lengths batch together: rows are
+    right-padded by tether itself (the tokenizer's ``padding_side`` plays no part) and each
+    text's last real position is read, so a text scores the same alone or among longer ones.
+
+    When every candidate is one token, one forward pass a text scores all of them; otherwise each
+    (text, candidate) is a row of its own. No gradient, eval mode, sharded over ranks.
+
+    Shape: N texts, K candidates -> (N, K) float32 on the CPU.
+    """
+    contexts = [prompt_ids(tokenizer, t) if isinstance(t, str) else list(t) for t in texts]
+    candidates = [[c] if isinstance(c, int) else list(c) for c in token_ids]
+    if any(not c for c in candidates):
+        raise ValueError("a candidate continuation has no tokens")
+    if any(not c for c in contexts):
+        raise ValueError("a text tokenises to nothing: there is no position to predict its next token from")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if all(len(c) == 1 for c in candidates):
+        ids = torch.tensor([c[0] for c in candidates])  # (K,)
+
+        def last_position(logits: torch.Tensor, b: dict) -> torch.Tensor:  # (b, K)
+            last = b["attention_mask"].sum(-1) - 1  # (b,) right padding: the last real token of each row
+            rows = logits[torch.arange(len(last), device=logits.device), last].float()  # (b, V)
+            return torch.log_softmax(rows, -1)[:, ids.to(rows.device)]
+
+        return _score_rows(model, [Encoded(c, c) for c in contexts], pad_id, batch_size, precision,
+                           last_position, (len(ids),))
+    rows = labelled_rows([(ctx, c) for ctx in contexts for c in candidates])  # candidate k of text i at i·K + k
+    scores = sequence_logprobs(model, rows, pad_id, batch_size=batch_size, precision=precision)
+    return scores.view(len(contexts), len(candidates))
+
+
+# --- the reference ------------------------------------------------------------------------
+
+
+class Reference:
+    """π_ref, one object for every stage: a frozen model, the policy with its adapters off, or a cache.
+
+    - :meth:`frozen`: a model of its own (kept in eval mode, no gradient);
+    - :meth:`adapters_off`: a peft (LoRA) policy scored inside ``policy.disable_adapter()``, i.e.
+      the base weights the adapters were put on (no second copy of the model);
+    - :meth:`cache`: precomputed sequence log-probs (N,), read by row index (``ref[idx]``,
+      ``ref.cached``); it cannot score new rows.
+
+    Model references score with :meth:`response_logprobs` and :meth:`sequence_logprobs`, always
+    without gradient and in eval mode.
+    """
+
+    def __init__(self, kind: str, model=None, cached: torch.Tensor | None = None):
+        if kind not in ("frozen", "adapters_off", "cache"):
+            raise ValueError(f"unknown reference kind {kind!r}")
+        self.kind, self.model, self.cached = kind, model, cached
+
+    @classmethod
+    def frozen(cls, model) -> Reference:
+        return cls("frozen", model=model)
+
+    @classmethod
+    def adapters_off(cls, policy) -> Reference:
+        if not hasattr(policy, "disable_adapter"):
+            raise TypeError(f"{type(policy).__name__} has no adapters to switch off (a peft model is needed)")
+        return cls("adapters_off", model=policy)
+
+    @classmethod
+    def cache(cls, logps: torch.Tensor) -> Reference:
+        logps = torch.as_tensor(logps)
+        if logps.ndim != 1:
+            raise ValueError(f"a reference cache holds one log-prob a row, (N,); got shape {tuple(logps.shape)}")
+        return cls("cache", cached=logps.float().cpu())
+
+    def __repr__(self) -> str:
+        what = f"{len(self)} rows" if self.kind == "cache" else type(self.model).__name__
+        return f"Reference.{self.kind}({what})"
+
+    def __len__(self) -> int:
+        if self.cached is None:
+            raise TypeError(f"{self!r} is a model, not a cache: it has no length")
+        return len(self.cached)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        """Cached log-probs of rows ``idx`` (an int, slice, list or tensor of row numbers)."""
+        if self.cached is None:
+            raise TypeError(f"{self!r} is a model, not a cache: score rows with sequence_logprobs")
+        return self.cached[idx]
+
+    def _scoring(self, what: str):
+        if self.kind == "cache":
+            raise TypeError(f"a cached reference cannot compute {what} of new rows: index it by row (ref[idx])")
+        return self.model.disable_adapter() if self.kind == "adapters_off" else contextlib.nullcontext()
+
+    def response_logprobs(self, batch, temperature: float = 1.0, *, batch_size: int | None = None,
+                          precision: str = "fp32") -> torch.Tensor:
+        """log π_ref(y_t | x, y_<t) of a padded batch (:func:`response_logprobs`), no grad. Shape: (B, T − 1)."""
+        with self._scoring("response_logprobs"), torch.no_grad(), eval_mode(self.model):
+            return response_logprobs(self.model, batch, temperature, batch_size=batch_size, precision=precision)
+
+    def sequence_logprobs(self, rows: Sequence[Encoded], pad_id: int, *, batch_size: int, precision: str = "fp32",
+                          average: bool = False) -> torch.Tensor:
+        """log π_ref(y | x) of rows (:func:`sequence_logprobs`). Shape: N rows -> (N,) on the CPU."""
+        with self._scoring("sequence_logprobs"):
+            return sequence_logprobs(self.model, rows, pad_id, batch_size=batch_size, precision=precision,
+                                     average=average)
+
+
+def reference_for(policy, model_name: str, ref_name: str, lora_r: int, device, compile_cfg=None) -> Reference:
+    """The reference of a stage that trains ``policy`` from ``model_name`` against ``ref_name`` (empty: the same).
+
+    LoRA on the reference itself (``lora_r > 0`` and the same name): the policy with its adapters
+    off, and no second model is loaded. Otherwise the reference model is loaded frozen on
+    ``device`` (behind torch.compile when ``compile_cfg`` asks for it: tether.loop.compiled).
+    """
+    name = ref_name or model_name
+    if lora_r > 0 and name == model_name:
+        return Reference.adapters_off(policy)
+    from tether.models import load_model
+
+    model = load_model(name, device=device).eval().requires_grad_(False)
+    if compile_cfg is not None:
+        from tether.loop import compiled
+
+        model = compiled(model, compile_cfg)
+    return Reference.frozen(model)
+
+
+# --- a reference cache on disk (DPO, KTO) -------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$TETHER_CACHE``, default ``~/.cache/tether``."""
+    return Path(os.environ.get("TETHER_CACHE") or Path.home() / ".cache" / "tether")
+
+
+def model_identity(name: str) -> str:
+    """A folder: its path and every file's size and mtime; otherwise the (hub) name."""
+    path = Path(name)
+    if not path.is_dir():
+        return name
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return json.dumps([str(path.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+
+
+def cached_reference(ref: str, rows: Sequence[Encoded], pad_id: int, cfg) -> tuple[Reference, bool]:
+    """log π_ref of every row, computed once and cached on disk; returns (Reference.cache, cache hit).
+
+    The file is ``$TETHER_CACHE/ref_logps/<key>.safetensors``, the key a hash of the token ids
+    of every row, the reference model's identity (:func:`model_identity`), the device type and
+    ``cfg.precision`` (``cfg``: a tether.loop.TrainConfig). A hit loads no model at all; a file
+    that is unreadable, of the wrong length or not finite is recomputed and replaced (written
+    atomically). Under torchrun the cache is used only when every rank has it.
+    """
+    from tether.loop import resolve_device
+    from tether.models import load_model
+
+    device = resolve_device(cfg.device)
+    h = hashlib.sha256()
+    h.update(json.dumps([model_identity(ref), device.type, cfg.precision]).encode())
+    for r in rows:
+        h.update(json.dumps([r.input_ids, r.labels], separators=(",", ":")).encode())
+    path = cache_dir() / "ref_logps" / f"{h.hexdigest()[:24]}.safetensors"
+    logps, problem = read_reference_cache(path, len(rows))
+    hit = logps is not None
+    if distributed.all_reduce(torch.tensor(float(hit)), "min").item():  # under torchrun: only if every rank has it
+        log.info("reference log-probs of %d rows: cache hit (%s)", len(rows), path)
+        return Reference.cache(logps), True
+    if problem:
+        log.warning("reference log-probs cache %s is unusable (%s): recomputing it", path, problem)
+    else:
+        log.info("reference log-probs of %d rows: computing once (cache miss, %s)", len(rows), path)
+    model = load_model(ref, device=device).eval()
+    logps = sequence_logprobs(model, rows, pad_id, batch_size=max(cfg.batch_size, 32), precision=cfg.precision)
+    del model
+    if distributed.env().main:
+        write_reference_cache(path, logps)
+    return Reference.cache(logps), False
+
+
+def read_reference_cache(path: Path, n: int) -> tuple[torch.Tensor | None, str]:
+    """(log-probs, "") from a cache file that holds ``n`` finite float log-probs; (None, why not) otherwise.
+
+    A missing file is a plain miss (why = ""); an unreadable, truncated, wrong-shaped or non-finite
+    one is reported, and the caller recomputes and replaces it.
+    """
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None, ""
+    try:
+        logps = load_file(str(path)).get("logps")
+    except Exception as e:  # safetensors raises its own error type for a truncated or garbage file
+        return None, f"unreadable: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    if logps is None:
+        return None, "no 'logps' tensor"
+    if logps.shape != (n,) or not logps.is_floating_point():
+        return None, f"{tuple(logps.shape)} {logps.dtype} where ({n},) float log-probs were expected"
+    if not torch.isfinite(logps).all():
+        return None, f"{int((~torch.isfinite(logps)).sum())} non-finite value(s)"
+    return logps.float(), ""
+
+
+def write_reference_cache(path: Path, logps: torch.Tensor) -> None:
+    """Write the cache atomically: a temporary file, flushed to disk, then renamed over ``path``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({"logps": logps.contiguous()}, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -253,7 +253,7 @@ def tether_run(a, clock: Clock) -> dict:
 
     import torch
 
-    from tether.loop import TrainConfig, build_optimizer, compiled, train
+    from tether.loop import TrainConfig, compiled, train
 
     d, stage, B = _data(a), a.stage, a.batch
     cfg = TrainConfig(steps=a.warmup + a.steps, batch_size=B, lr=a.lr, warmup_steps=0, schedule="constant",
@@ -265,6 +265,7 @@ def tether_run(a, clock: Clock) -> dict:
         pad_id, max_len = tok.pad_token_id, PROMPT_LEN + COMPLETION_LEN + 1
         if stage == "sft":
             from tether.data.collate import encode_sft, pad
+            from tether.trainers.sft import lm_count as count
             from tether.trainers.sft import lm_loss
 
             rows, _ = encode_sft([_Rec(prompt=p, completion=c) for p, c in zip(d["prompt"], d["chosen"])][:n_rows],
@@ -290,11 +291,15 @@ def tether_run(a, clock: Clock) -> dict:
             def loss_fn(m, batch):
                 clock.tick()
                 r_w, r_l = raw_scores(m, batch["input_ids"], batch["attention_mask"]).chunk(2)
-                return bradley_terry_loss(r_w, r_l).loss, {}
+                return {"pairs": bradley_terry_loss(r_w, r_l).losses.sum()}, {}
+
+            def count(batch):
+                return {"pairs": len(batch["input_ids"]) / 2}
         elif stage == "dpo":
             from tether.data.collate import encode_pairs, pad_pairs_labelled, pair_rows
             from tether.scoring import sequence_logprobs
             from tether.trainers.dpo import DPOConfig, dpo_step
+            from tether.trainers.dpo import pair_count as count
 
             rows, _ = encode_pairs([_Rec(prompt=p, chosen=c, rejected=r) for p, c, r in
                                     zip(d["prompt"], d["chosen"], d["rejected"])][:n_rows], tok, max_len)
@@ -341,11 +346,15 @@ def tether_run(a, clock: Clock) -> dict:
             def loss_fn(m, batch):
                 clock.tick()
                 return kto_step(m, batch, kcfg)
+
+            def count(batch):
+                return {"rows": float(len(batch["label"]))}
         with tempfile.TemporaryDirectory() as out:
-            train(model, len(rows), collate, loss_fn, cfg, Path(out), desc=f"tether {stage}")
+            train(model, len(rows), collate, loss_fn, cfg, Path(out), count=count, desc=f"tether {stage}")
         return clock.summary(a.warmup, extra)
 
-    # RL stages: the trainers' own functions, one iteration a step
+    # RL stages: the trainers' own stages and functions, one iteration a step
+    from _run import Steps  # bench/_run.py: an RL update's optimiser steps (tether.loop.Run's, without its checkpoints)
     from tether.generation import make_backend
     from tether.rewards import load_reward
 
@@ -354,36 +363,44 @@ def tether_run(a, clock: Clock) -> dict:
     reward = load_reward(diversity_reward)
     prompts = d["prompt"]
     if stage in ("grpo", "rloo"):
-        from tether.trainers.grpo import GRPOConfig, RLOOConfig, batch_logprobs, generate_batch, score_batch, update
+        from tether.scoring import Reference
+        from tether.trainers.grpo import CriticFree, GRPOConfig
+        from tether.trainers.rl import Inputs
+        from tether.trainers.rloo import RLOO, RLOOConfig
 
         G = a.group
-        rcfg = (GRPOConfig if stage == "grpo" else RLOOConfig)(model="bench", prompts="bench")
-        s = rcfg.sampling
-        s.group_size, s.prompts_per_step, s.max_new_tokens = G, a.rl_batch // G, a.new_tokens
-        s.gen_batch_size = a.rl_batch
-        rcfg.train = TrainConfig(batch_size=a.rl_batch, lr=a.lr, warmup_steps=0, schedule="constant",
+        rcfg = (GRPOConfig if stage == "grpo" else RLOOConfig)(model="bench", prompts="bench", group_size=G,
+                                                               prompts_per_step=a.rl_batch // G)
+        rcfg.sampling.max_new_tokens, rcfg.sampling.gen_batch_size = a.new_tokens, a.rl_batch
+        # one optimiser step on the whole batch (batch_size x grad_accum rows), as TRL takes
+        rcfg.train = TrainConfig(batch_size=a.rl_batch, grad_accum=1, lr=a.lr, warmup_steps=0, schedule="constant",
                                  device="cpu", precision="fp32", max_grad_norm=1.0, compile=a.compiled)
         rcfg.beta = 0.04 if stage == "grpo" else 0.05
         rcfg.validate()
-        ref = compiled(copy.deepcopy(model).eval().requires_grad_(False), rcfg.train)
-        model.train()
-        fwd = compiled(model, rcfg.train)  # as in the trainer: scoring and update passes
-        sampler = make_backend("tether", model, tok, compile=a.compiled)  # and the sampler's own decoding
-        opt = build_optimizer(model, rcfg.train)
-        k = s.prompts_per_step
-        for it in range(a.warmup + a.steps + 1):  # the last start closes the last timed step
-            clock.tick()
-            if it == a.warmup + a.steps:
-                break
-            batch = generate_batch(model, tok, prompts[it * k : (it + 1) * k], it, rcfg, backend=sampler)
-            scored = score_batch(fwd, lambda b: batch_logprobs(ref, b, rcfg), reward, batch, rcfg)
-            update(fwd, opt, batch, scored, rcfg)
+        ref = Reference.frozen(compiled(copy.deepcopy(model).eval().requires_grad_(False), rcfg.train))
+        model.eval()  # as the trainer holds the policy (no dropout in RL)
+        sampler = make_backend("tether", model, tok, compile=a.compiled)  # the sampler's own decoding
+        k = rcfg.prompts_per_step  # the prompts TRL's run takes, each once (the stage's seeded order: one epoch)
+        inputs = Inputs(tok, [], [], prompts[: (a.warmup + a.steps) * k], [], reward, rcfg)
+        with tempfile.TemporaryDirectory() as out:  # the stage's output folder: nothing is written (no evaluation)
+            # the trainer's own stage: compiled scoring and update passes, as in a run
+            rl = (CriticFree if stage == "grpo" else RLOO)(rcfg, inputs, model, model, ref, sampler, Path(out),
+                                                           torch.device("cpu"))
+            steps = Steps(model, rcfg.train)
+            for it in range(a.warmup + a.steps + 1):  # the last start closes the last timed step
+                clock.tick()
+                if it == a.warmup + a.steps:
+                    break
+                batch = rl.rollout(it)
+                scored, _, _ = rl.score(batch)
+                rl.after_update(rl.update(batch, scored, steps))
         return clock.summary(a.warmup)
 
     # PPO: policy, reference, reward model and critic, as TRL's PPOTrainer has them
     from tether.models.reward import raw_scores
     from tether.models.value import ActorCritic, ValueModel
-    from tether.rollout import policy_logprobs, rollout
+    from tether.rollout import SamplingConfig, rollout
+    from tether.scoring import Reference
     from tether.trainers.ppo import PPOConfig, ppo_update, score_rollout, sequence_scores
 
     rm, _ = _load(a, "rm")
@@ -394,16 +411,17 @@ def tether_run(a, clock: Clock) -> dict:
         enc = tok([p + " " + r for p, r in zip(ps, rs)], return_tensors="pt", padding=True)
         return raw_scores(rm, enc["input_ids"], enc["attention_mask"])
 
-    pcfg = PPOConfig(model="bench", prompts="bench", rollout_batch=a.rl_batch, epochs=4, max_new_tokens=a.new_tokens)
-    pcfg.train = TrainConfig(batch_size=a.rl_batch, lr=a.lr, warmup_steps=0, schedule="constant", device="cpu",
-                             precision="fp32", max_grad_norm=1.0, compile=a.compiled)
+    pcfg = PPOConfig(model="bench", prompts="bench", rollout_batch=a.rl_batch, epochs=4,
+                     sampling=SamplingConfig(max_new_tokens=a.new_tokens, gen_batch_size=a.rl_batch))
+    pcfg.train = TrainConfig(batch_size=a.rl_batch, grad_accum=1, lr=a.lr, warmup_steps=0, schedule="constant",
+                             device="cpu", precision="fp32", max_grad_norm=1.0, compile=a.compiled)
     pcfg.validate()
-    reference = compiled(copy.deepcopy(model).eval().requires_grad_(False), pcfg.train)
+    reference = Reference.frozen(compiled(copy.deepcopy(model).eval().requires_grad_(False), pcfg.train))
     critic_src, _ = _load(a, "rm")  # the critic starts from the same backbone, as TRL's value model does
     ac = ActorCritic(model, ValueModel(critic_src.model)).eval()
     fwd = compiled(ac, pcfg.train)
     sampler = make_backend("tether", model, tok, compile=a.compiled)
-    opt = build_optimizer(ac, pcfg.train)
+    steps = Steps(ac, pcfg.train)
     n = a.rl_batch
     for it in range(a.warmup + a.steps + 1):
         clock.tick()
@@ -414,8 +432,8 @@ def tether_run(a, clock: Clock) -> dict:
         raw = torch.as_tensor(rm_reward(b.prompts, b.responses), dtype=torch.float32)
         empty = torch.tensor([not r.strip() for r in b.responses])
         _, sc = sequence_scores(raw, empty, b.ended, pcfg)
-        scored, _ = score_rollout(fwd, lambda x: policy_logprobs(reference, x), b, sc, pcfg, pcfg.beta)
-        ppo_update(fwd, opt, b, scored, pcfg, it, None)
+        scored, _ = score_rollout(fwd, reference, b, sc, pcfg, pcfg.beta)
+        ppo_update(fwd, steps, b, scored, pcfg, it, None)
     return clock.summary(a.warmup)
 
 

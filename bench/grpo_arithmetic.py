@@ -73,12 +73,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = arithmetic_files(Path(a.world), out)
     grpo = out / "grpo"
+    batch = a.group_size * a.prompts_per_step
+    micro = min(64, batch)  # one optimiser step per rollout batch: micro-batches of 64 rows, batch / 64 of them
     if not (grpo / "tether.json").exists():
         sh(TETHER + ["grpo", "--model", a.sft, "--prompts", str(files["train"]), "--eval-prompts", str(files["eval"]),
                      "--reward", "exact_match", "--out", str(grpo), "--group-size", str(a.group_size),
                      "--prompts-per-step", str(a.prompts_per_step), "--max-new-tokens", "24", "--steps", str(a.steps),
                      "--lr", str(a.lr), "--beta", str(a.beta), "--eval-every", "25", "--save-every", "0",
-                     "--batch-size", "64", "--gen-batch-size", "256", "--seed", str(a.seed), "--overwrite"]
+                     "--batch-size", str(micro), "--grad-accum", str(batch // micro), "--gen-batch-size", "256",
+                     "--seed", str(a.seed), "--overwrite"]
            + a.grpo_args.split(),
            out / "grpo.log")
     import torch

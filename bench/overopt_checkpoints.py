@@ -35,7 +35,8 @@ def policy_state(checkpoint: Path) -> dict:
 @torch.no_grad()
 def measure(policy, base, tok, prompts: list[str], reward_fn, a) -> dict[str, list[float]]:
     """Per sample: gold, proxy, k1 KL from the base and length, over ``a.samples`` seeded passes."""
-    from tether.rollout import policy_logprobs, rollout
+    from tether.rollout import rollout
+    from tether.scoring import response_logprobs
     from tether.world import gold_rewards
 
     out: dict[str, list[float]] = {"gold": [], "proxy": [], "kl": [], "length": []}
@@ -43,9 +44,8 @@ def measure(policy, base, tok, prompts: list[str], reward_fn, a) -> dict[str, li
         batch = rollout(policy, tok, prompts, max_new_tokens=a.max_new_tokens, seed=a.seed + k, batch_size=64)
         out["gold"] += gold_rewards(batch.prompts, batch.responses)
         out["proxy"] += torch.as_tensor(reward_fn(batch.prompts, batch.responses), dtype=torch.float32).tolist()
-        for i in range(0, len(prompts), 64):  # k1 per response, 64 rows a forward
-            part = batch.rows(list(range(i, min(i + 64, len(prompts)))))
-            out["kl"] += (policy_logprobs(policy, part) - policy_logprobs(base, part)).sum(-1).tolist()
+        logp, base_logp = (response_logprobs(m, batch, batch_size=64) for m in (policy, base))  # 64 rows a forward
+        out["kl"] += (logp - base_logp).sum(-1).tolist()  # k1 per response
         out["length"] += batch.mask.sum(-1).float().tolist()
     return out
 

@@ -7,9 +7,12 @@
 One iteration = generate (prompts_per_step x group_size samples of max_new_tokens tokens with a KV
 cache), score (the reward, log π_old and log π_ref of every sample; PPO adds the critic's values
 and GAE) and update (GRPO/RLOO: inner_iters optimiser steps, micro-batches of batch_size rows; PPO:
---ppo-epochs passes over mini-batches of batch_size rows through policy and critic). Each stage
-is the trainer's own function (tether.trainers.grpo, tether.trainers.ppo), timed after warm-up
-iterations that are not. PPO samples one response per prompt, prompts_per_step x group_size
+--ppo-epochs passes over mini-batches of batch_size rows through policy and critic; the optimiser
+steps of tether.loop.Run without its checkpoints and log: bench/_run.Steps). GRPO and RLOO run
+the trainer's own stage (tether.trainers.grpo.CriticFree, tether.trainers.rloo.RLOO: rollout,
+score, update and after_update, as tether.loop.rl calls them); PPO the trainer's functions
+(tether.rollout.rollout, tether.trainers.ppo.score_rollout and ppo_update). Each stage is timed
+after warm-up iterations that are not. PPO samples one response per prompt, prompts_per_step x group_size
 prompts, so every algorithm scores the same number of samples. Models are freshly
 initialised (the sizes of bench/train_throughput.py's MODELS) so they rarely emit EOS: every
 response runs the full max_new_tokens, the worst case. A reference model is loaded (β > 0), as in a
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _run import Steps  # noqa: E402  bench/_run.py: an RL update's optimiser steps, without a run's checkpoints
 from train_throughput import MODELS  # noqa: E402  the same model sizes as the training benchmark
 
 PROMPTS = [f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:" for a in range(20) for b in range(20)]
@@ -61,37 +65,52 @@ def build(name: str, device: str, max_positions: int):
 
 
 def setup_critic_free(algo: str, name: str, args) -> tuple[dict, list[tuple[str, Callable[[dict], None]]]]:
-    """GRPO or RLOO: the trainer's generate_batch, score_batch and update, on a format reward."""
+    """GRPO or RLOO: the trainer's own stage (tether.trainers.grpo.CriticFree, tether.trainers.rloo.RLOO), its
+    rollout, score and update (then after_update, as the RL loop calls it), on a format reward."""
     import copy
+    import tempfile
 
-    from tether.loop import build_optimizer
+    import torch
+
+    from tether.generation import make_backend
     from tether.rewards import load_reward
-    from tether.trainers.grpo import GRPOConfig, RLOOConfig, batch_logprobs, generate_batch, score_batch, update
+    from tether.scoring import Reference
+    from tether.trainers.grpo import CriticFree, GRPOConfig
+    from tether.trainers.rl import Inputs
+    from tether.trainers.rloo import RLOO, RLOOConfig
 
-    cfg = (GRPOConfig if algo == "grpo" else RLOOConfig)(model="bench", prompts="bench")
-    s = cfg.sampling
-    s.group_size, s.prompts_per_step, s.max_new_tokens = args.group_size, args.prompts_per_step, args.max_new_tokens
-    s.gen_batch_size = args.group_size * args.prompts_per_step
-    cfg.train.batch_size, cfg.train.device, cfg.inner_iters = args.batch_size, args.device, args.inner_iters
+    rows = args.group_size * args.prompts_per_step
+    cfg = (GRPOConfig if algo == "grpo" else RLOOConfig)(model="bench", prompts="bench", group_size=args.group_size,
+                                                          prompts_per_step=args.prompts_per_step,
+                                                          inner_iters=args.inner_iters)
+    cfg.sampling.max_new_tokens, cfg.sampling.gen_batch_size = args.max_new_tokens, rows
+    # one optimiser step on the whole batch a pass: micro-batches of batch_size rows, rows / batch_size of them
+    cfg.train.batch_size, cfg.train.grad_accum, cfg.train.device = args.batch_size, rows // args.batch_size, args.device
     cfg.validate()
+    device = torch.device(args.device)
     model, tokenizer = build(name, args.device, max_positions=args.max_new_tokens + 32)
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    state = {"model": model.train(), "tokenizer": tokenizer, "optimizer": build_optimizer(model, cfg.train),
-             "reward": load_reward("format"), "cfg": cfg, "step": 0,
-             "reference": lambda batch: batch_logprobs(ref, batch, cfg)}
+    model.eval()  # as the trainer holds it (tether.trainers.rl.load_policy: no dropout in RL)
+    reference = Reference.frozen(copy.deepcopy(model).eval().requires_grad_(False))
+    reward = load_reward("format")
+    inputs = Inputs(tokenizer, [], [], PROMPTS, [], reward, cfg)
+    out = tempfile.TemporaryDirectory(prefix="rl_iteration-")  # the stage's output folder: nothing is written there
+    stage = (CriticFree if algo == "grpo" else RLOO)(cfg, inputs, model, model, reference,
+                                                     make_backend("tether", model, tokenizer), Path(out.name), device)
+    stage.gold = False  # PROMPTS are gold-world questions, but the gold reward is a metric, not the iteration's work
+    state = {"model": model, "stage": stage, "run": Steps(model, cfg.train), "out": out, "step": 0}
 
     def generate(st):
-        k = st["step"] * s.prompts_per_step % len(PROMPTS)
-        st["batch"] = generate_batch(st["model"], st["tokenizer"], PROMPTS[k : k + s.prompts_per_step], st["step"], cfg)
+        st["batch"] = st["stage"].rollout(st["step"])
 
     def score(st):
-        st["scored"] = score_batch(st["model"], st["reference"], st["reward"], st["batch"], cfg)
+        st["scored"], _, _ = st["stage"].score(st["batch"])
 
-    def step(st):
-        update(st["model"], st["optimizer"], st["batch"], st["scored"], cfg)
+    def update(st):
+        metrics = st["stage"].update(st["batch"], st["scored"], st["run"])
+        st["stage"].after_update(metrics)
         st["step"] += 1
 
-    return state, [("generate", generate), ("score", score), ("update", step)]
+    return state, [("generate", generate), ("score", score), ("update", update)]
 
 
 def setup_ppo(name: str, args) -> tuple[dict, list[tuple[str, Callable[[dict], None]]]]:
@@ -100,27 +119,28 @@ def setup_ppo(name: str, args) -> tuple[dict, list[tuple[str, Callable[[dict], N
 
     import torch
 
-    from tether.loop import build_optimizer
+    from tether.loop import autocast
     from tether.models.value import ActorCritic, ValueModel
     from tether.rewards import load_reward
-    from tether.rollout import policy_logprobs, rollout
+    from tether.rollout import SamplingConfig, rollout
+    from tether.scoring import Reference
     from tether.trainers.ppo import PPOConfig, ppo_update, score_rollout, sequence_scores
 
     n = args.group_size * args.prompts_per_step
     cfg = PPOConfig(model="bench", prompts="bench", rollout_batch=n, epochs=args.ppo_epochs,
-                    max_new_tokens=args.max_new_tokens)
-    cfg.train.batch_size, cfg.train.device = args.batch_size, args.device
+                    sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, gen_batch_size=n))
+    cfg.train.batch_size, cfg.train.device = args.batch_size, args.device  # mini-batches of batch_size rows
     cfg.validate()
+    device = torch.device(args.device)
     policy, tokenizer = build(name, args.device, max_positions=args.max_new_tokens + 32)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reference = Reference.frozen(copy.deepcopy(policy).eval().requires_grad_(False))
     critic = ValueModel(copy.deepcopy(policy.model))  # the backbone under a zero value head, as from an RM folder
     ac = ActorCritic(policy, critic).to(args.device).eval()
-    state = {"ac": ac, "tokenizer": tokenizer, "optimizer": build_optimizer(ac, cfg.train),
-             "reward": load_reward("format"), "step": 0}
+    state = {"ac": ac, "tokenizer": tokenizer, "run": Steps(ac, cfg.train), "reward": load_reward("format"), "step": 0}
 
     def generate(st):
         k = st["step"] * n % len(PROMPTS)
-        st["batch"] = rollout(policy, tokenizer, (PROMPTS * 2)[k : k + n], max_new_tokens=cfg.max_new_tokens,
+        st["batch"] = rollout(policy, tokenizer, (PROMPTS * 2)[k : k + n], max_new_tokens=cfg.sampling.max_new_tokens,
                               seed=st["step"], batch_size=n).to(args.device)
 
     def score(st):
@@ -128,10 +148,11 @@ def setup_ppo(name: str, args) -> tuple[dict, list[tuple[str, Callable[[dict], N
         raw = torch.as_tensor(st["reward"](b.prompts, b.responses), dtype=torch.float32).to(args.device)
         empty = torch.tensor([not r.strip() for r in b.responses], device=args.device)
         _, scores = sequence_scores(raw, empty, b.ended, cfg)
-        st["scored"], _ = score_rollout(ac, lambda x: policy_logprobs(reference, x), b, scores, cfg, cfg.beta)
+        with autocast(device, cfg.train.precision):  # as the trainer scores (tether.trainers.ppo.PPO.score)
+            st["scored"], _ = score_rollout(ac, reference, b, scores, cfg, cfg.beta)
 
     def update(st):
-        ppo_update(ac, st["optimizer"], st["batch"], st["scored"], cfg, st["step"], None)
+        ppo_update(ac, st["run"], st["batch"], st["scored"], cfg, st["step"], None)
         st["step"] += 1
 
     return state, [("generate", generate), ("score", score), ("update", update)]
@@ -187,6 +208,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="iterations before timing starts")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if (args.group_size * args.prompts_per_step) % args.batch_size:
+        ap.error(f"--batch-size ({args.batch_size}) must divide --group-size x --prompts-per-step "
+                 f"({args.group_size * args.prompts_per_step}): an optimiser step (GRPO/RLOO) or a mini-batch (PPO) is "
+                 "whole micro-batches")
     if args.one:
         name, algo = args.one.split(":")
         print(json.dumps(run_one(name, algo, args)))

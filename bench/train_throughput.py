@@ -87,13 +87,17 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         def loss_fn(m, batch):
             times.append((time.perf_counter(), time.process_time()))
             r_w, r_l = raw_scores(m, batch["input_ids"], batch["attention_mask"]).chunk(2)
-            return bradley_terry_loss(r_w, r_l).loss, {}
+            return {"pairs": bradley_terry_loss(r_w, r_l).losses.sum()}, {}
+
+        def count(batch):
+            return {"pairs": len(batch["input_ids"]) / 2}
 
         n = len(pairs)
     elif stage == "dpo":
         from tether.data.collate import pad_pairs_labelled, pair_rows
         from tether.scoring import sequence_logprobs
         from tether.trainers.dpo import DPOConfig, dpo_step
+        from tether.trainers.dpo import pair_count as count
 
         pairs = [EncodedPair(rows[i].input_ids, rows[i + 1].input_ids, seq_len // 4) for i in range(0, len(rows), 2)]
         n = len(pairs)
@@ -141,6 +145,9 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
         def loss_fn(m, batch):
             times.append((time.perf_counter(), time.process_time()))
             return kto_step(m, batch, kcfg)
+
+        def count(batch):
+            return {"rows": float(len(batch["label"]))}
     else:
         def collate(idx):
             return pad([rows[i] for i in idx], 1)
@@ -149,6 +156,8 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
             times.append((time.perf_counter(), time.process_time()))
             return lm_loss(m, batch)
 
+        from tether.trainers.sft import lm_count as count
+
         n = len(rows)
 
     cfg = TrainConfig(steps=warmup + steps, batch_size=batch_size, lr=1e-4, warmup_steps=1, eval_every=0,
@@ -156,7 +165,7 @@ def run_one(name: str, stage: str, device: str, seq_len: int, batch_size: int, s
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        train(model, n, collate, loss_fn, cfg, Path(out), desc=f"{stage} {name}")
+        train(model, n, collate, loss_fn, cfg, Path(out), count=count, desc=f"{stage} {name}")
     timed = len(times) - 1 - warmup  # steps between the first timed step's start and the last one's
     seconds, cpu_seconds = times[-1][0] - times[warmup][0], times[-1][1] - times[warmup][1]
     if device.startswith("cuda"):

@@ -27,13 +27,13 @@ def _train(cfg, **kw):
     return cfg
 
 
-def sft(model, data, out, strategy, resume=False):
+def sft(model, data, out, strategy, resume=False, batch_size=4, grad_accum=1):
     """Through the command line, as a user runs it."""
     from tether.cli import main
 
-    # grad_accum 1 at world size 2: every micro-batch of 4 is split, each half weighted by its tokens
+    # grad_accum 1 at world size 2: every micro-batch of 4 is split, the loss divided by the step's global token count
     args = ["sft", "--model", model, "--data", data / "sft.jsonl", "--out", out, "--eval-fraction", 0.1, "--max-len", 64,
-            "--steps", 4, "--batch-size", 4, "--grad-accum", 1, "--lr", 3e-3, "--warmup-steps", 1, "--eval-every", 2,
+            "--steps", 4, "--batch-size", batch_size, "--grad-accum", grad_accum, "--lr", 3e-3, "--warmup-steps", 1, "--eval-every", 2,
             "--save-every", 2, "--keep-checkpoints", 2, "--device", "cpu", "--strategy", strategy]
     main([str(a) for a in args] + (["--resume"] if resume else []), standalone_mode=False)
 
@@ -64,10 +64,11 @@ def kto(model, data, out, strategy):
 def grpo(model, data, out, strategy):
     from tether.trainers.grpo import GRPOConfig, run_grpo
 
+    # 8 rows an iteration, 2 optimiser steps of 4 (each on one rank's rows: the other runs a zero-weight pass)
     cfg = _train(GRPOConfig(model=model, prompts=str(data / "prompts.jsonl"), eval_prompts=str(data / "eval_prompts.jsonl"),
-                            out=str(out)), steps=3, lr=1e-2, warmup_steps=0, schedule="constant", strategy=strategy)
-    s = cfg.sampling
-    s.group_size, s.prompts_per_step, s.max_new_tokens, s.gen_batch_size, s.eval_samples = 4, 2, 8, 4, 2
+                            out=str(out), group_size=4, prompts_per_step=2, eval_samples=2),
+                 steps=3, lr=1e-2, warmup_steps=0, schedule="constant", strategy=strategy)
+    cfg.sampling.max_new_tokens, cfg.sampling.gen_batch_size = 8, 4
     run_grpo(cfg, digits)
 
 
@@ -84,6 +85,8 @@ def ppo(model, data, out, strategy):
 RUNS = {
     "sft_ddp": lambda *a: sft(*a, "ddp"),
     "sft_fsdp2": lambda *a: sft(*a, "fsdp2"),
+    # the same global batch of 4 as 4 micro-batches of 1 row, 2 a rank: the gradient does not depend on the split
+    "sft_split_ddp": lambda *a: sft(*a, "ddp", batch_size=1, grad_accum=4),
     "rm_ddp": lambda *a: rm(*a, "ddp"),
     "dpo_ddp": lambda *a: dpo(*a, "ddp"),
     "dpo_fsdp2": lambda *a: dpo(*a, "fsdp2"),

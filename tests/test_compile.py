@@ -65,7 +65,7 @@ def test_compiled_grpo_iteration_is_the_same_update(tiny_folder, prompt_file, tm
     for name, flag in (("eager", False), ("compiled", True)):
         cfg = GRPOConfig(model=str(tiny_folder), prompts=str(prompt_file), out=str(tmp_path / name), inner_iters=2)
         cfg.lora.r = lora  # LoRA: the reference is the policy with its adapters off
-        cfg.sampling.group_size, cfg.sampling.prompts_per_step, cfg.sampling.max_new_tokens = 4, 4, 8
+        cfg.group_size, cfg.prompts_per_step, cfg.sampling.max_new_tokens = 4, 4, 8
         cfg.train = replace(cfg.train, steps=1, lr=1e-2, batch_size=8, compile=flag)
         before = len(compiles)
         runs[name] = run_grpo(cfg, digits)

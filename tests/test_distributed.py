@@ -59,7 +59,7 @@ def runs(tiny_folder, tmp_path_factory):
     _write_data(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TETHER_CACHE": str(root / "cache2"), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(distributed_runner.__file__)), str(tiny_folder), str(data), str(root / "w2"), *STAGES, "ppo_ddp"]
+           str(Path(distributed_runner.__file__)), str(tiny_folder), str(data), str(root / "w2"), *STAGES, "ppo_ddp", "sft_split_ddp"]
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     saved = os.environ.get("TETHER_CACHE")
     os.environ["TETHER_CACHE"] = str(root / "cache1")  # its own cache: the DPO reference is computed in both
@@ -101,6 +101,16 @@ def test_world_size_2_matches_world_size_1_at_the_same_global_batch(runs, stage)
                             / "model.safetensors"))
     moved = any(not torch.equal(initial[k], final2[k]) for k in initial if k in final2)
     assert moved or stage.startswith("rm")  # (an RM's head is new: its backbone keys are compared above)
+
+
+@pytest.mark.slow
+def test_sft_at_world_size_2_in_micro_batches_of_one_row_matches_one_process_in_one_batch(runs):
+    """Rows of unequal length (tests/test_accumulate.py splits them in one process): the step's loss is divided
+    by its labelled tokens over every micro-batch and rank, so 4 x 1 rows on 2 ranks trains as 1 x 4 on one."""
+    w1, w2, _ = runs
+    _assert_same_curves(w1 / "sft_ddp", w2 / "sft_split_ddp")
+    final1, final2 = (load_file(str(w / "model.safetensors")) for w in (w1 / "sft_ddp", w2 / "sft_split_ddp"))
+    assert all(torch.allclose(final1[k], final2[k], rtol=1e-4, atol=1e-6) for k in final1)
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def test_an_rl_update_to_non_finite_or_huge_weights_leaves_no_checkpoint_of_them
     prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:"}) + "\n"
                                for a in range(4) for b in range(4)))
     cfg = GRPOConfig(model=str(tiny_folder), prompts=str(prompts), out=str(tmp_path / "grpo"))
-    cfg.sampling.group_size, cfg.sampling.prompts_per_step, cfg.sampling.max_new_tokens = 4, 4, 8
+    cfg.group_size, cfg.prompts_per_step, cfg.sampling.max_new_tokens = 4, 4, 8
     cfg.train.lr, cfg.train.max_grad_norm, cfg.train.steps, cfg.train.save_every = lr, 0.0, 3, 1
     # 1e39: the first update makes the weights infinite; 1e20: huge but finite, and the next update's gradient
     # is NaN, so the checkpoint written after the first (confirmed when its weights sampled) is set aside

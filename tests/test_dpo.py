@@ -17,7 +17,7 @@ from tether.data.collate import EncodedFeedback, encode_pairs, pad, pad_pairs_la
 from tether.losses.lm import IGNORE_INDEX, sequence_logprobs
 from tether.models import load_model, load_tokenizer
 from tether import scoring
-from tether.trainers.dpo import DPO_LOSSES, DPOConfig, dpo_step, run_dpo
+from tether.trainers.dpo import DPO_LOSSES, DPOConfig, dpo_step, pair_count, run_dpo
 from tether.trainers.kto import KTOConfig, mismatched_rows
 from tether.world import format_prompt
 
@@ -58,6 +58,14 @@ def _encoded(tiny_folder, n=6):
     return tokenizer, pairs
 
 
+
+def step_loss(model, batch, cfg):
+    """The loss of a step made of this one micro-batch: each term's sum over its count (tether.loop.accumulate)."""
+    terms, metrics = dpo_step(model, batch, cfg)
+    counts = pair_count(batch)
+    return sum(total / counts[k] for k, total in terms.items()), metrics
+
+
 @pytest.mark.parametrize("loss, smoothing, expected", [
     ("sigmoid", 0.0, math.log(2)),  # h = 0: −log σ(0) = log 2
     ("sigmoid", 0.2, math.log(2)),  # cDPO: −0.8 log σ(0) − 0.2 log σ(0) = log 2
@@ -65,13 +73,14 @@ def _encoded(tiny_folder, n=6):
     ("ipo", 0.0, 25.0),  # (0 − 1/(2·0.1))² = 25
     ("hinge", 0.0, 1.0),  # max(0, 1 − 0.1·0) = 1
 ])
+
 def test_policy_equal_to_reference_gives_the_closed_form_through_the_trainer(tiny_folder, loss, smoothing, expected):
     tokenizer, pairs = _encoded(tiny_folder)
     model = load_model(tiny_folder).eval()
     ref = scoring.sequence_logprobs(model, pair_rows(pairs), tokenizer.pad_token_id, batch_size=4)  # batched differently on purpose
     ref_c, ref_r = ref.chunk(2)
     batch = {**pad_pairs_labelled(pairs, tokenizer.pad_token_id), "ref_chosen": ref_c, "ref_rejected": ref_r}
-    value, metrics = dpo_step(model, batch, DPOConfig(model="m", data="d", loss=loss, label_smoothing=smoothing))
+    value, metrics = step_loss(model, batch, DPOConfig(model="m", data="d", loss=loss, label_smoothing=smoothing))
     assert value.item() == pytest.approx(expected, abs=1e-5)
     assert metrics["reward_margin"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["logp_chosen"] == pytest.approx(ref_c.mean().item(), abs=1e-4)
@@ -85,7 +94,7 @@ def test_rpo_adds_alpha_times_the_per_token_nll_of_the_chosen_responses(tiny_fol
     batch = {**pad_pairs_labelled(pairs, tokenizer.pad_token_id), "ref_chosen": ref_c, "ref_rejected": ref_r}
     tokens = sum(len(p.chosen) - p.prompt_len for p in pairs)
     nll = -ref_c.sum().item() / tokens  # chosen response tokens of the whole batch weigh the same
-    value, metrics = dpo_step(model, batch, DPOConfig(model="m", data="d", rpo_alpha=0.5))
+    value, metrics = step_loss(model, batch, DPOConfig(model="m", data="d", rpo_alpha=0.5))
     assert metrics["nll_chosen"] == pytest.approx(nll, rel=1e-4)
     assert value.item() == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
     with pytest.raises(ValueError, match="rpo-alpha"):
@@ -101,7 +110,7 @@ def test_soft_labels_give_each_pair_its_own_epsilon_through_the_trainer(tiny_fol
     soft = torch.linspace(0.5, 1.0, len(pairs))
     batch = {**pad_pairs_labelled(pairs, tokenizer.pad_token_id), "ref_chosen": ref_c, "ref_rejected": ref_r,
              "soft_label": soft}
-    value, _ = dpo_step(model, batch, DPOConfig(model="m", data="d", beta=0.5, label_field="label_prob"))
+    value, _ = step_loss(model, batch, DPOConfig(model="m", data="d", beta=0.5, label_field="label_prob"))
     bh = torch.tensor(0.5)
     expected = -(soft * torch.nn.functional.logsigmoid(bh) + (1 - soft) * torch.nn.functional.logsigmoid(-bh)).mean()
     assert value.item() == pytest.approx(expected.item(), abs=1e-4)

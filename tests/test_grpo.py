@@ -332,7 +332,6 @@ def test_cli_grpo_runs_with_a_verifiable_reward(tiny_folder, prompt_file, tmp_pa
     result = CliRunner().invoke(main, ["grpo", "--model", str(tiny_folder), "--prompts", str(prompt_file),
                                        "--reward", "format:1.0,overlong(cache=4):1.0", "--group-size", "2",
                                        "--prompts-per-step", "2", "--max-new-tokens", "6", "--steps", "1",
-                                       "--batch-size", "4", "--grad-accum", "1",
                                        "--beta", "0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "GRPO policy in" in result.output

@@ -301,7 +301,8 @@ def test_the_head_is_new_exactly_when_the_folder_has_none(tmp_path, tiny_folder)
 
 def test_the_critic_source_rule(tmp_path, tiny_folder):
     from tether.errors import ModelError
-    from tether.trainers.ppo import PPOConfig, critic_source
+    from tether.models.value import critic_source
+    from tether.trainers.ppo import PPOConfig
 
     rm, ens = make_rm(tiny_folder, tmp_path / "rm"), make_ensemble(tiny_folder, tmp_path / "ens")
     model = str(tiny_folder)
@@ -323,7 +324,8 @@ def test_the_critic_source_rule(tmp_path, tiny_folder):
 
 def test_a_critic_on_a_smaller_vocabulary_is_refused(tmp_path, tiny_folder):
     from tether.errors import ConfigError
-    from tether.trainers.ppo import PPOConfig, critic_source
+    from tether.models.value import critic_source
+    from tether.trainers.ppo import PPOConfig
 
     rm = make_rm(tiny_folder, tmp_path / "rm")
     cfg = json.loads((rm / "config.json").read_text())

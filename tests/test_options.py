@@ -40,7 +40,7 @@ STAGE_BAD = {
             ("--temperature", "nan"), ("--temperature", "0"), ("--kl-target", "nan"), ("--vf-coef", "-1"),
             ("--value-clip", "0"), ("--target-kl", "nan"), ("--ptx-coef", "nan"), ("--reward-clip", "-1"),
             ("--no-eos-penalty", "inf"), ("--empty-score", "nan"), ("--epochs", "0"), ("--eval-size", "0"),
-            ("--max-len", "0"), *LORA_BAD],
+            ("--max-len", "0"), ("--gen-batch-size", "0"), ("--eval-samples", "0"), *LORA_BAD],
     "dpo": [("--beta", "nan"), ("--beta", "0"), ("--label-smoothing", "nan"), ("--label-smoothing", "0.5"),
             ("--simpo-gamma", "nan"), ("--rpo-alpha", "nan"), ("--rpo-alpha", "-1"), ("--eval-fraction", "nan"),
             ("--kl-prompts", "-1"), ("--kl-max-new-tokens", "0"), ("--max-len", "0"), *LORA_BAD],
@@ -50,10 +50,12 @@ STAGE_BAD = {
     "grpo": [("--group-size", "1"), ("--prompts-per-step", "0"), ("--max-new-tokens", "0"), ("--temperature", "nan"),
              ("--temperature", "-1"), ("--gen-batch-size", "0"), ("--eval-samples", "0"), ("--clip-eps", "nan"),
              ("--clip-eps", "1"), ("--clip-eps-high", "nan"), ("--clip-eps-high", "0"), ("--beta", "-1"),
-             ("--beta", "nan"), ("--inner-iters", "0"), *LORA_BAD],
+             ("--beta", "nan"), ("--inner-iters", "0"), ("--top-k", "-1"), ("--top-p", "nan"), ("--eval-size", "0"),
+             *LORA_BAD],
     "rloo": [("--beta", "nan"), ("--clip-eps", "1.5"), ("--temperature", "0"), ("--group-size", "0"),
              ("--inner-iters", "-1"), ("--prompts-per-step", "-1"), ("--max-new-tokens", "0"),
-             ("--gen-batch-size", "0"), ("--eval-samples", "0"), *LORA_BAD],
+             ("--gen-batch-size", "0"), ("--eval-samples", "0"), ("--top-k", "-1"), ("--top-p", "2"),
+             ("--eval-size", "-3"), *LORA_BAD],
     "bon": [("--n", "0"), ("--temperature", "nan"), ("--limit", "-1"), ("--max-new-tokens", "0"),
             ("--gen-batch-size", "0"), ("--seed", "-1"), ("--pool", "2"), ("--top-k", "-1"), ("--top-p", "nan"),
             ("--temperature", "0")],
@@ -158,7 +160,8 @@ def test_the_battery_covers_every_numeric_option_of_every_command():
     from tether.rlaif.train_judge import JudgeTrainConfig
     from tether.trainers.bon import BoNConfig
     from tether.trainers.dpo import DPOConfig
-    from tether.trainers.grpo import GRPOConfig, RLOOConfig
+    from tether.trainers.grpo import GRPOConfig
+    from tether.trainers.rloo import RLOOConfig
     from tether.trainers.kto import KTOConfig
     from tether.trainers.ppo import PPOConfig
     from tether.trainers.pretrain import PretrainConfig

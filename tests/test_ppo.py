@@ -14,14 +14,8 @@ from safetensors.torch import load_file
 
 from tether.rollout import SamplingConfig
 from tether.losses import adaptive_kl_coef
-from tether.trainers.ppo import (
-    PPOConfig,
-    explained_variance,
-    last_token,
-    run_ppo,
-    sequence_scores,
-    shaped_rewards,
-)
+from tether.losses import explained_variance, last_token, shaped_rewards
+from tether.trainers.ppo import PPOConfig, run_ppo, sequence_scores
 from tether.loop import TrainConfig
 from tests.conftest import CORPUS
 from tests.toy import digits, digits_failing_at

@@ -87,7 +87,10 @@ def accumulate(module: torch.nn.Module, batches: Sequence, count: Callable[[obje
         weight = 0.0 if i >= len(batches) else float(env.world_size)
         with context() if context is not None else contextlib.nullcontext():
             terms, metrics = loss_fn(batch)
-        loss = sum(s / totals[k] for k, s in terms.items() if totals.get(k, 0.0) > 0)
+        if missing := [k for k in terms if k not in totals]:
+            raise ValueError(f"loss terms {missing} have no count: count(batch) must give the units of every term "
+                             f"the loss returns (it gave {sorted(totals)})")
+        loss = sum(s / totals[k] for k, s in terms.items() if totals[k] > 0)
         if not torch.is_tensor(loss):  # no term has a unit anywhere in the step: nothing to learn from
             loss = next(iter(terms.values())).sum() * 0.0
         if i < len(batches):

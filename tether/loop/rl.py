@@ -112,6 +112,13 @@ def gold_known(prompts: list[str]) -> bool:
     return bool(prompts) and all(parse_question(question_of(p))[0] != "other" for p in prompts)
 
 
+def gold_metric(batch) -> dict[str, float]:
+    """``reward/gold``: the mean gold reward of a rollout's samples (for prompts the gold world knows)."""
+    from tether.world import gold_rewards
+
+    return {"reward/gold": sum(gold_rewards(batch.prompts, batch.responses)) / len(batch.prompts)}
+
+
 def reward_terms(reward_fn, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reward (N,) and, for a combined reward (tether.rewards.CombinedReward), each term's (N,)."""
     from tether.rewards import CombinedReward
@@ -153,8 +160,8 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], reward_fn, reference,
     repeated = [p for p in prompts for _ in range(samples)]
     n = len(repeated)
     per = -(-n // e.world_size)
-    offset = e.rank * per if e.active else None
-    mine = [repeated[min(i, n - 1)] for i in range(e.rank * per, e.rank * per + per)]  # copies past the end dropped
+    offset = e.rank * per  # chunks seeded by global position: the same samples at any world size
+    mine = [repeated[min(i, n - 1)] for i in range(offset, offset + per)]  # copies past the end are dropped
     batch = rollout(policy, tokenizer, mine, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                     batch_size=sampling.gen_batch_size, seed=seed, index_offset=offset)
     rewards, terms = reward_terms(reward_fn, batch.prompts, batch.responses)

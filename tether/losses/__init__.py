@@ -15,6 +15,10 @@ from tether.losses.policy import (
     GRPOOutput,
     PolicyLossOutput,
     ValueLossOutput,
+    entropy,
+    explained_variance,
+    last_token,
+    shaped_rewards,
     gae,
     grpo_advantages,
     grpo_loss,
@@ -41,7 +45,7 @@ from tether.losses.preference import (
 
 __all__ += [
     "AGGREGATIONS", "aggregation_count", "GAEOutput", "adaptive_kl_coef", "GRPOOutput", "KL_ESTIMATORS", "KTOOutput", "PREFERENCE_LOSSES",
-    "PolicyLossOutput", "PreferenceOutput", "RewardModelOutput", "ValueLossOutput", "bradley_terry_loss",
+    "PolicyLossOutput", "PreferenceOutput", "entropy", "explained_variance", "last_token", "shaped_rewards", "RewardModelOutput", "ValueLossOutput", "bradley_terry_loss",
     "dpo_loss", "gae", "grpo_advantages", "grpo_loss", "hinge_loss", "ipo_loss", "kl_estimate", "kto_loss", "reward_centering",
     "masked_mean", "ppo_policy_loss", "ppo_value_loss", "rloo_advantages", "robust_dpo_loss", "simpo_loss",
     "whiten",

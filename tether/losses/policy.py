@@ -102,6 +102,40 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask.to(x.dtype)
 
 
+# --- PPO's per-token reward and its diagnostics (Ziegler et al. 2019) ---
+
+
+def last_token(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last response token. Shape: (B, T) -> (B,)."""
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    return (positions * mask).argmax(-1)
+
+
+def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_t = −β·kl_t on every response token, plus the sequence reward on the last one.
+
+    Ziegler et al. 2019, eq. 2. Shape: score (B,), kl (B, T), mask (B, T) -> (B, T).
+    """
+    rewards = -beta * kl * mask  # (B, T)
+    rewards[torch.arange(len(score)), last_token(mask)] += score
+    return rewards
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> float:
+    """Masked mean of the per-token entropy of softmax(logits / T). logits (B, T, V), mask (B, T − 1)."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask).item()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(G − V) / Var(G) over response tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
+    resid = returns - values
+    var_resid = masked_mean((resid - masked_mean(resid, mask)).square(), mask)
+    return (1 - var_resid / var.clamp(min=1e-8)).item()
+
+
+
 class PolicyLossOutput(NamedTuple):
     """loss: () the scalar to minimise, total / count. clip_fraction: () share of tokens where the clipped
     branch was active (detached). approx_kl: () masked mean of k3 for KL(π_old || π) (detached).

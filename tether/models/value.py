@@ -11,6 +11,7 @@ Either head starts at zero, so the first advantages are the rewards themselves r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -38,10 +39,11 @@ class ValueModel(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-def load_critic(name_or_path: str | Path) -> ValueModel:
-    """The backbone of any causal-LM or reward-model folder (or hub name) under a zero value head.
+def load_critic(name_or_path: str | Path, lora=None) -> ValueModel:
+    """The backbone of any causal-LM or reward-model folder (or hub name) under a zero value head, with LoRA
+    adapters on it when ``lora`` (a tether.models.LoraConfig) asks for them.
 
-    Which folder PPO starts its critic from is decided in one place, tether.trainers.ppo.critic_source.
+    Which folder PPO starts its critic from is decided in one place, :func:`critic_source`.
     """
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -54,6 +56,10 @@ def load_critic(name_or_path: str | Path) -> ValueModel:
         backbone = from_pretrained(AutoModel.from_pretrained, name_or_path, "critic backbone", dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if lora is not None:
+        from tether.models.hf import apply_lora
+
+        backbone = apply_lora(backbone, lora, task_type="FEATURE_EXTRACTION")
     return ValueModel(backbone)
 
 
@@ -76,3 +82,42 @@ class ActorCritic(nn.Module):
             return logits, self.critic(input_ids, attention_mask)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+
+
+def critic_source(cfg, reward=None) -> str | None:
+    """The model folder (or hub name) PPO's critic starts from; None with ``--value head``.
+
+    The rule, in order: ``--critic-model`` when given; else the first reward-model folder that
+    ``--reward`` reads, as InstructGPT initialised its value function from the RM: an RM folder
+    itself, an ensemble's first member (``member-0``: every member is an RM of the same backbone),
+    or the first learned term of a weighted sum such as ``rm:DIR:1,format:0.2``; else (``gold``,
+    verifiable terms, a ``reward`` object passed to run_ppo) the policy, ``--model``.
+    The source is checked (not loaded) here, so a bad one stops the run before anything is written;
+    so is one whose vocabulary is smaller than the policy's (it could not read the policy's tokens).
+    ``cfg``: a tether.trainers.ppo.PPOConfig (value, critic_model, reward, model).
+    """
+    from tether.errors import ConfigError
+    from tether.models.hf import check_model_source
+    from tether.rewards import reward_model_folders
+
+    if cfg.value != "critic":
+        return None
+    if cfg.critic_model:
+        source = cfg.critic_model
+    else:
+        folders = [] if reward is not None else reward_model_folders(cfg.reward)
+        source = str(folders[0]) if folders else cfg.model
+    check_model_source(source)
+
+    def vocab(folder: str) -> int | None:
+        try:
+            return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # a hub name, or a config without one: transformers decides
+
+    critic_vocab, policy_vocab = vocab(source), vocab(cfg.model)
+    if critic_vocab is not None and policy_vocab is not None and critic_vocab < policy_vocab:
+        raise ConfigError(f"the critic would start from {source}, whose vocabulary ({critic_vocab} tokens) is smaller "
+                          f"than the policy's ({policy_vocab}); expected a model on the policy's tokenizer: pass "
+                          "--critic-model, or --value head")
+    return source

@@ -14,7 +14,7 @@ One iteration (``--steps`` counts iterations):
      RLOO  Â = r' − mean of the other G − 1 rewards r' of the prompt, r' = r − β Σ_t kl_t
            (losses.rloo_advantages; trainers/rloo.py);
 3. update:  ``inner_iters`` passes over the batch in mini-batches of ``batch_size × grad_accum``
-   consecutive rows, one optimiser step each, on losses.grpo_loss (the clipped surrogate with ratio
+   consecutive rows (the whole batch when it is smaller), one optimiser step each, on losses.grpo_loss (the clipped surrogate with ratio
    π/π_old, ε and DAPO's ε_high, plus for GRPO β·k3(π, π_ref) per token inside the loss), aggregated
    per sequence (GRPO), per token (DAPO) or by max_new_tokens (Dr. GRPO); each mini-batch's loss is
    the aggregation's sum over its rows divided by their count across micro-batches and ranks
@@ -49,7 +49,7 @@ from tether.config import check, group, opt, to_dict
 from tether.errors import ConfigError
 from tether.generation import make_backend
 from tether.loop import DataOrder, TrainConfig, TrainingDiverged, accumulate, autocast, compiled, resolve_device
-from tether.loop.rl import clear_samples, evaluate_policy, gold_known, reward_terms, term_name, train_rl
+from tether.loop.rl import clear_samples, evaluate_policy, gold_known, gold_metric, reward_terms, term_name, train_rl
 from tether.losses import AGGREGATIONS, aggregation_count, grpo_advantages, grpo_loss
 from tether.models import count_parameters
 from tether.rewards import RewardFn
@@ -82,6 +82,11 @@ class CriticFreeConfig(RLConfig):
     def rollout_rows(self) -> int:
         return self.prompts_per_step * self.group_size
 
+    def optimizer_rows(self) -> int:
+        """Rows of one optimiser step: batch_size × grad_accum, or the whole rollout batch when that is smaller
+        (a step never spans two rollouts)."""
+        return min(self.step_rows(), self.rollout_rows())
+
     def validate(self) -> None:
         super().validate()
         check("group_size", self.group_size, ge=2, integer=True, note="the baseline comes from the group")
@@ -91,12 +96,11 @@ class CriticFreeConfig(RLConfig):
         check("inner_iters", self.inner_iters, ge=1, integer=True)
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {self.aggregation!r}")
-        if self.rollout_rows() % self.step_rows():
+        if self.rollout_rows() % self.optimizer_rows():
             raise ConfigError(f"the rollout batch, prompts_per_step x group_size ({self.rollout_rows()}), must be a "
                               f"multiple of an optimiser step's rows, batch_size x grad_accum ({self.step_rows()}); "
-                              f"e.g. --batch-size {min(self.train.batch_size, self.rollout_rows())} --grad-accum "
-                              f"{max(1, self.rollout_rows() // min(self.train.batch_size, self.rollout_rows()))} "
-                              "for one step on the whole batch")
+                              f"e.g. --batch-size {self.train.batch_size} --grad-accum "
+                              f"{-(-self.rollout_rows() // self.train.batch_size)} for one step on the whole batch")
         world = distributed.env().world_size
         if world > 1 and self.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of the world size "
@@ -174,7 +178,7 @@ class CriticFree:
         Otherwise the update's first forward pass is on the very weights that sampled: its log-probs,
         detached, are log π_old (TRL's GRPO skips the pass likewise)."""
         c = self.cfg
-        return (c.inner_iters > 1 or c.rollout_rows() > c.step_rows() or c.dynamic_sampling
+        return (c.inner_iters > 1 or c.rollout_rows() > c.optimizer_rows() or c.dynamic_sampling
                 or (self.reference is not None and not self.kl_in_loss and c.beta > 0))
 
     # --- rollout -> score -> update ---
@@ -215,10 +219,7 @@ class CriticFree:
                    "rollout/ended": g(batch.ended.float()).mean().item(),
                    "rollout/rows_kept": g(keep.float()).mean().item()}
         metrics.update({f"reward/{term_name(k)}": g(v.float()).mean().item() for k, v in terms.items()})
-        if self.gold:
-            from tether.world import gold_rewards
-
-            metrics["reward/gold"] = sum(gold_rewards(batch.prompts, batch.responses)) / len(batch.prompts)
+        metrics.update(gold_metric(batch) if self.gold else {})
         if kl is not None:
             metrics.update(self.kl_metrics(rewards, kl))
         return scored, metrics, old_logp is None or bool(torch.isfinite(old_logp).all())
@@ -229,10 +230,10 @@ class CriticFree:
         return {"kl/k1": kl.mean().item(), "objective/reward_minus_kl": (r - self.cfg.beta * kl).mean().item()}
 
     def update(self, batch: Rollout, s: Scored, run) -> dict[str, float]:
-        """``inner_iters`` passes over the batch, one optimiser step per mini-batch of ``batch_size × grad_accum``
+        """``inner_iters`` passes over the batch, one optimiser step per mini-batch of ``optimizer_rows()``
         consecutive global rows (only the kept ones train; a mini-batch with none kept takes no step)."""
         cfg, e = self.cfg, distributed.env()
-        B, step, micro = len(batch.prompts), cfg.step_rows(), cfg.train.batch_size
+        B, step, micro = len(batch.prompts), cfg.optimizer_rows(), cfg.train.batch_size
         first_row = e.rank * B  # this rank's rows are global rows [first_row, first_row + B)
         first_pass_kl = torch.zeros(B, device=self.device)  # (B,) when s.kl is None
         kept = s.keep.nonzero().squeeze(-1)

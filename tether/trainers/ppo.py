@@ -30,7 +30,6 @@ logged metrics are over all ranks.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -41,32 +40,32 @@ import torch
 
 from tether import distributed
 from tether.config import check, check_fields, group, opt, to_dict
-from tether.data import load_sft
-from tether.data.collate import encode_sft, nothing_left, pad
 from tether.errors import ConfigError
 from tether.generation import make_backend
 from tether.loop import DataOrder, TrainConfig, TrainingDiverged, accumulate, autocast, compiled, resolve_device
-from tether.loop.rl import clear_samples, evaluate_policy, gold_known, train_rl
+from tether.loop.rl import clear_samples, evaluate_policy, gold_known, gold_metric, train_rl
 from tether.losses import (
     KL_ESTIMATORS,
     adaptive_kl_coef,
+    entropy,
+    explained_variance,
     gae,
     kl_estimate,
     labelled_tokens,
-    masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
     sft_nll,
+    shaped_rewards,
     whiten,
 )
 from tether.losses.lm import token_logprobs
-from tether.models import apply_lora, count_parameters
-from tether.models.hf import check_model_source
-from tether.models.value import ActorCritic, load_critic
-from tether.rewards import RewardFn, reward_model_folders
+from tether.models import count_parameters
+from tether.models.value import ActorCritic, critic_source, load_critic
+from tether.rewards import RewardFn
 from tether.rollout import Rollout, SamplingConfig, rollout
 from tether.scoring import reference_for
 from tether.trainers.artifact import check_output, prepare_output, write_artifact
+from tether.trainers.ptx import ptx_rows, ptx_stream
 from tether.trainers.rl import RLConfig, data_record, load_inputs, load_policy
 
 log = logging.getLogger("tether.ppo")
@@ -162,28 +161,6 @@ def sequence_scores(raw: torch.Tensor, empty: torch.Tensor, ended: torch.Tensor,
     return raw, score
 
 
-def last_token(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last response token. Shape: (B, T) -> (B,)."""
-    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
-    return (positions * mask).argmax(-1)
-
-
-def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """r_t = −β·kl_t on every response token, plus the sequence reward on the last one.
-
-    Ziegler et al. 2019, eq. 2. Shape: score (B,), kl (B, T), mask (B, T) -> (B, T).
-    """
-    rewards = -beta * kl * mask  # (B, T)
-    rewards[torch.arange(len(score)), last_token(mask)] += score
-    return rewards
-
-
-def entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> float:
-    """Masked mean of the per-token entropy of softmax(logits / T). logits (B, T, V), mask (B, T − 1)."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask).item()
-
-
 @torch.no_grad()
 def score_rollout(ac: ActorCritic, reference, batch: Rollout, score: torch.Tensor, cfg: PPOConfig,
                   beta: float) -> tuple[Scored, dict[str, float]]:
@@ -202,14 +179,6 @@ def score_rollout(ac: ActorCritic, reference, batch: Rollout, score: torch.Tenso
     metrics["objective/entropy"] = entropy(logits, mask, cfg.sampling.temperature)
     metrics["objective/non_score_reward"] = (rewards.sum(-1) - score).mean().item()
     return s, metrics
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var(G − V) / Var(G) over response tokens: 1 is a perfect critic, 0 no better than a constant."""
-    var = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
-    resid = returns - values
-    var_resid = masked_mean((resid - masked_mean(resid, mask)).square(), mask)
-    return (1 - var_resid / var.clamp(min=1e-8)).item()
 
 
 # --- the update ---------------------------------------------------------------------------
@@ -276,86 +245,6 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
     return out
 
 
-# --- PPO-ptx: a resumable stream of pretraining micro-batches ------------------------------
-
-
-def _ptx_rows(cfg: PPOConfig, tokenizer) -> list:
-    """PPO-ptx examples, tokenised (and validated) before anything is written; [] when ptx is off."""
-    if not cfg.ptx_coef:
-        return []
-    records = load_sft(cfg.ptx_data, tokenizer=tokenizer)
-    rows, count = encode_sft(records, tokenizer, cfg.max_len)
-    if not rows:
-        raise nothing_left(cfg.ptx_data, "PPO-ptx examples", len(records), count, cfg.max_len, "truncate")
-    return rows
-
-
-class PtxStream:
-    """An endless stream of padded PPO-ptx micro-batches whose ``position`` (micro-batches taken so far,
-    the same on every rank) is saved in each checkpoint: an update that stops early on ``target_kl``
-    takes fewer than an iteration's full share, so the position is not a function of the iteration."""
-
-    def __init__(self, rows: list, pad_id: int, micro: int, seed: int, position: int = 0):
-        self.rows, self.pad_id, self.position = rows, pad_id, position
-        self.order = DataOrder(len(rows), micro, seed)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        e = distributed.env()
-        idx = self.order.indices(self.position * e.world_size + e.rank)  # ranks interleave
-        self.position += 1
-        return pad([self.rows[i] for i in idx], self.pad_id)
-
-
-def _ptx_batches(cfg: PPOConfig, rows: list, pad_id: int, start_iteration: int,
-                 position: int | None = None) -> PtxStream | None:
-    """The resumable PPO-ptx stream (None when ptx is off), at ``position`` (a checkpoint's) if given, else at
-    the start of iteration ``start_iteration`` as an update that never stops early would have left it."""
-    if not rows:
-        return None
-    per_rank = cfg.step_rows() // distributed.env().world_size
-    micro = math.gcd(cfg.train.batch_size, per_rank)  # as in ppo_update
-    per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.step_rows()) * (per_rank // micro)
-    return PtxStream(rows, pad_id, micro, cfg.train.seed + 1,
-                     start_iteration * per_iteration if position is None else position)
-
-
-def critic_source(cfg: PPOConfig, reward: RewardFn | None = None) -> str | None:
-    """The model folder (or hub name) PPO's critic starts from; None with ``--value head``.
-
-    The rule, in order: ``--critic-model`` when given; else the first reward-model folder that
-    ``--reward`` reads, as InstructGPT initialised its value function from the RM: an RM folder
-    itself, an ensemble's first member (``member-0``: every member is an RM of the same backbone),
-    or the first learned term of a weighted sum such as ``rm:DIR:1,format:0.2``; else (``gold``,
-    verifiable terms, a ``reward`` object passed to :func:`run_ppo`) the policy, ``--model``.
-    The source is checked (not loaded) here, so a bad one stops the run before anything is written;
-    so is one whose vocabulary is smaller than the policy's (it could not read the policy's tokens).
-    """
-    if cfg.value != "critic":
-        return None
-    if cfg.critic_model:
-        source = cfg.critic_model
-    else:
-        folders = [] if reward is not None else reward_model_folders(cfg.reward)
-        source = str(folders[0]) if folders else cfg.model
-    check_model_source(source)
-
-    def vocab(folder: str) -> int | None:
-        try:
-            return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # a hub name, or a config without one: transformers decides
-
-    critic_vocab, policy_vocab = vocab(source), vocab(cfg.model)
-    if critic_vocab is not None and policy_vocab is not None and critic_vocab < policy_vocab:
-        raise ConfigError(f"the critic would start from {source}, whose vocabulary ({critic_vocab} tokens) is smaller "
-                          f"than the policy's ({policy_vocab}); expected a model on the policy's tokenizer: pass "
-                          "--critic-model, or --value head")
-    return source
-
-
 # --- the stage ----------------------------------------------------------------------------
 
 
@@ -367,7 +256,8 @@ class PPO:
     def __init__(self, cfg: PPOConfig, inputs, ac: ActorCritic, trained, reference, out: Path, device, ptx_rows):
         self.cfg, self.inputs, self.ac, self.reference, self.device = cfg, inputs, ac, reference, device
         self.policy, self.tokenizer, self.reward_fn = ac.policy, inputs.tokenizer, inputs.reward_fn
-        self.sampler = make_backend("tether", self.policy, self.tokenizer, compile=cfg.train.compile)
+        self.sampler = make_backend(cfg.sampling.backend, self.policy, self.tokenizer, model_path=cfg.model,
+                                    compile=cfg.train.compile)
         self.scoring = compiled(ac, cfg.train)  # the passes that score and train (sampling: the sampler's decoding)
         self.training = self.scoring if trained is ac else compiled(trained, cfg.train)
         self.order = DataOrder(len(inputs.prompts), cfg.rollout_batch, cfg.train.seed)
@@ -377,8 +267,10 @@ class PPO:
 
     def load_state(self, extra: dict, start: int) -> None:
         self.beta = extra.get("beta", self.cfg.beta)
-        self.ptx = _ptx_batches(self.cfg, self.ptx_rows, self.tokenizer.pad_token_id, start, extra.get("ptx_position"))
+        self.ptx = ptx_stream(self.cfg, self.ptx_rows, self.tokenizer.pad_token_id, start, extra.get("ptx_position"))
         self.samples_path = clear_samples(self.out, start)  # keep only what the checkpoint had seen
+        if start:
+            self.sampler.sync(self.policy)  # an engine with its own copy (vLLM) was loaded from cfg.model
 
     def state(self) -> dict:
         return {"beta": self.beta, **({"ptx_position": self.ptx.position} if self.ptx is not None else {})}
@@ -406,10 +298,7 @@ class PPO:
             "value/explained_variance": explained_variance(scored.values, scored.returns, mask),
             "rollout/length": mask.sum(-1).mean().item(), "rollout/ended": batch.ended.float().mean().item(),
             "rollout/empty": empty.float().mean().item()})
-        if self.gold:
-            from tether.world import gold_rewards
-
-            metrics["reward/gold"] = sum(gold_rewards(batch.prompts, batch.responses)) / len(batch.prompts)
+        metrics.update(gold_metric(batch) if self.gold else {})
         finite = all(bool(torch.isfinite(t).all()) for t in (scored.old_logp, scored.values))
         return scored, metrics, finite
 
@@ -417,6 +306,7 @@ class PPO:
         return ppo_update(self.training, run, batch, scored, self.cfg, self.iteration, self.ptx)
 
     def after_update(self, metrics: dict[str, float]) -> None:
+        self.sampler.sync(self.policy)  # the next rollout samples the updated policy
         if distributed.env().active:  # the mean over ranks (equal shares) of each rank's figure
             world = distributed.env().world_size
             metrics.update({k: v / world for k, v in distributed.reduce_metrics(metrics).items()})
@@ -439,20 +329,17 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     inputs = load_inputs(cfg, reward)
-    ptx_rows = _ptx_rows(cfg, inputs.tokenizer)
+    ptx = ptx_rows(cfg, inputs.tokenizer)
     critic_init = critic_source(cfg, reward)
 
     check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     policy = load_policy(cfg, "cpu")
-    critic = None
-    if critic_init is not None:
-        critic = load_critic(critic_init)
-        critic.backbone = apply_lora(critic.backbone, cfg.lora, task_type="FEATURE_EXTRACTION")
+    critic = load_critic(critic_init, cfg.lora) if critic_init is not None else None
     ac = ActorCritic(policy, critic).to(device).eval()  # eval: no dropout, so the ratio is 1 before the update
     trained = distributed.Trainable(ac, cfg.train.strategy, device).module  # under torchrun: DDP around ac
     reference = reference_for(policy, cfg.model, cfg.ref, cfg.lora.r, device, cfg.train)
     out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
-    stage = PPO(cfg, inputs, ac, trained, reference, out, device, ptx_rows)
+    stage = PPO(cfg, inputs, ac, trained, reference, out, device, ptx)
     log.info("PPO of %s against reward %s (value: %s, β=%g%s): %d trainable parameters, %d prompts", cfg.model,
              inputs.cfg.reward, cfg.value, cfg.beta, f", KL target {cfg.kl_target}" if cfg.kl_target else "",
              count_parameters(ac, True), len(inputs.prompts))

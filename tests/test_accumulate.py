@@ -1,0 +1,123 @@
+"""Gradient accumulation by sums and counts (tether.loop.accumulate): the gradient of a step does not depend on
+how its rows are split into micro-batches (or ranks: tests/test_distributed.py runs SFT at world size 2 with
+other splits), with rows of unequal length — for SFT, RPO and PPO-ptx, the losses whose mean runs over tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tether.data import load_preferences, load_sft
+from tether.data.collate import encode_pairs, encode_sft, pad, pad_pairs_labelled
+from tether.loop import accumulate
+from tether.models import load_model, load_tokenizer
+from tether.rollout import SamplingConfig
+from tether.trainers.dpo import DPOConfig, dpo_step, pair_count
+from tether.trainers.ppo import PPOConfig, run_ppo
+from tether.trainers.sft import lm_count, lm_loss
+from tests.toy import digits
+
+SPLITS = [[4], [2, 2], [1, 1, 1, 1], [3, 1], [1, 3]]  # micro-batch sizes of one step of 4 rows
+
+
+def _grad(model, batches, count, loss_fn):
+    model.zero_grad(set_to_none=True)
+    accumulate(model, batches, count, loss_fn)
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _cut(rows, sizes):
+    out, i = [], 0
+    for n in sizes:
+        out.append(rows[i : i + n])
+        i += n
+    return out
+
+
+def _sft_rows(tiny_folder):
+    """Four examples whose responses have very different numbers of labelled tokens."""
+    tokenizer = load_tokenizer(tiny_folder)
+    completions = [" 1 plus 1 is 2." * 6, " 2.", " 3 plus 4 is 7. So the sum is 7." * 2, " no."]
+    records = load_sft([{"prompt": "\n\nHuman: What is it?\n\nAssistant:", "completion": c} for c in completions],
+                       tokenizer=tokenizer)
+    rows, _ = encode_sft(records, tokenizer, 128)
+    labelled = [sum(label != -100 for label in r.labels[1:]) for r in rows]
+    assert max(labelled) > 5 * min(labelled)  # unequal rows: the case the old per-micro-batch mean got wrong
+    return tokenizer, rows
+
+
+def test_sft_gradient_is_the_same_for_any_micro_batch_split(tiny_folder):
+    tokenizer, rows = _sft_rows(tiny_folder)
+    model = load_model(tiny_folder).eval()
+    grads = [_grad(model, [pad(part, tokenizer.pad_token_id) for part in _cut(rows, sizes)], lm_count,
+                   lambda b: lm_loss(model, b)) for sizes in SPLITS]
+    # the gradient of the mean NLL over every labelled token of the step, in one batch
+    model.zero_grad(set_to_none=True)
+    whole = pad(rows, tokenizer.pad_token_id)
+    logits = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"]).logits
+    from tether.losses import sft_nll
+
+    sft_nll(logits, whole["labels"]).mean().backward()
+    direct = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    for g in grads:
+        assert torch.allclose(g, direct, atol=1e-6, rtol=1e-4)
+    # what tether did before (each micro-batch's own token mean, averaged) with the two long rows in one
+    # micro-batch and the two short ones in the other: a short row's tokens weigh ~8x a long row's
+    naive = sum(_grad(model, [pad(part, tokenizer.pad_token_id)], lm_count, lambda b: lm_loss(model, b))
+                for part in ([rows[0], rows[2]], [rows[1], rows[3]])) / 2
+    assert torch.nn.functional.cosine_similarity(naive, direct, dim=0) < 0.95
+
+
+def test_rpo_gradient_is_the_same_for_any_micro_batch_split(tiny_folder):
+    """RPO has two terms with two units: pairs (the DPO loss) and the chosen responses' tokens (the NLL)."""
+    tokenizer = load_tokenizer(tiny_folder)
+    chosen = [" 2 plus 2 is 4. Four. " * 5, " 4.", " It is 9, since 4 plus 5 is 9." * 2, " 7."]
+    records = load_preferences([{"prompt": f"\n\nHuman: Sum {i}?\n\nAssistant:", "chosen": c, "rejected": " no idea."}
+                                for i, c in enumerate(chosen)], tokenizer=tokenizer)
+    pairs, _ = encode_pairs(records, tokenizer, 128)
+    model = load_model(tiny_folder).eval()
+    cfg = DPOConfig(model="m", data="d", rpo_alpha=1.0)
+
+    def batch_of(part):
+        return {**pad_pairs_labelled(part, tokenizer.pad_token_id),
+                "ref_chosen": torch.full((len(part),), -20.0), "ref_rejected": torch.full((len(part),), -20.0)}
+
+    grads = [_grad(model, [batch_of(part) for part in _cut(pairs, sizes)], pair_count,
+                   lambda b: dpo_step(model, b, cfg)) for sizes in SPLITS]
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_ppo_ptx_update_is_the_same_for_any_micro_batch_split(tmp_path, tiny_folder, sft_file):
+    """A PPO iteration with the ptx term, its mini-batch of 4 rows run as 4 x 1, 2 x 2 and 1 x 4 micro-batches:
+    the same weights (the ptx mean runs over the labelled tokens of all of the mini-batch's ptx rows)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: What is {a} plus 2?\n\nAssistant:"}) + "\n"
+                               for a in range(8)))
+    finals = []
+    for size, accum in ((4, 1), (2, 2), (1, 4)):
+        cfg = PPOConfig(model=str(tiny_folder), prompts=str(prompts), out=str(tmp_path / f"ppo{size}"), rollout_batch=4,
+                        epochs=1, value="head", ptx_data=str(sft_file), ptx_coef=5.0,
+                        sampling=SamplingConfig(max_new_tokens=8, gen_batch_size=32))
+        cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.lr = 1, size, accum, 1e-2
+        cfg.train.save_every = cfg.train.eval_every = 0
+        out = run_ppo(cfg, digits)
+        finals.append(load_model(out).state_dict())
+    for other in finals[1:]:
+        for k, v in finals[0].items():
+            assert torch.allclose(v, other[k], atol=1e-6), k
+
+
+def test_terms_with_no_unit_in_the_step_add_nothing():
+    """A term whose count is 0 over the whole step (no ptx rows, an empty response) is left out, not 0/0."""
+    model = torch.nn.Linear(2, 1)
+    batch = {"x": torch.ones(3, 2)}
+
+    def loss_fn(b):
+        y = model(b["x"]).sum()
+        return {"rows": y, "tokens": y * 0}, {}
+
+    out = accumulate(model, [batch], lambda b: {"rows": 3.0, "tokens": 0.0}, loss_fn)
+    assert out.nonfinite is None and out.loss == pytest.approx(model(batch["x"]).sum().item() / 3, rel=1e-6)

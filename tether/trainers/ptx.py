@@ -1,0 +1,56 @@
+"""PPO-ptx (InstructGPT, eq. 2): the pretraining micro-batches PPO's update mixes in, γ · log π(x) on them.
+
+The stream is resumable: its position travels in every checkpoint (tether.trainers.ppo.PPO.state).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tether import distributed
+from tether.data import load_sft
+from tether.data.collate import encode_sft, nothing_left, pad
+from tether.loop import DataOrder
+
+
+def ptx_rows(cfg, tokenizer) -> list:
+    """PPO-ptx examples, tokenised (and validated) before anything is written; [] when ptx is off."""
+    if not cfg.ptx_coef:
+        return []
+    records = load_sft(cfg.ptx_data, tokenizer=tokenizer)
+    rows, count = encode_sft(records, tokenizer, cfg.max_len)
+    if not rows:
+        raise nothing_left(cfg.ptx_data, "PPO-ptx examples", len(records), count, cfg.max_len, "truncate")
+    return rows
+
+
+class PtxStream:
+    """An endless stream of padded PPO-ptx micro-batches whose ``position`` (micro-batches taken so far,
+    the same on every rank) is saved in each checkpoint: an update that stops early on ``target_kl``
+    takes fewer than an iteration's full share, so the position is not a function of the iteration."""
+
+    def __init__(self, rows: list, pad_id: int, micro: int, seed: int, position: int = 0):
+        self.rows, self.pad_id, self.position = rows, pad_id, position
+        self.order = DataOrder(len(rows), micro, seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        e = distributed.env()
+        idx = self.order.indices(self.position * e.world_size + e.rank)  # ranks interleave
+        self.position += 1
+        return pad([self.rows[i] for i in idx], self.pad_id)
+
+
+def ptx_stream(cfg, rows: list, pad_id: int, start_iteration: int,
+                 position: int | None = None) -> PtxStream | None:
+    """The resumable PPO-ptx stream (None when ptx is off), at ``position`` (a checkpoint's) if given, else at
+    the start of iteration ``start_iteration`` as an update that never stops early would have left it."""
+    if not rows:
+        return None
+    per_rank = cfg.step_rows() // distributed.env().world_size
+    micro = math.gcd(cfg.train.batch_size, per_rank)  # as in ppo_update
+    per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.step_rows()) * (per_rank // micro)
+    return PtxStream(rows, pad_id, micro, cfg.train.seed + 1,
+                     start_iteration * per_iteration if position is None else position)

@@ -54,3 +54,15 @@ def sft_file(tmp_path) -> Path:
             prompt, completion = text.split("\n\nAssistant:")
             f.write(json.dumps({"prompt": prompt + "\n\nAssistant:", "completion": completion}) + "\n")
     return path
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    """tests/toy.PROMPTS (16 sums of digits 0-3) with their answers, for the RL stages."""
+    import json
+
+    from tests.toy import PROMPTS
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": str(i // 4 + i % 4)}) + "\n" for i, p in enumerate(PROMPTS)))
+    return path

@@ -21,7 +21,7 @@ import pytest
 
 import tether
 
-from .conftest import CORPUS
+from tests.conftest import CORPUS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from tether import distributed
 from tether.generation import make_backend
 
-from . import distributed_runner
-from .conftest import CORPUS
+from tests import distributed_runner
+from tests.conftest import CORPUS
 
 RTOL = 1e-5
 STAGES = ["sft_ddp", "sft_fsdp2", "rm_ddp", "dpo_ddp", "dpo_fsdp2", "kto_fsdp2", "grpo_ddp"]
@@ -105,7 +105,7 @@ def test_world_size_2_matches_world_size_1_at_the_same_global_batch(runs, stage)
 
 @pytest.mark.slow
 def test_sft_at_world_size_2_in_micro_batches_of_one_row_matches_one_process_in_one_batch(runs):
-    """Rows of unequal length (tests/test_accumulate.py splits them in one process): the step's loss is divided
+    """Rows of unequal length (tests/loop/test_accumulate.py splits them in one process): the step's loss is divided
     by its labelled tokens over every micro-batch and rank, so 4 x 1 rows on 2 ranks trains as 1 x 4 on one."""
     w1, w2, _ = runs
     _assert_same_curves(w1 / "sft_ddp", w2 / "sft_split_ddp")

@@ -10,7 +10,6 @@ measurement is right.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, replace

@@ -60,18 +60,18 @@ class RLStage(Protocol):
     def state(self) -> dict: ...
 
 
-def train_rl(stage: RLStage, trained: torch.nn.Module, policy: torch.nn.Module, cfg: TrainConfig, out: Path, *,
-             resume: bool, run_config: dict, n_samples: int) -> tuple[Run, dict[str, float]]:
+def train_rl(stage: RLStage, trained: torch.nn.Module, model: torch.nn.Module, cfg: TrainConfig, out: Path, *,
+             resume: bool, run_config: dict, n_samples: int) -> dict[str, float]:
     """Run ``cfg.steps`` iterations of ``stage`` on ``trained`` (the module the optimiser holds: the policy, or
-    policy and critic; DDP-wrapped under torchrun); ``policy`` is checked finite after every update.
-    ``n_samples``: responses sampled per iteration (all ranks), for the throughput figure. Returns the
-    run (``run.extra`` holds the resumed checkpoint's stage state) and the final metrics."""
+    policy and critic; DDP-wrapped under torchrun) and return the final metrics; ``model`` (the same
+    unwrapped) is checked finite after every update. ``n_samples``: responses sampled per iteration (all
+    ranks), for the throughput figure."""
     run = Run(trained, cfg, out, resume=resume, run_config=run_config, desc=stage.name)
     stage.load_state(run.extra, run.start)
     t_start = time.perf_counter()
     try:
-        if run.start == 0 and (start := stage.evaluate(0)):  # the starting point of every curve
-            run.log.log(0, start)
+        if run.start == 0 and (first := stage.evaluate(0)):  # the starting point of every curve
+            run.log.log(0, first)
         for it in range(run.start, cfg.steps):
             t0 = time.perf_counter()
             batch = stage.rollout(it)
@@ -86,7 +86,7 @@ def train_rl(stage: RLStage, trained: torch.nn.Module, policy: torch.nn.Module, 
                 metrics.update(stage.update(batch, scored, run))
             except TrainingDiverged as err:  # before any step: the weights this iteration's checkpoint holds failed
                 raise run.diverged(str(err), it + 1, failed=it if err.from_start else None) from None
-            run.check_weights(policy, it + 1)
+            run.check_weights(model, it + 1)
             metrics["train/lr"] = run.lr
             run.scheduler.step()
             stage.after_update(metrics)
@@ -99,7 +99,7 @@ def train_rl(stage: RLStage, trained: torch.nn.Module, policy: torch.nn.Module, 
                        **({"kl": f"{metrics['kl/k1']:.2f}"} if "kl/k1" in metrics else {}))
     finally:
         run.close()
-    return run, {**run.train_metrics, **run.eval_metrics, "time/seconds": time.perf_counter() - t_start}
+    return {**run.train_metrics, **run.eval_metrics, "time/seconds": time.perf_counter() - t_start}
 
 
 # --- the held-out evaluation every RL stage logs ----------------------------------------------

@@ -317,9 +317,8 @@ def run_critic_free(cfg: CriticFreeConfig, stage: type[CriticFree], reward_fn: R
     log.info("%s of %s (%d trainable parameters) on %d prompts, reward %s, reference %s", stage.name.upper(),
              cfg.model, count_parameters(model, True), len(inputs.prompts), inputs.cfg.reward,
              "none" if reference is None else cfg.ref or cfg.model)
-    _, final = train_rl(stage(cfg, inputs, model, trained, reference, backend, out, device), trained, model,
-                        cfg.train, out, resume=cfg.resume, run_config=to_dict(cfg),
-                        n_samples=cfg.rollout_rows())
+    final = train_rl(stage(cfg, inputs, model, trained, reference, backend, out, device), trained, model, cfg.train,
+                     out, resume=cfg.resume, run_config=to_dict(cfg), n_samples=cfg.rollout_rows())
     return write_artifact(out, stage=stage.name, cfg=inputs.cfg, model=model, tokenizer=inputs.tokenizer,
                           data=data_record(cfg, inputs), metrics=final)
 

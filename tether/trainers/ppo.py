@@ -343,7 +343,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     log.info("PPO of %s against reward %s (value: %s, β=%g%s): %d trainable parameters, %d prompts", cfg.model,
              inputs.cfg.reward, cfg.value, cfg.beta, f", KL target {cfg.kl_target}" if cfg.kl_target else "",
              count_parameters(ac, True), len(inputs.prompts))
-    _, final = train_rl(stage, trained, ac, cfg.train, out, resume=cfg.resume, run_config=to_dict(cfg),
-                        n_samples=cfg.rollout_batch)
+    final = train_rl(stage, trained, ac, cfg.train, out, resume=cfg.resume, run_config=to_dict(cfg),
+                     n_samples=cfg.rollout_batch)
     return write_artifact(out, stage="ppo", cfg=inputs.cfg, model=policy, tokenizer=inputs.tokenizer,
                           data=data_record(cfg, inputs), metrics=final)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from tether.world.gold import gold_reward, is_refusal, parse_question, question_of
 
-# Measured on the default world's preference pairs (tests/test_world.py checks 73% ± 3%):
+# Measured on the default world's preference pairs (tests/world/test_world.py checks 73% ± 3%):
 # calibrate_tau on the default world's 3,000 training pairs gives 0.841 (agreement 0.730 at 0.84).
 DEFAULT_TAU = 0.84
 

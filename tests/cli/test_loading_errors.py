@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from tether.cli import main
 
-from .conftest import CORPUS
+from tests.conftest import CORPUS
 
 PAIRS = [(t.split("\n\nAssistant:")[0] + "\n\nAssistant:", t.split("\n\nAssistant:")[1]) for t in CORPUS]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from tether.instruments.judges import both_orders, outcome_from_scores
 from tether.instruments.overopt import fit_form, overoptimisation, predict
 from tether.instruments.winrate import fit_logistic, length_controlled_win_rate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import SHARED_DATA as SHARED
 
 
 # --- win-rate: judges and the length-controlled rate ---------------------------------------------

@@ -10,27 +10,8 @@ import torch
 
 from tether.loop import DataOrder, TrainConfig, TrainingDiverged, latest_checkpoint, lr_factor, train
 
-X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
-Y = X @ torch.arange(8.0) + 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(1))
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))
-
-
-def collate(idx):
-    return {"x": X[idx], "y": Y[idx]}
-
-
-def mse(model, batch):
-    """The squared error summed over the micro-batch's rows (the loop divides by the step's rows)."""
-    return {"rows": ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).sum()}, {}
-
-
-def cfg(**kw) -> TrainConfig:
-    base = dict(steps=8, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=0, save_every=3, device="cpu")
-    return TrainConfig(**{**base, **kw})
+from tests.toy import X, collate, make_model, mse
+from tests.toy import loop_cfg as cfg
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -18,16 +18,8 @@ from tether.scoring import Reference, response_logprobs
 from tether.trainers.grpo import CriticFree, GRPOConfig, run_grpo
 from tether.trainers.rl import Inputs
 from tether.trainers.rloo import RLOO, RLOOConfig, run_rloo
-from tests.toy import digits, digits_failing_at
+from tests.toy import PROMPTS, FakeRun, digits, digits_failing_at
 
-PROMPTS = [f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:" for a in range(4) for b in range(4)]
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "answer": str(i // 4 + i % 4)}) + "\n" for i, p in enumerate(PROMPTS)))
-    return path
 
 
 def _cfg(kind, tiny_folder, prompt_file, out, **kw):
@@ -36,21 +28,6 @@ def _cfg(kind, tiny_folder, prompt_file, out, **kw):
     cfg.sampling.max_new_tokens = 8
     cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum = 1e-2, 16, 1
     return cfg
-
-
-class FakeRun:
-    """Stands in for tether.loop.Run in an update: keeps the gradient of each optimiser step, then steps
-    ``optimizer`` (when given) and clears the gradients."""
-
-    def __init__(self, model, optimizer=None):
-        self.model, self.optimizer, self.grads = model, optimizer, []
-
-    def optimizer_step(self, confirm=True, first=True):
-        self.grads.append([p.grad.clone() for p in self.model.parameters()])
-        if self.optimizer is not None:
-            self.optimizer.step()
-        self.model.zero_grad(set_to_none=True)
-        return 0.0
 
 
 def _stage(kind, tiny_folder, cfg, rewards=None, reference=None):

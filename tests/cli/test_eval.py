@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from click.testing import CliRunner
 
 from tether.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import SHARED_DATA as SHARED
 
 
 @pytest.fixture(scope="module")

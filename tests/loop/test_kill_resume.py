@@ -1,6 +1,6 @@
 """`kill -9` at the worst moments of every training stage, then `--resume`: the same weights, bitwise.
 
-Each case runs the real command line (tests/kill_runner.py), which SIGKILLs itself at one moment
+Each case runs the real command line (tests/loop/kill_runner.py), which SIGKILLs itself at one moment
 of its writes: after a checkpoint is complete, halfway through the first checkpoint's model file
 (no checkpoint to resume from), halfway through a later checkpoint's model file, with a
 checkpoint's tensors written and its state.json half written, halfway through the final
@@ -14,9 +14,9 @@ there byte for byte, and the same command again must replace it.
 
 Every stage takes 4 steps with a checkpoint every 2 (checkpoints at steps 2 and 4; the default
 keep_checkpoints=1 prunes the older one once the newer is in place). Runs are forked from one
-server process that has imported tether once (tests/kill_runner.py --serve), since a fresh
+server process that has imported tether once (tests/loop/kill_runner.py --serve), since a fresh
 interpreter spends longer importing torch and transformers than a tiny run takes.
-pretrain is covered by tests/test_stages.py::test_killed_process_resumes_to_the_same_weights_bitwise.
+pretrain is covered by tests/cli/test_stages.py::test_killed_process_resumes_to_the_same_weights_bitwise.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import CORPUS
+from tests.conftest import CORPUS
 
 RUNNER = Path(__file__).with_name("kill_runner.py")
 TRAIN = ["--steps", "4", "--save-every", "2", "--eval-every", "0", "--warmup-steps", "1", "--seed", "0"]
@@ -61,7 +61,7 @@ STAGES = {  # stage -> (data file it reads, options); every one writes checkpoin
                          "--eval-prompts", "{prompts}", "--eval-samples", "1"]),
     "grpo-lora": ("prompts", ["grpo", *RL_SAMPLING, "--group-size", "2", "--prompts-per-step", "2", "--r", "4"]),
 }
-# moment -> (the runner's WHEN, which occurrence of it to kill at; see tests/kill_runner.py)
+# moment -> (the runner's WHEN, which occurrence of it to kill at; see tests/loop/kill_runner.py)
 MOMENTS = {
     "after-checkpoint": ("after-checkpoint", 1),  # step 2 is in place: resume trains steps 3 and 4
     "first-checkpoint": ("checkpoint-model", 1),  # step 2's model file half written: no checkpoint yet, start over
@@ -101,7 +101,7 @@ KNOWN_RECORD_DEFECTS: dict[tuple[str, str], str] = {}
 
 
 class Server:
-    """tests/kill_runner.py --serve: one forked `tether` run per job."""
+    """tests/loop/kill_runner.py --serve: one forked `tether` run per job."""
 
     def __init__(self, folder: Path):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TETHER_DEBUG": "1"}

@@ -15,9 +15,13 @@ from tether.loop import accumulate
 from tether.models import load_model, load_tokenizer
 from tether.rollout import SamplingConfig
 from tether.trainers.dpo import DPOConfig, dpo_step, pair_count
-from tether.trainers.ppo import PPOConfig, run_ppo
+from tether.models.value import ActorCritic
+from tether.rollout import rollout
+from tether.scoring import Reference
+from tether.trainers.ppo import PPOConfig, ppo_update, score_rollout
+from tether.trainers.ptx import ptx_rows, ptx_stream
 from tether.trainers.sft import lm_count, lm_loss
-from tests.toy import digits
+from tests.toy import PROMPTS, FakeRun
 
 SPLITS = [[4], [2, 2], [1, 1, 1, 1], [3, 1], [1, 3]]  # micro-batch sizes of one step of 4 rows
 
@@ -90,24 +94,29 @@ def test_rpo_gradient_is_the_same_for_any_micro_batch_split(tiny_folder):
         assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
 
 
-def test_ppo_ptx_update_is_the_same_for_any_micro_batch_split(tmp_path, tiny_folder, sft_file):
-    """A PPO iteration with the ptx term, its mini-batch of 4 rows run as 4 x 1, 2 x 2 and 1 x 4 micro-batches:
-    the same weights (the ptx mean runs over the labelled tokens of all of the mini-batch's ptx rows)."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: What is {a} plus 2?\n\nAssistant:"}) + "\n"
-                               for a in range(8)))
-    finals = []
+def test_ppo_ptx_gradient_is_the_same_for_any_micro_batch_split(tmp_path, tiny_folder):
+    """One PPO mini-batch of 4 rows with the ptx term, run as 1 x 4, 2 x 2 and 4 x 1 micro-batches: the same
+    gradient (the ptx mean runs over the labelled tokens of all of the mini-batch's ptx rows, of unequal length)."""
+    ptx_file = tmp_path / "ptx.jsonl"
+    ptx_file.write_text("".join(json.dumps({"prompt": "\n\nHuman: Count.\n\nAssistant:", "completion": c}) + "\n"
+                                for c in [" 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16", " 1.", " 1 2 3 4 5 6 7 8", " 0."]))
+    tokenizer, model = load_tokenizer(tiny_folder), load_model(tiny_folder).eval()
+    ac = ActorCritic(model)  # a value head on the policy
+    cfg = PPOConfig(model=str(tiny_folder), prompts="p", rollout_batch=4, epochs=1, value="head", ptx_coef=5.0,
+                    ptx_data=str(ptx_file), sampling=SamplingConfig(max_new_tokens=8))
+    batch = rollout(model, tokenizer, PROMPTS[:4], max_new_tokens=8, seed=0)
+    scored, _ = score_rollout(ac, Reference.frozen(load_model(tiny_folder).eval()), batch,
+                              torch.tensor([1.0, 0.0, 0.5, -1.0]), cfg, beta=0.05)
+    rows = ptx_rows(cfg, tokenizer)
+    grads = []
     for size, accum in ((4, 1), (2, 2), (1, 4)):
-        cfg = PPOConfig(model=str(tiny_folder), prompts=str(prompts), out=str(tmp_path / f"ppo{size}"), rollout_batch=4,
-                        epochs=1, value="head", ptx_data=str(sft_file), ptx_coef=5.0,
-                        sampling=SamplingConfig(max_new_tokens=8, gen_batch_size=32))
-        cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.lr = 1, size, accum, 1e-2
-        cfg.train.save_every = cfg.train.eval_every = 0
-        out = run_ppo(cfg, digits)
-        finals.append(load_model(out).state_dict())
-    for other in finals[1:]:
-        for k, v in finals[0].items():
-            assert torch.allclose(v, other[k], atol=1e-6), k
+        cfg.train.batch_size, cfg.train.grad_accum = size, accum
+        run = FakeRun(ac)
+        metrics = ppo_update(ac, run, batch, scored, cfg, 0, ptx_stream(cfg, rows, tokenizer.pad_token_id, 0))
+        assert len(run.grads) == 1 and metrics["loss/ptx"] > 0
+        grads.append(torch.cat([g.flatten() for g in run.grads[0]]))
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
 
 
 def test_terms_with_no_unit_in_the_step_add_nothing():

@@ -25,7 +25,7 @@ from tether.data import (
     render_messages,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import SHARED_DATA
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "Hi"}

@@ -1,7 +1,7 @@
 """Run the real `tether` command line and SIGKILL it at a chosen moment of its writes.
 
-    python tests/kill_runner.py WHEN N -- TETHER ARGS...     one run, killed at WHEN (N-th occurrence)
-    python tests/kill_runner.py --serve                      a fork server for tests/test_kill_resume.py
+    python tests/loop/kill_runner.py WHEN N -- TETHER ARGS...     one run, killed at WHEN (N-th occurrence)
+    python tests/loop/kill_runner.py --serve                      a fork server for tests/loop/test_kill_resume.py
 
 WHEN is one of MOMENTS:
 

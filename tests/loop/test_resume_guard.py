@@ -13,7 +13,7 @@ import pytest
 from tether.errors import CheckpointError
 from tether.loop import latest_checkpoint, train
 from tests.conftest import error_line, invoke
-from tests.test_loop import X, cfg, collate, make_model, mse
+from tests.toy import X, collate, loop_cfg as cfg, make_model, mse
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

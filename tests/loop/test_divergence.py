@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tether.loop import TrainConfig, TrainingDiverged, latest_checkpoint, train
 from tether.trainers.grpo import GRPOConfig, run_grpo
 from tests.conftest import error_line, invoke
-from tests.test_loop import X, collate, make_model, mse
+from tests.toy import X, collate, make_model, mse
 from tests.toy import digits
 
 
@@ -30,7 +30,7 @@ def all_finite(path: Path) -> bool:
 
 @pytest.fixture
 def pairs_file(tmp_path, monkeypatch):
-    from tests.test_dpo import _pref_rows
+    from tests.toy import pref_rows as _pref_rows
 
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "pairs.jsonl"

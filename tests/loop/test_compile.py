@@ -19,7 +19,7 @@ from tether.loop import TrainConfig
 from tether.trainers.grpo import GRPOConfig, run_grpo
 from tether.trainers.ppo import PPOConfig, run_ppo
 from tether.trainers.sft import SFTConfig, run_sft
-from tests.test_grpo import PROMPTS, prompt_file  # noqa: F401  (prompt_file: a fixture used below)
+from tests.toy import PROMPTS
 from tests.toy import digits
 
 pytestmark = pytest.mark.slow

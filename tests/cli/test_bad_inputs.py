@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from tether.cli import main
 
-from .conftest import CORPUS
+from tests.conftest import CORPUS
 
 
 @dataclass

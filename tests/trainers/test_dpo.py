@@ -20,16 +20,10 @@ from tether import scoring
 from tether.trainers.dpo import DPO_LOSSES, DPOConfig, dpo_step, pair_count, run_dpo
 from tether.trainers.kto import KTOConfig, mismatched_rows
 from tether.world import format_prompt
+from tests.toy import pref_rows
 
 
-def _pref_rows(n: int | None = None) -> list[dict]:
-    rows = []
-    for a in range(12):
-        for b in range(12):
-            right, wrong = a + b, a + b + 1 + (a % 3)
-            rows.append({"prompt": format_prompt(f"What is {a} plus {b}?"), "chosen": f" {a} plus {b} is {right}. #### {right}",
-                         "rejected": f" {a} plus {b} is {wrong}. I am not sure."})
-    return rows[:n] if n else rows
+_pref_rows = pref_rows
 
 
 @pytest.fixture

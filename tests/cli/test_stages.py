@@ -20,7 +20,7 @@ from tether.data.collate import encode_sft, pack, pad
 from tether.losses.lm import IGNORE_INDEX
 from tether.models import load_tokenizer
 
-from .conftest import CORPUS
+from tests.conftest import CORPUS
 
 TINY = ["--hidden-size", "32", "--layers", "2", "--heads", "2", "--intermediate-size", "64", "--vocab-size", "300"]
 

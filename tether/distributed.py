@@ -18,8 +18,9 @@ Strategies (``TrainConfig.strategy``):
   shard), which can be read back at any world size.
 
 Data: :func:`step_pieces` says which examples of a global step this rank trains on; the global
-batch (``batch_size × grad_accum``) is the config's at every world size, and
-:func:`piece_scale` weights each piece so that the averaged gradient equals the single-process one.
+batch (``batch_size × grad_accum``) is the config's at every world size, and tether.loop.accumulate
+divides each piece's summed loss by the step's global count, so that the averaged gradient equals
+the single-process one.
 Helpers to reduce metrics, gather evaluation results and shard lists across ranks follow.
 """
 
@@ -187,38 +188,20 @@ def check_batch(batch_size: int, grad_accum: int, world: int) -> None:
                          f"least {world}, or --grad-accum a multiple of {world}")
 
 
-def step_pieces(micro_batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], bool]:
-    """The pieces of one global step that ``rank`` trains on, and whether micro-batches were split.
+def step_pieces(micro_batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """The pieces of one global step that ``rank`` trains on (none of them empty; a rank may get none).
 
     With ``grad_accum`` a multiple of the world size each rank takes whole micro-batches (rank r:
-    numbers r, r + world, ...), so every loss sees exactly the rows it sees in one process.
-    Otherwise every micro-batch is cut into ``world`` contiguous blocks, one a rank.
+    numbers r, r + world, ...), so a loss that is a statistic of its micro-batch (KTO's reference
+    point) sees exactly the rows it sees in one process. Otherwise every micro-batch is cut into
+    ``world`` contiguous blocks, one a rank.
     """
-    a = len(micro_batches)
     if world == 1:
-        return micro_batches, False
-    if a % world == 0:
-        return micro_batches[rank::world], False
-    out = []
-    for mb in micro_batches:
-        lo, hi = shard_bounds(len(mb), rank, world)
-        out.append(mb[lo:hi])
-    return out, True
-
-
-def piece_share(weight: float, split: bool) -> float:
-    """A piece's share w_p / w_m of its micro-batch m, which its mean loss is weighted by.
-
-    One process: g = (1/A) Σ_m ∇L_m, L_m the mean loss of micro-batch m over its w_m units (rows,
-    or tokens when the loss says so through ``loss_weight``). A piece p of m on one rank
-    contributes (w_p / w_m)·L_p / A, times W because DDP and FSDP2 average gradients over the W
-    ranks; the sum over ranks is then g exactly. Whole micro-batches: w_p = w_m, the share is 1.
-    Split ones: w_m = Σ over ranks of w_p (one all-reduce).
-    """
-    if not split:
-        return 1.0
-    total = all_reduce(torch.tensor(float(weight), dtype=torch.float64)).item()
-    return weight / max(total, 1e-12)
+        return micro_batches
+    if len(micro_batches) % world == 0:
+        return micro_batches[rank::world]
+    pieces = [mb[slice(*shard_bounds(len(mb), rank, world))] for mb in micro_batches]
+    return [p for p in pieces if p]
 
 
 # --- models -----------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ def train(
             tick = time.perf_counter()
             micro = [order.indices(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
             batches = [{k: v.to(device) for k, v in collate(idx).items()}
-                       for idx in distributed.step_pieces(micro, env.rank, env.world_size)[0]]
-            out = accumulate(net.module, batches, count, lambda b: loss_fn(forward, b),
+                       for idx in distributed.step_pieces(micro, env.rank, env.world_size)]
+            filler = None if batches else {k: v.to(device) for k, v in collate(micro[0][:1]).items()}  # weight 0
+            out = accumulate(net.module, batches, count, lambda b: loss_fn(forward, b), filler=filler,
                              context=lambda: autocast(device, cfg.precision))
             if out.nonfinite is not None:
                 raise run.diverged(out.nonfinite, step + 1)

@@ -63,3 +63,29 @@ def test_stop_strings_cut_the_response_and_count_as_ended(tiny_folder):
     cut, stopped = _cut_at_stop(tok, ids, ["####"])
     assert stopped and tok.decode(cut).endswith("####") and len(cut) < len(ids)
     assert _cut_at_stop(tok, ids, ["never"]) == (ids, False)
+
+
+def test_sampling_ignores_the_models_own_generation_config(tiny_folder):
+    """A hub model ships a generation_config (repetition penalty, top-k, ...); transformers fills every option a
+    call leaves unset from it, which would bias every KL estimate. tether samples with its own settings only."""
+    from transformers import GenerationConfig
+
+    from tether.rollout import sample
+
+    model, tok = load_model(tiny_folder), load_tokenizer(tiny_folder)
+    prompts = ["\n\nHuman: What is 1 plus 2?\n\nAssistant:", "\n\nHuman: What is 3 plus 3?\n\nAssistant:"]
+    plain = sample(model, tok, prompts, max_new_tokens=10, seed=4)
+    hub = GenerationConfig(repetition_penalty=3.0, top_k=2, min_p=0.3, no_repeat_ngram_size=1, do_sample=False)
+    model.generation_config = hub
+    assert sample(model, tok, prompts, max_new_tokens=10, seed=4) == plain
+    assert model.generation_config is hub  # left as it was
+
+    def generate_with(config):  # transformers itself, with the model's generation_config set to ``config``
+        model.generation_config = config
+        torch.manual_seed(4)
+        with torch.no_grad():
+            return model.generate(**enc, max_new_tokens=10, do_sample=True, pad_token_id=tok.pad_token_id)
+
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert not torch.equal(generate_with(hub), generate_with(GenerationConfig()))  # so the check above bites

@@ -49,9 +49,15 @@ def sample(
     the same seed, about 1.4x faster per token on the tiny model once two prompt widths have been
     compiled. Ignored for architectures Hugging Face cannot compile whole.
     """
+    from transformers import GenerationConfig
+
     device = next(model.parameters()).device
     static = _compiled_decoding() if compile and getattr(model, "_can_compile_fullgraph", False) else {}
-    was_training = model.training
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the HF model
+    was_training, own_config = model.training, hf.generation_config
+    # tether's settings only: transformers fills every option a call leaves unset from the model's own
+    # generation_config, and a hub model's (repetition penalty, top-k, min-p, ...) would bias every KL estimate
+    hf.generation_config = GenerationConfig()
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[tuple[list[int], list[int]]] = []
@@ -85,6 +91,7 @@ def sample(
                     out.append((prompt, response))
     finally:
         tokenizer.padding_side = side
+        hf.generation_config = own_config
         model.train(was_training)
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,3 +68,26 @@ def test_lora_trains_adapters_only_and_saves_merged(tiny_folder, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, expected, atol=1e-5)
+
+
+def test_a_reward_model_reads_the_final_eos_even_when_pad_is_eos(tiny_folder):
+    """Hub tokenizers pad with EOS; the score must still be read at a finished response's EOS (transformers'
+    own pooling skips it: a finished and a truncated response scored the same, 0.0532538 both, on SmolLM2)."""
+    from tether.data.collate import Encoded, pad
+    from tether.models.reward import load_reward_model, raw_scores
+
+    tokenizer = load_tokenizer(tiny_folder)
+    eos = tokenizer.eos_token_id
+    rm = load_reward_model(tiny_folder, tokenizer).eval()
+    rm.config.pad_token_id = eos  # pad = EOS, as load_tokenizer sets for most hub tokenizers
+    ids = tokenizer("\n\nHuman: What is 2 plus 2?\n\nAssistant: 2 plus 2 is 4.")["input_ids"]
+    finished, truncated, short = ids + [eos], ids, ids[:5]
+    batch = pad([Encoded(r, r) for r in (finished, truncated, short)], eos)  # right-padded with EOS
+    with torch.no_grad():
+        scores = raw_scores(rm, batch["input_ids"], batch["attention_mask"])
+        alone = [raw_scores(rm, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item()
+                 for r in (finished, truncated, short)]
+        hf = rm(input_ids=torch.tensor([finished])).logits[0, 0].item()  # transformers' pooling
+    assert scores.tolist() == pytest.approx(alone, abs=1e-5)  # padding changes nothing
+    assert abs(scores[0] - scores[1]) > 1e-4  # the EOS is read: finished and truncated differ
+    assert hf == pytest.approx(alone[1], abs=1e-5)  # what transformers reads instead: the token before the EOS

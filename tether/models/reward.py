@@ -1,10 +1,15 @@
-"""Reward models: a causal-LM backbone with a scalar head read at the last non-pad token.
+"""Reward models: a causal-LM backbone with a scalar head read at the last real token of each row.
 
 The artifact is an ordinary ``*ForSequenceClassification`` model with one label, so plain
 transformers loads it:
 
     rm = AutoModelForSequenceClassification.from_pretrained(folder)
     r = rm(**tokenizer(prompt + response + eos, return_tensors="pt")).logits[:, 0]
+
+(tether reads the head at the last position the attention mask keeps, :func:`raw_scores`; transformers
+pools at the last token that is not ``pad_token_id``, which is the same position unless the padding
+token is the EOS, as in most hub tokenizers: there transformers skips the final EOS and reads the token
+before it, so a finished response and the same one cut short would score alike.)
 
 tether's normalisation (gain and bias, so that SFT samples score mean 0 and standard deviation 1)
 is stored in the model's config as ``reward_gain`` and ``reward_bias`` and applied by
@@ -73,8 +78,19 @@ def load_reward_model(name_or_path: str | Path, tokenizer, *, device: str | torc
 
 
 def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The head's output at the last non-pad token of each row. Shape: (B, T) -> (B,)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    """The head's output at the last position of each row that the attention mask keeps (its final EOS
+    when the response ended), whatever the padding token is. Shape: (B, T) -> (B,).
+
+    Pooled here rather than by transformers, which looks for the last token that is not
+    ``pad_token_id`` and so, with pad = EOS, skips the EOS a finished response ends with.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the HF model
+    backbone = getattr(inner, inner.base_model_prefix)
+    head = inner.score if hasattr(inner, "score") else inner.get_output_embeddings()
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    last = (positions * attention_mask).argmax(-1)  # (B,) the last kept position: right or left padding alike
+    return head(hidden[torch.arange(len(last), device=hidden.device), last])[:, 0].float()
 
 
 def normalised(model, raw: torch.Tensor) -> torch.Tensor:

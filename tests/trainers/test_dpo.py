@@ -193,6 +193,9 @@ def test_dpo_learns_the_held_out_preferences_and_saves_a_plain_transformers_mode
     assert meta["stage"] == "dpo" and len(evals) == 2
     assert m["eval/reward_accuracy"] > 0.9 and m["eval/reward_margin"] > 0.5 and m["eval/loss"] < math.log(2) - 0.3
     assert evals[1]["eval/reward_margin"] > evals[0]["eval/reward_margin"] > 0
+    # the KL to the reference at every evaluation, so a trend exists (issue 20): it grows as the policy moves
+    assert all("eval/kl" in e for e in evals) and evals[1]["eval/kl"] > evals[0]["eval/kl"]
+    assert m["eval/kl"] == evals[-1]["eval/kl"]
     assert {"eval/logp_chosen", "eval/logp_rejected", "eval/reward_chosen", "eval/reward_rejected",
             "train/reward_accuracy", "eval/kl"} <= set(m)
     trained = AutoModelForCausalLM.from_pretrained(out)
@@ -303,7 +306,7 @@ def test_policy_preferences_pair_a_policys_own_samples_and_label_them_with_the_r
 
 
 def test_kl_prompts_leave_room_for_a_whole_sample(tiny_folder):
-    from tether.trainers.dpo import kl_prompt_set
+    from tether.instruments.kl import kl_prompt_set
 
     tokenizer = load_tokenizer(tiny_folder)
     short = [format_prompt(f"What is {a} plus 1?") for a in range(4)]

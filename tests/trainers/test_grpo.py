@@ -262,6 +262,27 @@ def test_an_engine_with_its_own_weights_samples_the_checkpoint_after_resume(tiny
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_iterations_without_a_learning_signal_warn_then_stop_and_say_why(tiny_folder, prompt_file, tmp_path, caplog):
+    """Issue 20: a GRPO run went 45 minutes with every reward 0 and a zero gradient, and said nothing."""
+    import logging
+
+    from tether.loop.rl import NoLearningSignal
+
+    cfg = _cfg("rloo", tiny_folder, prompt_file, tmp_path / "flat", no_signal_stop=4)
+    cfg.train.steps = 10
+    with caplog.at_level(logging.WARNING, logger="tether.rl"), pytest.raises(NoLearningSignal) as stopped:
+        run_rloo(cfg, lambda prompts, responses: [0.0] * len(responses))
+    message = str(stopped.value)
+    assert message.startswith("RLOO: 4 iterations in a row carried no learning signal (--no-signal-stop 4): every "
+                              "group's 4 rewards were equal (reward 0 on average)")
+    assert "of the samples ended" in message and "(--max-new-tokens 8)" in message
+    assert any("3 iterations in a row without a learning signal" in r.getMessage() for r in caplog.records)
+    assert len((tmp_path / "flat" / "metrics.jsonl").read_text().splitlines()) == 3  # it stopped scoring the 4th
+    cfg = _cfg("grpo", tiny_folder, prompt_file, tmp_path / "varied", no_signal_stop=1)
+    cfg.train.steps = 3
+    run_grpo(cfg, digits)  # rewards that differ within a group: a signal every iteration, no stop
+
+
 def test_exact_match_reward_reads_answers_from_the_prompt_file(tiny_folder, prompt_file, tmp_path):
     cfg = _cfg("grpo", tiny_folder, prompt_file, tmp_path / "em", reward="exact_match:1.0,format:0.5")
     cfg.train.steps = 1

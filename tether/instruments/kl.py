@@ -60,3 +60,26 @@ def kl_prompt_set(records: list, tokenizer, n: int, max_len: int, max_new_tokens
         log.info("KL to the reference: %d of %d held-out prompts leave no room for %d new tokens within "
                  "max_len=%d and are passed over", len(prompts) - len(fits), len(prompts), max_new_tokens, max_len)
     return fits[:n]
+
+
+class HeldOutKL:
+    """``eval/kl`` of a DPO or KTO run at every evaluation: :func:`sampled_kl` on the held-out prompts of
+    :func:`kl_prompt_set`, so that the KL has a trend and not a single end point. The reference is the
+    stage's (the policy's adapters off under LoRA, else the frozen reference model); ``cfg`` is the stage's
+    config (model, ref, lora, train, kl_prompts, kl_max_new_tokens, max_len)."""
+
+    def __init__(self, policy, cfg, tokenizer, records: list):
+        from tether.loop import resolve_device
+        from tether.scoring import reference_for
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.prompts = kl_prompt_set(records, tokenizer, cfg.kl_prompts, cfg.max_len, cfg.kl_max_new_tokens)
+        self.reference = (reference_for(policy, cfg.model, cfg.ref, cfg.lora.r, resolve_device(cfg.train.device))
+                          if self.prompts else None)
+
+    def __call__(self, policy) -> dict[str, float]:
+        if self.reference is None:
+            return {}
+        return {"eval/kl": sampled_kl(policy, self.reference, self.tokenizer, self.prompts,
+                                      max_new_tokens=self.cfg.kl_max_new_tokens, seed=self.cfg.train.seed,
+                                      precision=self.cfg.train.precision).kl}

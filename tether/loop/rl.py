@@ -25,6 +25,7 @@ update of every iteration and the reference with LoRA adapters off is the base m
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Protocol
@@ -32,10 +33,13 @@ from typing import Protocol
 import torch
 
 from tether import distributed
+from tether.errors import TetherError
 from tether.loop.guards import TrainingDiverged
 from tether.loop.pieces import TrainConfig, logged_until
 from tether.loop.run import Run
 from tether.rollout import SamplingConfig, rollout
+
+log = logging.getLogger("tether.rl")
 
 
 class RLStage(Protocol):
@@ -100,6 +104,28 @@ def train_rl(stage: RLStage, trained: torch.nn.Module, model: torch.nn.Module, c
     finally:
         run.close()
     return {**run.train_metrics, **run.eval_metrics, "time/seconds": time.perf_counter() - t_start}
+
+
+class NoLearningSignal(TetherError, RuntimeError):
+    """Iteration after iteration, the rewards gave the update nothing to learn from (``--no-signal-stop``)."""
+
+
+def no_signal(name: str, streak: int, limit: int, metrics: dict[str, float], what: str, max_new_tokens: int) -> None:
+    """Warn at the third iteration in a row without a learning signal, stop at the ``limit``-th (0: never),
+    saying what the samples looked like: ``what`` (why there was no signal), how many ended, their length and
+    every reward term (a GRPO run once ran 45 minutes with every reward 0 and a zero gradient, silently)."""
+    if not streak or not limit or streak not in (min(3, limit), limit):
+        return
+    why = (f"{what} (reward {metrics['reward/mean']:.3g} on average); {metrics['rollout/ended']:.0%} of the samples "
+           f"ended (EOS or a stop string), {metrics['rollout/length']:.1f} tokens long on average (--max-new-tokens "
+           f"{max_new_tokens})" + "".join(f"; {k} {v:.3g}" for k, v in metrics.items()
+                                         if k.startswith("reward/") and k != "reward/mean"))
+    if streak < limit:
+        log.warning("%s: %d iterations in a row without a learning signal: %s", name.upper(), streak, why)
+        return
+    raise NoLearningSignal(f"{name.upper()}: {limit} iterations in a row carried no learning signal (--no-signal-stop "
+                           f"{limit}): {why}; stopped. Read a few samples against the reward, raise --max-new-tokens "
+                           "if they are cut short, or start from a policy that earns the reward some of the time")
 
 
 # --- the held-out evaluation every RL stage logs ----------------------------------------------

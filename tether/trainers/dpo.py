@@ -21,7 +21,7 @@ The losses live in tether.losses.preference; this file only gathers their inputs
 
 Evaluation on held-out pairs reports loss, implicit rewards β·log(π/π_ref) of chosen and
 rejected, their margin and accuracy, and the mean log-probs of both sides (the known failure
-where both fall shows there). At the end, ``eval/kl`` is a Monte-Carlo estimate of
+where both fall shows there). At every evaluation, ``eval/kl`` is a Monte-Carlo estimate of
 KL(π‖π_ref) = E_{y~π}[log π(y|x) − log π_ref(y|x)] on up to ``kl_prompts`` held-out prompts,
 from samples of the trained policy at temperature 1, scored on the sampled token ids
 (tether.instruments.kl.sampled_kl) against tether.scoring.reference_for (the policy with its
@@ -48,7 +48,7 @@ from tether.data.collate import (
     pair_rows,
 )
 from tether.errors import ConfigError
-from tether.instruments.kl import kl_prompt_set, sampled_kl
+from tether.instruments.kl import HeldOutKL
 from tether.loop import DataOrder, TrainConfig, train
 from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, labelled_tokens, sequence_logprobs, sft_nll, simpo_loss
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
@@ -82,7 +82,7 @@ class DPOConfig:
                                "label_prob of `tether rlaif label`: the sigmoid loss then uses ε = 1 − p per pair")
     rpo_alpha: float = opt(0.0, "α of RPO (Pang et al. 2024): add α × the per-token NLL of the chosen responses "
                                 "to the loss, so chosen log-probs cannot fall with rejected ones (0: off)")
-    kl_prompts: int = opt(64, "held-out prompts sampled at the end to estimate KL(π‖π_ref) (0: skip)")
+    kl_prompts: int = opt(64, "held-out prompts sampled at every evaluation to estimate KL(π‖π_ref) (0: skip)")
     kl_max_new_tokens: int = opt(64, "longest sample for the KL estimate")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
     overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
@@ -209,6 +209,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         eval_ref_c, eval_ref_r = ref_logps[2 * k : 2 * k + m], ref_logps[2 * k + m :]  # (m,), (m,)
 
     model = apply_lora(load_model(cfg.model), cfg.lora)
+    kl = HeldOutKL(model, cfg, tokenizer, eval_records)  # eval/kl at every evaluation (the reference loads here)
     out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
     log.info("DPO (%s, β=%g) of %s against %s: %d trainable parameters, %d pairs", cfg.loss, cfg.beta, cfg.model,
              "no reference" if cfg.loss == "simpo" else ref, count_parameters(model, True), n)
@@ -220,20 +221,15 @@ def run_dpo(cfg: DPOConfig) -> Path:
         return {**batch, "soft_label": soft_labels[idx]} if cfg.label_field else batch
 
     def eval_fn(m_) -> dict[str, float]:
-        return evaluate_pairs(m_, eval_pairs, eval_ref_c, eval_ref_r, cfg, pad_id)
+        return {**evaluate_pairs(m_, eval_pairs, eval_ref_c, eval_ref_r, cfg, pad_id), **kl(m_)}
 
     result = train(model, n, collate, lambda m_, b: dpo_step(m_, b, cfg), cfg.train, out, count=pair_count,
                    eval_fn=eval_fn if eval_pairs else None, resume=cfg.resume, desc=f"dpo {cfg.loss}",
                    run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
-    kl_prompts = kl_prompt_set(eval_records, tokenizer, cfg.kl_prompts, cfg.max_len, cfg.kl_max_new_tokens)
-    if kl_prompts:
-        reference = scoring.reference_for(model, cfg.model, cfg.ref, cfg.lora.r, next(model.parameters()).device)
-        metrics["eval/kl"] = sampled_kl(model, reference, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
-                                               seed=cfg.train.seed, precision=cfg.train.precision).kl
-        del reference
-        log.info("KL(π‖π_ref) on %d held-out prompts: %.4f nats", len(kl_prompts), metrics["eval/kl"])
+    if "eval/kl" in metrics:
+        log.info("KL(π‖π_ref) on %d held-out prompts: %.4f nats", len(kl.prompts), metrics["eval/kl"])
     data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
     if eval_records:
         data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))

@@ -49,7 +49,16 @@ from tether.config import check, group, opt, to_dict
 from tether.errors import ConfigError
 from tether.generation import make_backend
 from tether.loop import DataOrder, TrainConfig, TrainingDiverged, accumulate, autocast, compiled, resolve_device
-from tether.loop.rl import clear_samples, evaluate_policy, gold_known, gold_metric, reward_terms, term_name, train_rl
+from tether.loop.rl import (
+    clear_samples,
+    evaluate_policy,
+    gold_known,
+    gold_metric,
+    no_signal,
+    reward_terms,
+    term_name,
+    train_rl,
+)
 from tether.losses import AGGREGATIONS, aggregation_count, grpo_advantages, grpo_loss
 from tether.models import count_parameters
 from tether.rewards import RewardFn
@@ -72,6 +81,8 @@ class CriticFreeConfig(RLConfig):
     clip_eps: float = opt(0.2, "ε of the clipped ratio")
     inner_iters: int = opt(1, "μ: passes over each rollout batch (importance ratios after the first step)")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
+    no_signal_stop: int = opt(20, "stop after this many iterations in a row in which every group's rewards are equal "
+                                  "(no learning signal: every advantage 0), with a warning from the third; 0: never")
     beta: float = opt(0.04, "β of the KL to the reference (0: no KL)")
     aggregation: str = opt("sequence", "loss aggregation: sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)")
     eval_samples: int = opt(4, "samples per held-out prompt at each evaluation")
@@ -94,6 +105,7 @@ class CriticFreeConfig(RLConfig):
         check("clip_eps", self.clip_eps, gt=0, lt=1)
         check("beta", self.beta, ge=0, note="0: no KL")
         check("inner_iters", self.inner_iters, ge=1, integer=True)
+        check("no_signal_stop", self.no_signal_stop, ge=0, integer=True, note="0: never")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {self.aggregation!r}")
         if self.rollout_rows() % self.optimizer_rows():
@@ -207,10 +219,9 @@ class CriticFree:
         signal = self.signal(rewards, old_logp, ref_logp, mask)
         lo = distributed.env().rank * len(signal)  # on every rank's rewards: "batch" scaling needs them all
         advantages = self.advantages(distributed.gather(signal))[lo : lo + len(signal)]  # (B,)
-        keep = torch.ones(len(rewards), dtype=torch.bool, device=rewards.device)
-        if cfg.dynamic_sampling:
-            grouped = rewards.view(-1, G)  # (B/G, G)
-            keep = (grouped != grouped[:, :1]).any(-1).repeat_interleave(G)  # (B,)
+        grouped = rewards.view(-1, G)  # (B/G, G)
+        varied = (grouped != grouped[:, :1]).any(-1).repeat_interleave(G)  # (B,) rows of groups with a signal
+        keep = varied if cfg.dynamic_sampling else torch.ones_like(varied)
         scored = Scored(rewards, terms, old_logp, ref_logp, kl, advantages, keep)
         g = distributed.gather
         every = g(rewards)
@@ -222,7 +233,14 @@ class CriticFree:
         metrics.update(gold_metric(batch) if self.gold else {})
         if kl is not None:
             metrics.update(self.kl_metrics(rewards, kl))
+        self.watch_signal(varied, metrics)
         return scored, metrics, old_logp is None or bool(torch.isfinite(old_logp).all())
+
+    def watch_signal(self, varied: torch.Tensor, metrics: dict[str, float]) -> None:
+        """No learning signal when every group's rewards are equal: every advantage is 0 (tether.loop.rl.no_signal)."""
+        self.flat = 0 if distributed.all_reduce(varied.sum()).item() else getattr(self, "flat", 0) + 1
+        no_signal(self.name, self.flat, self.cfg.no_signal_stop, metrics, f"every group's {self.cfg.group_size} "
+                  "rewards were equal", self.cfg.sampling.max_new_tokens)
 
     def kl_metrics(self, rewards: torch.Tensor, kl: torch.Tensor) -> dict[str, float]:
         """The sequence KL (k1, B,) and reward − β·KL, averaged over every rank's rows."""

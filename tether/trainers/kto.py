@@ -38,7 +38,7 @@ from tether.data.collate import (
     pad,
 )
 from tether.errors import ConfigError
-from tether.instruments.kl import kl_prompt_set, sampled_kl
+from tether.instruments.kl import HeldOutKL
 from tether.loop import DataOrder, TrainConfig, train
 from tether.losses import KTOOutput, kto_loss, sequence_logprobs
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
@@ -65,7 +65,7 @@ class KTOConfig:
     beta: float = opt(0.1, "β: strength of the tie to the reference")
     desirable_weight: float = opt(1.0, "λ_D, weight of desirable examples")
     undesirable_weight: float = opt(1.0, "λ_U, weight of undesirable examples")
-    kl_prompts: int = opt(64, "held-out prompts sampled at the end to estimate KL(π‖π_ref) (0: skip)")
+    kl_prompts: int = opt(64, "held-out prompts sampled at every evaluation to estimate KL(π‖π_ref) (0: skip)")
     kl_max_new_tokens: int = opt(64, "longest sample for the KL estimate")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
     overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
@@ -159,6 +159,7 @@ def run_kto(cfg: KTOConfig) -> Path:
     ref_train, ref_eval, ref_eval_kl, ref_kl = reference.cached.split([n, m, m, len(kl_rows)])
 
     model = apply_lora(load_model(cfg.model), cfg.lora)
+    kl = HeldOutKL(model, cfg, tokenizer, eval_records)  # eval/kl at every evaluation (the reference loads here)
     out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
     log.info("KTO (β=%g) of %s against %s: %d trainable parameters, %d examples (%d desirable)", cfg.beta,
              cfg.model, ref, count_parameters(model, True), n, sum(e.label for e in examples))
@@ -180,7 +181,8 @@ def run_kto(cfg: KTOConfig) -> Path:
         z0 = (policy_kl - ref_eval_kl).mean().clamp(min=0)
         labels = torch.tensor([e.label for e in eval_examples])
         o = kto_loss(policy, ref_eval, labels, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
-        return {"eval/loss": o.loss.item(), **{f"eval/{k}": v for k, v in kto_metrics(o, policy, labels, z0).items()}}
+        return {"eval/loss": o.loss.item(), **{f"eval/{k}": v for k, v in kto_metrics(o, policy, labels, z0).items()},
+                **kl(model_)}
 
     result = train(model, n, collate, lambda m_, b: kto_step(m_, b, cfg), cfg.train, out,
                    count=lambda b: {"rows": float(len(b["label"]))},
@@ -188,12 +190,6 @@ def run_kto(cfg: KTOConfig) -> Path:
                    run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,
                "data/dropped": overflow.dropped, "time/seconds": result.seconds}
-    kl_prompts = kl_prompt_set(eval_records, tokenizer, cfg.kl_prompts, mx, cfg.kl_max_new_tokens)
-    if kl_prompts:
-        reference = scoring.reference_for(model, cfg.model, cfg.ref, cfg.lora.r, next(model.parameters()).device)
-        metrics["eval/kl"] = sampled_kl(model, reference, tokenizer, kl_prompts, max_new_tokens=cfg.kl_max_new_tokens,
-                                               seed=cfg.train.seed, precision=cfg.train.precision).kl
-        del reference
     data = {"train": data_info(cfg.data, train_records, fingerprint(train_records))}
     if eval_records:
         data["eval"] = data_info(cfg.eval_data or f"{cfg.data} (held out)", eval_records, fingerprint(eval_records))

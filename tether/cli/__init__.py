@@ -59,9 +59,9 @@ def main(debug: bool) -> None:
 
 
 def _register() -> None:
-    from tether.cli import eval, rl, rlaif, stages, theory, world
+    from tether.cli import eval, model, rl, rlaif, stages, theory, world
 
-    for module in (stages, theory, world, rl, rlaif, eval):
+    for module in (stages, theory, world, rl, rlaif, eval, model):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -510,3 +510,35 @@ def test_other_names_go_to_the_hub(monkeypatch):
     with pytest.raises(DataError, match=r"^someone/missing: not a local file or folder, and loading it as a hub "
                                         r"dataset failed \(ConnectionError: offline\)"):
         load_sft("someone/missing")
+
+
+def test_a_response_the_chat_template_closed_gets_no_second_eos(tiny_folder):
+    """A chat template ends the assistant's turn with EOS (and maybe a newline): the response ends at that EOS,
+    as a sampled one does, rather than with EOS twice (SmolLM2: ...<|im_end|>\\n<|im_end|>)."""
+    from tether.data.collate import response_ids
+    from tether.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_folder)
+    eos = tok.eos_token
+    plain = response_ids(tok, " 2 plus 2 is 4.")
+    assert plain[-1] == tok.eos_token_id and plain.count(tok.eos_token_id) == 1
+    assert response_ids(tok, f" 2 plus 2 is 4.{eos}\n") == plain == response_ids(tok, f" 2 plus 2 is 4.{eos}")
+    inside = response_ids(tok, f" a {eos} b")  # an EOS inside the text is not the end of the turn
+    assert inside[-1] == tok.eos_token_id and inside.count(tok.eos_token_id) == 2
+
+
+@pytest.mark.slow
+def test_chat_format_records_end_with_one_end_of_turn_on_a_real_chat_model(smollm2_folder):
+    from tether.data import load_sft
+    from tether.data.collate import encode_sft
+    from tether.models import load_tokenizer
+
+    tok = load_tokenizer(smollm2_folder)
+    records = load_sft([{"messages": [{"role": "user", "content": "What is 2 plus 2?"},
+                                      {"role": "assistant", "content": "4."}]}], tokenizer=tok)
+    rows, _ = encode_sft(records, tok, 256)
+    ids = rows[0].input_ids
+    assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 3  # system, user, assistant: one each
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n4.<|im_end|>")
+    labelled = [t for t, label in zip(ids, rows[0].labels) if label != -100]
+    assert tok.decode(labelled) == "4.<|im_end|>"

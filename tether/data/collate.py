@@ -75,8 +75,17 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def response_ids(tokenizer, response: str) -> list[int]:
-    """Token ids of a response followed by EOS: how every stage sees a finished response."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Token ids of a response ending with EOS: how every stage sees a finished response, and how the
+    sampler ends one.
+
+    A chat template closes the assistant's turn itself (SmolLM2's ``...<|im_end|>\n``, its EOS then a
+    newline): such a response ends at that EOS (what follows it is never sampled, and the reward model
+    must read the score where a sampled response ends) instead of getting a second EOS.
+    """
+    ids, eos = tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id
+    if eos in ids and not tokenizer.decode(ids[len(ids) - ids[::-1].index(eos):]).strip():
+        return ids[: len(ids) - ids[::-1].index(eos)]  # up to the turn's closing EOS, whitespace after it dropped
+    return ids + [eos]
 
 
 def encode_sft(

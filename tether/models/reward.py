@@ -81,16 +81,33 @@ def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     """The head's output at the last position of each row that the attention mask keeps (its final EOS
     when the response ended), whatever the padding token is. Shape: (B, T) -> (B,).
 
-    Pooled here rather than by transformers, which looks for the last token that is not
-    ``pad_token_id`` and so, with pad = EOS, skips the EOS a finished response ends with.
+    transformers pools at the last token that is not ``pad_token_id``, so with pad = EOS it skips the
+    EOS a finished response ends with. When a row's last real token is the padding id, the padding
+    positions are filled with another id (one no row ends with) and the model's pad id is that one for
+    this forward pass only: the same forward (through DDP, FSDP2 or torch.compile alike), read at the
+    right position. What fills masked positions does not change the real ones.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the HF model
-    backbone = getattr(inner, inner.base_model_prefix)
-    head = inner.score if hasattr(inner, "score") else inner.get_output_embeddings()
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    config = _hf_config(model)
+    pad = config.pad_token_id
     positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    last = (positions * attention_mask).argmax(-1)  # (B,) the last kept position: right or left padding alike
-    return head(hidden[torch.arange(len(last), device=hidden.device), last])[:, 0].float()
+    last = (positions * attention_mask).argmax(-1)  # (B,) the last position each row keeps
+    ends = set(input_ids[torch.arange(len(last), device=last.device), last].tolist())
+    if pad is None or pad not in ends:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    other = next(t for t in range(len(ends) + 1) if t not in ends)
+    try:
+        config.pad_token_id = other
+        return model(input_ids=input_ids.masked_fill(attention_mask == 0, other),
+                     attention_mask=attention_mask).logits[:, 0].float()
+    finally:
+        config.pad_token_id = pad
+
+
+def _hf_config(model):
+    """The transformers config of ``model`` under DDP, torch.compile or peft wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model.config
 
 
 def normalised(model, raw: torch.Tensor) -> torch.Tensor:

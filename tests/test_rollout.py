@@ -37,7 +37,8 @@ def test_sampling_is_reproducible_by_seed_and_leaves_global_rng_alone(tiny_folde
 def test_rollout_rows_score_the_sampled_tokens_exactly(tiny_folder):
     """The packed rows hold the sampled tokens, and their log-probs (right-padded, re-scored)
     equal the generator's own at the sampling temperature."""
-    from tether.rollout import policy_logprobs, rollout, sample
+    from tether.rollout import rollout, sample
+    from tether.scoring import response_logprobs
 
     model, tok = load_model(tiny_folder), load_tokenizer(tiny_folder)
     prompts = ["\n\nHuman: What is 3 plus 4?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]
@@ -48,7 +49,7 @@ def test_rollout_rows_score_the_sampled_tokens_exactly(tiny_folder):
         assert batch.input_ids[b, : len(p) + len(r)].tolist() == p + r
         assert batch.ended[b].item() == (bool(r) and r[-1] == tok.eos_token_id)
     with torch.no_grad():
-        logp = policy_logprobs(model, batch, temperature=0.7)  # (B, T-1)
+        logp = response_logprobs(model, batch, temperature=0.7)  # (B, T-1)
         for b, (p, r) in enumerate(pairs):  # one row at a time, no padding at all
             logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1] / 0.7
             alone = torch.log_softmax(logits, -1).gather(1, torch.tensor(r)[:, None]).squeeze(1)

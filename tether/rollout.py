@@ -195,11 +195,6 @@ class SamplingConfig:
     def stops(self) -> list[str]:
         return [s for s in self.stop_strings.split(",") if s]
 
-    def kwargs(self) -> dict:
-        """The keyword arguments of :func:`rollout` these settings give."""
-        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                    top_p=self.top_p, stop_strings=self.stops(), batch_size=self.gen_batch_size)
-
 
 def rollout(
     model,
@@ -244,10 +239,3 @@ def rollout(
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return Rollout(batch["input_ids"], batch["attention_mask"], batch["labels"], mask,
                    torch.tensor(ended), list(prompts), texts)
-
-
-def policy_logprobs(model, batch: Rollout, temperature: float = 1.0, *, with_logits: bool = False):
-    """Deprecated alias of tether.scoring.response_logprobs (log π of every response token, (B, T − 1))."""
-    from tether.scoring import response_logprobs
-
-    return response_logprobs(model, batch, temperature, with_logits=with_logits)

@@ -89,7 +89,7 @@ def labelled_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[
 
 
 def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int | None = None,
-                      precision: str = "fp32", with_logits: bool = False):
+                      precision: str = "fp32") -> torch.Tensor:
     """log π(y_t | x, y_<t) at the sampling ``temperature`` at every labelled position, 0 elsewhere.
 
     ``batch``: anything with ``input_ids``, ``attention_mask`` and ``labels`` (B, T) (a
@@ -97,8 +97,7 @@ def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int
     scores token t + 1 (tether.losses.lm.token_logprobs). With ``batch_size`` the rows go through
     the model in chunks of that many (row slices of the already padded batch, so the result is
     the same) and are concatenated. Gradients flow when called outside ``torch.no_grad``; the
-    model's mode is left as it is. ``precision``: autocast as tether.loop.autocast. With
-    ``with_logits`` also returns the logits (B, T, V) of the same forward passes (for the entropy).
+    model's mode is left as it is. ``precision``: autocast as tether.loop.autocast.
 
     Shape: (B, T) -> (B, T − 1), float32.
     """
@@ -106,18 +105,13 @@ def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int
     device = _device(model)
     n = ids.shape[0]
     size = batch_size or max(n, 1)
-    logps, all_logits = [], []
+    logps = []
     for s in range(0, n, size):
         rows = slice(s, s + size)
         with _autocast(device, precision):
             logits = model(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device)).logits  # (b, T, V)
         logps.append(token_logprobs(logits, labels[rows].to(device), temperature))  # (b, T-1)
-        if with_logits:
-            all_logits.append(logits)
-    out = torch.cat(logps) if logps else torch.zeros(0, max(ids.shape[1] - 1, 0), device=device)
-    if with_logits:
-        return out, (torch.cat(all_logits) if all_logits else None)
-    return out
+    return torch.cat(logps) if logps else torch.zeros(0, max(ids.shape[1] - 1, 0), device=device)
 
 
 # --- lists of rows: no grad, eval mode, batched by length, sharded over ranks -------------

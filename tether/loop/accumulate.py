@@ -40,12 +40,13 @@ def rows(batch: dict) -> Counts:
     return {"rows": float(len(next(iter(batch.values()))))}
 
 
-def step_counts(batches: Sequence, count: Callable[[object], Counts], keys: Sequence[str] = ()) -> Counts:
-    """N_k: each term's units over every micro-batch of the step and every rank (float64, one all-reduce).
-    ``keys``: the terms to count when this rank has no micro-batch (every rank must reduce the same ones)."""
+def step_counts(counts: Sequence[Counts], keys: Sequence[str] = ()) -> Counts:
+    """N_k: each term's units summed over the step's micro-batches (``counts``, this rank's) and every rank
+    (float64, one all-reduce). ``keys``: the terms to count when this rank has no micro-batch (every rank
+    must reduce the same ones)."""
     local: Counts = dict.fromkeys(keys, 0.0)
-    for batch in batches:
-        for k, v in count(batch).items():
+    for c in counts:
+        for k, v in c.items():
             local[k] = local.get(k, 0.0) + float(v)
     if not distributed.env().active:
         return local
@@ -75,7 +76,8 @@ def accumulate(module: torch.nn.Module, batches: Sequence, count: Callable[[obje
     first batch) with weight 0. A non-finite loss is recorded, not raised, so every rank stops together.
     """
     env = distributed.env()
-    totals = step_counts(batches, count, keys=count(filler) if filler is not None else ())
+    counts = [count(batch) for batch in batches]
+    totals = step_counts(counts, keys=count(filler) if filler is not None else ())
     n = len(batches)
     if env.active:
         n = int(distributed.all_reduce(torch.tensor(n), "max").item())
@@ -96,7 +98,7 @@ def accumulate(module: torch.nn.Module, batches: Sequence, count: Callable[[obje
         if i < len(batches):
             if not torch.isfinite(loss) and bad is None:
                 bad = loss.item()
-            share = count(batch)[primary] / totals[primary] if primary and totals[primary] > 0 else 0.0
+            share = counts[i][primary] / totals[primary] if primary and totals[primary] > 0 else 0.0
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v * share)

@@ -158,6 +158,11 @@ def term_name(spec: str) -> str:
     return spec.split("(")[0]
 
 
+def term_metrics(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``reward/<term>``: each term of a combined reward (:func:`reward_terms`), averaged over every rank's samples."""
+    return {f"reward/{term_name(k)}": distributed.gather(v.float()).mean().item() for k, v in terms.items()}
+
+
 def clear_samples(out: Path, step: int) -> Path:
     """``out/samples.jsonl`` keeping only what a run resumed at ``step`` had written (nothing at step 0)."""
     path = out / "samples.jsonl"

@@ -14,9 +14,10 @@ One iteration (``--steps`` counts iterations):
      RLOO  Â = r' − mean of the other G − 1 rewards r' of the prompt, r' = r − β Σ_t kl_t
            (losses.rloo_advantages; trainers/rloo.py);
 3. update:  ``inner_iters`` passes over the batch in mini-batches of ``batch_size × grad_accum``
-   consecutive rows (the whole batch when it is smaller), one optimiser step each, on losses.grpo_loss (the clipped surrogate with ratio
-   π/π_old, ε and DAPO's ε_high, plus for GRPO β·k3(π, π_ref) per token inside the loss), aggregated
-   per sequence (GRPO), per token (DAPO) or by max_new_tokens (Dr. GRPO); each mini-batch's loss is
+   consecutive rows (the whole batch when it is smaller), one optimiser step each, on losses.grpo_loss
+   (the clipped surrogate with ratio π/π_old, ε and DAPO's ε_high, plus for GRPO β·k3(π, π_ref) per
+   token inside the loss), aggregated per sequence (GRPO), per token (DAPO) or by max_new_tokens
+   (Dr. GRPO); each mini-batch's loss is
    the aggregation's sum over its rows divided by their count across micro-batches and ranks
    (tether.loop.accumulate).
 
@@ -56,7 +57,7 @@ from tether.loop.rl import (
     gold_metric,
     no_signal,
     reward_terms,
-    term_name,
+    term_metrics,
     train_rl,
 )
 from tether.losses import AGGREGATIONS, aggregation_count, grpo_advantages, grpo_loss
@@ -169,6 +170,7 @@ class CriticFree:
         self.kl_in_loss = reference is not None and cfg.beta > 0  # RLOO puts its KL into the reward instead
         self.gold, self.eval_gold = gold_known(inputs.prompts), gold_known(inputs.eval_prompts)
         self.samples_path = out / "samples.jsonl"
+        self.flat = 0  # iterations in a row without a learning signal (watch_signal)
 
     # --- the algorithm (GRPO) ---
 
@@ -229,8 +231,7 @@ class CriticFree:
                    "rollout/length": g(mask.sum(-1).float()).mean().item(),
                    "rollout/ended": g(batch.ended.float()).mean().item(),
                    "rollout/rows_kept": g(keep.float()).mean().item()}
-        metrics.update({f"reward/{term_name(k)}": g(v.float()).mean().item() for k, v in terms.items()})
-        metrics.update(gold_metric(batch) if self.gold else {})
+        metrics.update({**term_metrics(terms), **(gold_metric(batch) if self.gold else {})})
         if kl is not None:
             metrics.update(self.kl_metrics(rewards, kl))
         self.watch_signal(varied, metrics)
@@ -238,7 +239,7 @@ class CriticFree:
 
     def watch_signal(self, varied: torch.Tensor, metrics: dict[str, float]) -> None:
         """No learning signal when every group's rewards are equal: every advantage is 0 (tether.loop.rl.no_signal)."""
-        self.flat = 0 if distributed.all_reduce(varied.sum()).item() else getattr(self, "flat", 0) + 1
+        self.flat = 0 if distributed.all_reduce(varied.sum()).item() else self.flat + 1
         no_signal(self.name, self.flat, self.cfg.no_signal_stop, metrics, f"every group's {self.cfg.group_size} "
                   "rewards were equal", self.cfg.sampling.max_new_tokens)
 
@@ -322,7 +323,7 @@ def run_critic_free(cfg: CriticFreeConfig, stage: type[CriticFree], reward_fn: R
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    inputs = load_inputs(cfg, reward_fn)
+    inputs = load_inputs(cfg, reward_fn, device)
     check_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
 
     model = load_policy(cfg, device)
@@ -336,7 +337,7 @@ def run_critic_free(cfg: CriticFreeConfig, stage: type[CriticFree], reward_fn: R
              cfg.model, count_parameters(model, True), len(inputs.prompts), inputs.cfg.reward,
              "none" if reference is None else cfg.ref or cfg.model)
     final = train_rl(stage(cfg, inputs, model, trained, reference, backend, out, device), trained, model, cfg.train,
-                     out, resume=cfg.resume, run_config=to_dict(cfg), n_samples=cfg.rollout_rows())
+                     out, resume=cfg.resume, run_config=to_dict(inputs.cfg), n_samples=cfg.rollout_rows())
     return write_artifact(out, stage=stage.name, cfg=inputs.cfg, model=model, tokenizer=inputs.tokenizer,
                           data=data_record(cfg, inputs), metrics=final)
 

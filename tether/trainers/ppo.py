@@ -43,7 +43,7 @@ from tether.config import check, check_fields, group, opt, to_dict
 from tether.errors import ConfigError
 from tether.generation import make_backend
 from tether.loop import DataOrder, TrainConfig, TrainingDiverged, accumulate, autocast, compiled, resolve_device
-from tether.loop.rl import clear_samples, evaluate_policy, gold_known, gold_metric, train_rl
+from tether.loop.rl import clear_samples, evaluate_policy, gold_known, gold_metric, reward_terms, term_metrics, train_rl
 from tether.losses import (
     KL_ESTIMATORS,
     adaptive_kl_coef,
@@ -199,7 +199,8 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
 
     def count(part) -> dict[str, float]:
         idx, ptx = part
-        return {"tokens": float(batch.mask[idx].sum()), **({"ptx": float(labelled_tokens(ptx["labels"]))} if ptx else {})}
+        ptx_tokens = {"ptx": float(labelled_tokens(ptx["labels"]))} if ptx else {}
+        return {"tokens": float(batch.mask[idx].sum()), **ptx_tokens}
 
     def loss_fn(part):
         idx, ptx = part
@@ -286,9 +287,9 @@ class PPO:
                        index_offset=lo if distributed.env().active else None, backend=self.sampler).to(self.device)
 
     def score(self, batch: Rollout):
-        raw = torch.as_tensor(self.reward_fn(batch.prompts, batch.responses), dtype=torch.float32).to(self.device)
+        raw, terms = reward_terms(self.reward_fn, batch.prompts, batch.responses)  # (B,), each term's (B,)
         empty = torch.tensor([not r.strip() for r in batch.responses], device=self.device)  # (B,)
-        raw, score = sequence_scores(raw, empty, batch.ended, self.cfg)
+        raw, score = sequence_scores(raw.to(self.device), empty, batch.ended, self.cfg)
         with autocast(self.device, self.cfg.train.precision):
             scored, metrics = score_rollout(self.scoring, self.reference, batch, score, self.cfg, self.beta)
         mask, every = batch.mask.float(), distributed.gather(raw)  # every rank's rewards
@@ -298,7 +299,7 @@ class PPO:
             "value/explained_variance": explained_variance(scored.values, scored.returns, mask),
             "rollout/length": mask.sum(-1).mean().item(), "rollout/ended": batch.ended.float().mean().item(),
             "rollout/empty": empty.float().mean().item()})
-        metrics.update(gold_metric(batch) if self.gold else {})
+        metrics.update({**term_metrics(terms), **(gold_metric(batch) if self.gold else {})})
         finite = all(bool(torch.isfinite(t).all()) for t in (scored.old_logp, scored.values))
         return scored, metrics, finite
 
@@ -328,7 +329,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    inputs = load_inputs(cfg, reward)
+    inputs = load_inputs(cfg, reward, device)
     ptx = ptx_rows(cfg, inputs.tokenizer)
     critic_init = critic_source(cfg, reward)
 
@@ -343,7 +344,7 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     log.info("PPO of %s against reward %s (value: %s, β=%g%s): %d trainable parameters, %d prompts", cfg.model,
              inputs.cfg.reward, cfg.value, cfg.beta, f", KL target {cfg.kl_target}" if cfg.kl_target else "",
              count_parameters(ac, True), len(inputs.prompts))
-    final = train_rl(stage, trained, ac, cfg.train, out, resume=cfg.resume, run_config=to_dict(cfg),
+    final = train_rl(stage, trained, ac, cfg.train, out, resume=cfg.resume, run_config=to_dict(inputs.cfg),
                      n_samples=cfg.rollout_batch)
     return write_artifact(out, stage="ppo", cfg=inputs.cfg, model=policy, tokenizer=inputs.tokenizer,
                           data=data_record(cfg, inputs), metrics=final)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import NamedTuple
 
 from tether import distributed
@@ -40,7 +39,8 @@ class RLConfig:
                               "overlong(max=L,cache=C), or a weighted sum such as exact_match:1.0,format:0.2")
     reward_aggregation: str = opt("", "aggregation of a reward-model ensemble: mean | min | uwo (empty: the "
                                       "ensemble's own)")
-    prompts: str = opt("", "training prompts ({\"prompt\", \"answer\"?, ...}): JSONL / JSON / CSV / Parquet or a dataset")
+    prompts: str = opt("", "training prompts ({\"prompt\", \"answer\"?, ...}): JSONL / JSON / CSV / Parquet, or a "
+                           "dataset")
     eval_prompts: str = opt("", "held-out prompts scored every eval_every iterations (empty: no evaluation)")
     eval_size: int = opt(64, "held-out prompts scored at each evaluation (a seeded sample when there are more)")
     eval_samples: int = opt(1, "samples per held-out prompt at each evaluation")
@@ -80,10 +80,10 @@ class Inputs(NamedTuple):
     cfg: RLConfig  # with a reward given as a function, its name in place of the spec (tether.json records it)
 
 
-def load_inputs(cfg: RLConfig, reward: RewardFn | None) -> Inputs:
+def load_inputs(cfg: RLConfig, reward: RewardFn | None, device) -> Inputs:
     """Tokenizer, prompts, the held-out sample and the reward (``reward``: a function given in Python,
     else ``cfg.reward``; verifiable terms take their answers, tokenizer and L_max from here)."""
-    device = str(distributed.setup(cfg.train.device)[1])
+    device = str(device)
     tokenizer = load_tokenizer(cfg.model)
     records = load_prompts(cfg.prompts, tokenizer=tokenizer)
     eval_records = load_prompts(cfg.eval_prompts, tokenizer=tokenizer) if cfg.eval_prompts else []
@@ -114,6 +114,3 @@ def data_record(cfg: RLConfig, inputs: Inputs) -> dict:
         data["eval_prompts"] = data_info(cfg.eval_prompts, inputs.eval_records, fingerprint(inputs.eval_records))
     return data
 
-
-def out_path(cfg: RLConfig) -> Path:
-    return Path(cfg.out)

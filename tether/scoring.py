@@ -88,6 +88,37 @@ def labelled_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[
 # --- a padded batch, with gradient where the caller wants it ------------------------------
 
 
+def _keeps_logits(model) -> bool:
+    """Whether the transformers model inside ``model`` (a LoRA, DDP or compile wrapper) takes ``logits_to_keep``."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            return "logits_to_keep" in inspect.signature(m.forward).parameters
+    return False
+
+
+def labelled_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits a loss over the labelled tokens needs, and the labels they line up with.
+
+    Position t's logits predict token t + 1, so the positions before the batch's first labelled
+    token minus one (the prompts, in a batch of prompt + response rows) are never read: the model
+    computes its output layer from that position on (transformers' ``logits_to_keep``), which on a
+    large vocabulary spares B × (prompt length) × V logits. Returns (logits (B, K, V), labels
+    (B, K)) with K ≤ T, for tether.losses.lm's functions; a model without ``logits_to_keep``
+    gives every position (K = T).
+    """
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+    if first == 0 or not _keeps_logits(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits, labels
+    keep = labels.shape[1] - first
+    return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits, labels[:, first:]
+
+
 def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int | None = None,
                       precision: str = "fp32") -> torch.Tensor:
     """log π(y_t | x, y_<t) at the sampling ``temperature`` at every labelled position, 0 elsewhere.
@@ -103,15 +134,16 @@ def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int
     """
     ids, mask, labels = _tensors(batch)
     device = _device(model)
-    n = ids.shape[0]
+    n, width = ids.shape[0], max(ids.shape[1] - 1, 0)
     size = batch_size or max(n, 1)
     logps = []
     for s in range(0, n, size):
         rows = slice(s, s + size)
         with _autocast(device, precision):
-            logits = model(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device)).logits  # (b, T, V)
-        logps.append(token_logprobs(logits, labels[rows].to(device), temperature))  # (b, T-1)
-    return torch.cat(logps) if logps else torch.zeros(0, max(ids.shape[1] - 1, 0), device=device)
+            logits, kept = labelled_logits(model, ids[rows].to(device), mask[rows].to(device), labels[rows].to(device))
+        logp = token_logprobs(logits, kept, temperature)  # (b, K-1): the last positions
+        logps.append(torch.nn.functional.pad(logp, (width - logp.shape[1], 0)))  # (b, T-1), 0 before them
+    return torch.cat(logps) if logps else torch.zeros(0, width, device=device)
 
 
 # --- lists of rows: no grad, eval mode, batched by length, sharded over ranks -------------
@@ -135,8 +167,8 @@ def _score_rows(model, rows: Sequence[Encoded], pad_id: int, batch_size: int, pr
             idx = order[s : s + batch_size]
             batch = {k: v.to(device) for k, v in pad([part[i] for i in idx], pad_id).items()}
             with _autocast(device, precision):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            value = score(logits, batch).cpu()  # (b, *width)
+                logits, labels = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            value = score(logits, {**batch, "labels": labels}).cpu()  # (b, *width)
             if out is None:
                 out = torch.zeros((len(part), *value.shape[1:]), dtype=value.dtype)
             out[idx] = value
@@ -349,7 +381,7 @@ def cached_reference(ref: str, rows: Sequence[Encoded], pad_id: int, cfg) -> tup
     else:
         log.info("reference log-probs of %d rows: computing once (cache miss, %s)", len(rows), path)
     model = load_model(ref, device=device).eval()
-    logps = sequence_logprobs(model, rows, pad_id, batch_size=max(cfg.batch_size, 32), precision=cfg.precision)
+    logps = sequence_logprobs(model, rows, pad_id, batch_size=cfg.score_rows(), precision=cfg.precision)
     del model
     if distributed.env().main:
         write_reference_cache(path, logps)

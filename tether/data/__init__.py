@@ -1,7 +1,9 @@
 """Data: records, loaders with file:line validation, and collation (see loaders.py and collate.py)."""
 
 from tether.data.loaders import (
+    ChatFormat,
     Row,
+    chat_tokenizer,
     fingerprint,
     load_feedback,
     load_preferences,
@@ -10,17 +12,20 @@ from tether.data.loaders import (
     read_rows,
     render_messages,
     split_conversation,
+    transcript_messages,
 )
 from tether.data.records import DataError, FeedbackRecord, PreferenceRecord, PromptRecord, SFTRecord
 from tether.data.split import split_eval
 
 __all__ = [
+    "ChatFormat",
     "Row",
     "DataError",
     "FeedbackRecord",
     "PreferenceRecord",
     "PromptRecord",
     "SFTRecord",
+    "chat_tokenizer",
     "fingerprint",
     "load_feedback",
     "load_preferences",
@@ -30,4 +35,5 @@ __all__ = [
     "render_messages",
     "split_conversation",
     "split_eval",
+    "transcript_messages",
 ]

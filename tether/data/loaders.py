@@ -12,6 +12,11 @@ columns={"prompt": "question"})``. Keys a format does not use are kept in ``reco
 With ``skip_invalid=True`` a bad record is skipped instead, and the skips are counted in the log
 (a file that cannot be read at all still raises, as does one with no records or whose every
 record was skipped: a stage never trains on nothing).
+
+Chat models: given a tokenizer with a chat template, every record is rendered with it, message
+lists and string rows alike (an HH-RLHF transcript becomes its turns: :class:`ChatFormat`), so a
+response ends with the template's end of turn. A stage's ``--no-chat-template`` passes no
+tokenizer: strings are used as given and messages in tether's HH transcript style.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -339,6 +345,62 @@ def render_messages(messages: list[dict], tokenizer: Any = None, add_generation_
     return "".join(parts) + (ASSISTANT if add_generation_prompt else "")
 
 
+TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def transcript_messages(text: str) -> list[dict] | None:
+    """The turns of an HH-RLHF transcript as {"role", "content"} messages, or None when ``text`` is not one.
+
+    "\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:" gives user a, assistant b, user c:
+    a final empty "Assistant:" is the generation prompt, not a turn. Text before the first turn
+    becomes a system message; contents are stripped of surrounding whitespace.
+    """
+    parts = TURN.split(text)  # [before, role, content, role, content, ...]
+    if len(parts) < 3 or parts[1] != "Human":
+        return None
+    messages = [{"role": "system", "content": parts[0].strip()}] if parts[0].strip() else []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+class ChatFormat:
+    """Renders string records of a chat model through its chat template.
+
+    A prompt that is an HH-RLHF transcript becomes its turns (:func:`transcript_messages`), any
+    other prompt one user message; a completion becomes the assistant's reply, so it ends with
+    the template's end of turn. Nothing changes when the tokenizer is None, has no chat template,
+    or its template is the HH transcript style itself (tether's tiny models), nor for a prompt the
+    template already rendered (it ends with the template's generation prompt).
+    """
+
+    def __init__(self, tokenizer: Any = None):
+        self.tokenizer = tokenizer if tokenizer is not None and getattr(tokenizer, "chat_template", None) else None
+        self.generation_tail = ""
+        if self.tokenizer is not None:
+            probe = render_messages([{"role": "user", "content": "\x00"}], self.tokenizer, add_generation_prompt=True)
+            if probe == HUMAN + " \x00" + ASSISTANT:
+                self.tokenizer = None  # the template writes HH transcripts: records are already in its format
+            else:
+                self.generation_tail = probe.rsplit("\x00", 1)[-1].rstrip()
+
+    def __call__(self, prompt: str, completion: str | None = None) -> tuple[str, str | None]:
+        """(prompt, completion) rendered; the completion may be None (a prompt record)."""
+        if self.tokenizer is None or (self.generation_tail and prompt.rstrip().endswith(self.generation_tail)):
+            return prompt, completion
+        messages = transcript_messages(prompt) or [{"role": "user", "content": prompt.strip()}]
+        if completion is None:
+            return render_messages(messages, self.tokenizer, add_generation_prompt=True), None
+        return split_conversation(messages + [{"role": "assistant", "content": completion.strip()}], self.tokenizer)
+
+
+def chat_tokenizer(tokenizer: Any, cfg: Any) -> Any:
+    """The tokenizer a stage's loaders render records with: ``tokenizer``, or None when ``cfg.chat_template`` is off."""
+    return tokenizer if getattr(cfg, "chat_template", True) else None
+
+
 def split_conversation(messages: list[dict], tokenizer: Any = None) -> tuple[str, str]:
     """(prompt, completion) of a conversation whose last message is the assistant's.
 
@@ -427,16 +489,18 @@ def load_sft(source: Any, *, tokenizer: Any = None, columns: Mapping[str, str] |
              limit: int | None = None, split: str = "train", skip_invalid: bool = False) -> list[SFTRecord]:
     """SFT records from {"prompt","completion"}, {"messages": [...]} or {"text"} rows.
 
-    Takes a source (see the module doc), a tokenizer whose chat template renders messages (else
-    tether's default), a ``columns`` mapping, ``limit`` (at most that many rows) and a ``split``.
-    Returns one SFTRecord per row; a {"text"} row has prompt "".
+    Takes a source (see the module doc), a tokenizer whose chat template renders messages and
+    string prompt/completion rows (:class:`ChatFormat`; None: tether's default, the strings as
+    given), a ``columns`` mapping, ``limit`` (at most that many rows) and a ``split``. Returns one
+    SFTRecord per row; a {"text"} row has prompt "" and is never templated.
     """
+    chat = ChatFormat(tokenizer)
 
     def parse(f: _Fields) -> list[SFTRecord]:
         if f.has("messages"):
             prompt, completion = _conversation(f, "messages", tokenizer)
         elif f.has("prompt") or f.has("completion"):
-            prompt, completion = f.text("prompt"), f.text("completion")
+            prompt, completion = chat(f.text("prompt"), f.text("completion"))
         elif f.has("text"):
             prompt, completion = "", f.text("text")
         else:
@@ -446,8 +510,8 @@ def load_sft(source: Any, *, tokenizer: Any = None, columns: Mapping[str, str] |
     return _load(source, parse, split, limit, columns, skip_invalid)
 
 
-def _preference(f: _Fields, tokenizer: Any) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) of a row in any preference format."""
+def _preference(f: _Fields, tokenizer: Any, chat: ChatFormat) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a row in any preference format; string rows go through ``chat``."""
     if not (f.has("chosen") and f.has("rejected")):
         missing = "chosen" if not f.has("chosen") else "rejected"
         raise f.error(missing, "missing; a preference record needs chosen + rejected (strings or message lists) "
@@ -473,6 +537,7 @@ def _preference(f: _Fields, tokenizer: Any) -> tuple[str, str, str]:
                           "(assistant) message")
     elif f.has("prompt"):
         prompt, chosen, rejected = f.text("prompt"), f.text("chosen"), f.text("rejected")
+        (_, chosen), (prompt, rejected) = chat(prompt, chosen), chat(prompt, rejected)
     else:  # implicit prompt: HH-RLHF transcripts
         parts = split_transcripts(f.text("chosen"), f.text("rejected"))
         if parts is None:
@@ -480,6 +545,7 @@ def _preference(f: _Fields, tokenizer: Any) -> tuple[str, str, str]:
                           '"\\n\\nAssistant:" to cut the prompt at; expected HH-RLHF-style transcripts '
                           '("\\n\\nHuman: ...\\n\\nAssistant: ...") or a "prompt" key')
         prompt, chosen, rejected = parts  # a reply may be empty here: HH-RLHF prefers silence in a few pairs
+        (_, chosen), (prompt, rejected) = chat(prompt, chosen), chat(prompt, rejected)
     if chosen == rejected:
         raise f.error("rejected", "identical to chosen; expected a pair of different responses")
     return prompt, chosen, rejected
@@ -492,9 +558,10 @@ def load_preferences(source: Any, *, tokenizer: Any = None, columns: Mapping[str
 
     Takes the same arguments as :func:`load_sft`; returns one PreferenceRecord per row.
     """
+    chat = ChatFormat(tokenizer)
 
     def parse(f: _Fields) -> list[PreferenceRecord]:
-        prompt, chosen, rejected = _preference(f, tokenizer)
+        prompt, chosen, rejected = _preference(f, tokenizer, chat)
         return [PreferenceRecord(prompt, chosen, rejected, f.where, f.extra())]
 
     return _load(source, parse, split, limit, columns, skip_invalid)
@@ -509,17 +576,18 @@ def load_feedback(source: Any, *, tokenizer: Any = None, columns: Mapping[str, s
     records: the chosen response labelled True and the rejected one labelled False. ``limit``
     counts rows, not records. Other arguments as :func:`load_sft`; returns the records in order.
     """
+    chat = ChatFormat(tokenizer)
 
     def parse(f: _Fields) -> list[FeedbackRecord]:
         if from_pairs or (not f.has("label") and (f.has("chosen") or f.has("rejected"))):
-            prompt, chosen, rejected = _preference(f, tokenizer)
+            prompt, chosen, rejected = _preference(f, tokenizer, chat)
             extra = f.extra()
             return [FeedbackRecord(prompt, chosen, True, f.where, extra),
                     FeedbackRecord(prompt, rejected, False, f.where, dict(extra))]
         if f.has("messages"):
             prompt, completion = _conversation(f, "messages", tokenizer)
         elif f.has("prompt") or f.has("completion") or f.has("label"):
-            prompt, completion = f.text("prompt"), f.text("completion")
+            prompt, completion = chat(f.text("prompt"), f.text("completion"))
         else:
             raise f.formats_error("feedback", "prompt + completion + label, messages + label, "
                                   "or a preference pair (chosen + rejected)")
@@ -536,6 +604,7 @@ def load_prompts(source: Any, *, tokenizer: Any = None, columns: Mapping[str, st
     must not end with the assistant's message. Other arguments as :func:`load_sft`; returns one
     PromptRecord per row, extra keys (e.g. GSM8K's "answer") in ``.extra``.
     """
+    chat = ChatFormat(tokenizer)
 
     def parse(f: _Fields) -> list[PromptRecord]:
         name = "prompt" if f.has("prompt") else "messages" if f.has("messages") else None
@@ -548,7 +617,7 @@ def load_prompts(source: Any, *, tokenizer: Any = None, columns: Mapping[str, st
                               "user (the model writes the next assistant reply)")
             prompt = render_messages(messages, tokenizer, add_generation_prompt=True)
         else:
-            prompt = f.text("prompt")
+            prompt, _ = chat(f.text("prompt"))
         return [PromptRecord(prompt, f.where, f.extra())]
 
     return _load(source, parse, split, limit, columns, skip_invalid)

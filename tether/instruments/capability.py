@@ -14,6 +14,7 @@ or "The answer is N") equals the reference's (the answer after "####").
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,9 +57,13 @@ def mc_eval(model, tokenizer, rows: Sequence[dict]) -> dict[str, float]:
     return {"acc": acc / n, "acc_norm": acc_norm / n, "count": float(len(rows))}
 
 
-def read_gsm8k(path: str | Path, limit: int = 0) -> list[dict]:
-    """GSM8K's JSONL ({"question", "answer" ending "#### N"}) as rows {"prompt" (HH style), "answer"}; first ``limit``."""
-    from tether.world import format_prompt
+def read_gsm8k(path: str | Path, limit: int = 0, tokenizer=None) -> list[dict]:
+    """GSM8K's JSONL ({"question", "answer" ending "#### N"}) as rows {"prompt", "answer"}; the first ``limit``.
+
+    The question is one user message, rendered with ``tokenizer``'s chat template when it has one
+    (else HH style: tether.data.render_messages).
+    """
+    from tether.data import render_messages
 
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -74,17 +79,39 @@ def read_gsm8k(path: str | Path, limit: int = 0) -> list[dict]:
             if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) \
                     or "####" not in str(rec.get("answer", "")):
                 raise DataError(str(path), line_no, None, 'expected {"question": str, "answer": "... #### N"} (GSM8K)')
-            rows.append({"prompt": format_prompt(rec["question"]), "answer": rec["answer"]})
+            question = [{"role": "user", "content": rec["question"]}]
+            rows.append({"prompt": render_messages(question, tokenizer, add_generation_prompt=True),
+                         "answer": rec["answer"]})
             if limit and len(rows) >= limit:
                 break
     return rows
 
 
-def exact_match_eval(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 64) -> tuple[float, list[str]]:
-    """Share of rows {"prompt", "answer"} whose greedy response's final answer matches; and the responses."""
+LAST_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def last_number_match(response: str, answer: str) -> bool:
+    """GSM8K's flexible match: the response's final answer ("#### N", "The answer is N"), else the last
+    number it writes, equals the reference's (what lm-evaluation-harness calls flexible-extract)."""
+    from tether.world import exact_match
+
+    if exact_match(response, answer):
+        return True
+    numbers = [n for n in LAST_NUMBER.findall(response) if any(c.isdigit() for c in n)]
+    return bool(numbers) and exact_match(f"#### {numbers[-1]}", answer)
+
+
+def exact_match_eval(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 64,
+                     flexible: bool = False) -> tuple[float, list[str]]:
+    """Share of rows {"prompt", "answer"} whose greedy response's final answer matches; and the responses.
+
+    With ``flexible`` a response without a marked final answer is read at its last number
+    (:func:`last_number_match`), as instruct models seldom write "#### N".
+    """
     from tether.rollout import generate
     from tether.world import exact_match
 
+    match = last_number_match if flexible else exact_match
     responses = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, greedy=True)
-    hits = [exact_match(y, str(r["answer"])) for r, y in zip(rows, responses)]
+    hits = [match(y, str(r["answer"])) for r, y in zip(rows, responses)]
     return (sum(hits) / len(hits) if hits else float("nan")), responses

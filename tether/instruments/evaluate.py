@@ -48,6 +48,9 @@ class EvalConfig:
     probe_limit: int = opt(0, "at most this many prompts from each of the world's probe files (0: all)")
     samples: int = opt(1, "policy samples per prompt for the KL estimates")
     max_new_tokens: int = opt(48, "longest response")
+    gsm8k_max_new_tokens: int = opt(256, "longest response to a GSM8K question (room for the working)")
+    chat_template: bool = opt(True, "render every prompt (held-out, XSTest, GSM8K) with the policy's chat template "
+                                    "when it has one; --no-chat-template: HH-RLHF transcript style")
     bon_pool: int = opt(16, "best-of-n over-optimisation curve against the RM: samples a prompt from the base (0: skip)")
     bon_prompts: int = opt(32, "held-out prompts for the best-of-n curve")
     ascent_prompts: int = opt(3, "prompts for the gradient-ascent probe of the RM (0: skip it)")
@@ -59,7 +62,8 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.policy or not self.base:
             raise ConfigError("tether eval needs --policy and --base")
-        check_fields(self, "prompts samples max_new_tokens bon_prompts ascent_steps", ge=1, integer=True)
+        check_fields(self, "prompts samples max_new_tokens gsm8k_max_new_tokens bon_prompts ascent_steps", ge=1,
+                     integer=True)
         check_fields(self, "limit probe_limit", ge=0, integer=True, note="0: all")
         check_fields(self, "bon_pool ascent_prompts", ge=0, integer=True, note="0: skip")
         check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
@@ -116,7 +120,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from tether.instruments.winrate import length_controlled_win_rate, outcome_win_rate
     from tether.models import load_model, load_tokenizer
     from tether.rollout import generate
-    from tether.world import format_prompt, gold_rewards
+    from tether.world import gold_rewards
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -133,9 +137,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     prompts_file = Path(cfg.eval_prompts) if cfg.eval_prompts else (world / "prompts_test.jsonl" if world else None)
     if prompts_file is None or not prompts_file.exists():
         raise FileNotFoundError("tether eval needs held-out prompts: --eval-prompts FILE or --world DIR")
-    from tether.data import load_prompts
+    from tether.data import chat_tokenizer, load_preferences, load_prompts, render_messages
 
-    records = load_prompts(str(prompts_file))
+    chat_tok = chat_tokenizer(tok, cfg)  # prompts are judged in the policy's own format
+
+    def ask(question: str) -> str:
+        return render_messages([{"role": "user", "content": question}], chat_tok, add_generation_prompt=True)
+
+    records = load_prompts(str(prompts_file), tokenizer=chat_tok)
     records = random.Random(cfg.seed).sample(records, min(cfg.prompts, len(records)))
     prompts = [r.prompt for r in records]
     probes = {}
@@ -208,10 +217,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     # 4. reward-model accuracy on held-out preference pairs
     bar.set_postfix_str("rm")
     if reward is not None and pref_file is not None and pref_file.exists():
-        from tether.data import load_preferences
         from tether.instruments.rm_eval import rm_report
 
-        pairs = load_preferences(str(pref_file))
+        pairs = load_preferences(str(pref_file), tokenizer=chat_tokenizer(load_tokenizer(str(rm_dir)), cfg))
         rc = torch.as_tensor(reward([p.prompt for p in pairs], [p.chosen for p in pairs]), dtype=torch.float32)
         rr = torch.as_tensor(reward([p.prompt for p in pairs], [p.rejected for p in pairs]), dtype=torch.float32)
         gc = [p.extra.get("gold_chosen") for p in pairs]
@@ -236,7 +244,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.xstest:
         xs = refusal.read_xstest(cfg.xstest)
         for label, name in (("safe", "xstest_safe"), ("unsafe", "xstest_unsafe")):
-            rows = [format_prompt(r["prompt"]) for r in xs if r["label"] == label]
+            rows = [ask(r["prompt"]) for r in xs if r["label"] == label]
             sets[name] = rows[: cfg.limit] if cfg.limit else rows
     if sets:
         responses = {name: (generate(policy, tok, ps, **gen), generate(base, tok, ps, **gen)) for name, ps in sets.items()}
@@ -278,16 +286,21 @@ def run_eval(cfg: EvalConfig) -> dict:
                              "count": len(rows)}
     if cfg.gsm8k:
         # questions too long for the model's context (with room for the answer) are left out and counted
-        room = getattr(policy.config, "max_position_embeddings", 10**9) - cfg.max_new_tokens
-        every = capability.read_gsm8k(cfg.gsm8k)
+        room = getattr(policy.config, "max_position_embeddings", 10**9) - cfg.gsm8k_max_new_tokens
+        every = capability.read_gsm8k(cfg.gsm8k, tokenizer=chat_tok)
         fitting = [r for r in every if len(tok(r["prompt"])["input_ids"]) <= room]
         rows = fitting[: cfg.limit] if cfg.limit else fitting
         if not rows:
             raise ConfigError(f"--gsm8k {cfg.gsm8k}: no question fits the model's context of "
-                             f"{room + cfg.max_new_tokens} tokens with {cfg.max_new_tokens} new ones")
-        cap["gsm8k"] = {"too_long_left_out": len(every) - len(fitting), "policy": capability.exact_match_eval(policy, tok, rows, max_new_tokens=cfg.max_new_tokens)[0],
-                        "base": capability.exact_match_eval(base, tok, rows, max_new_tokens=cfg.max_new_tokens)[0],
-                        "count": len(rows)}
+                             f"{room + cfg.gsm8k_max_new_tokens} tokens with {cfg.gsm8k_max_new_tokens} new ones")
+        em = {name: capability.exact_match_eval(model, tok, rows, max_new_tokens=cfg.gsm8k_max_new_tokens,
+                                                flexible=True)
+              for name, model in (("policy", policy), ("base", base))}
+        cap["gsm8k"] = {"too_long_left_out": len(every) - len(fitting), "count": len(rows),
+                        "match": "final answer, else the last number (flexible-extract)",
+                        **{name: rate for name, (rate, _) in em.items()},
+                        "examples": [{"question": r["prompt"], "answer": r["answer"], "policy": em["policy"][1][i],
+                                      "base": em["base"][1][i]} for i, r in enumerate(rows[:5])]}
     if cap:
         sections["capability"] = cap
         if "mc" in cap:

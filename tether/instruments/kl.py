@@ -65,21 +65,28 @@ def kl_prompt_set(records: list, tokenizer, n: int, max_len: int, max_new_tokens
 class HeldOutKL:
     """``eval/kl`` of a DPO or KTO run at every evaluation: :func:`sampled_kl` on the held-out prompts of
     :func:`kl_prompt_set`, so that the KL has a trend and not a single end point. The reference is the
-    stage's (the policy's adapters off under LoRA, else the frozen reference model); ``cfg`` is the stage's
-    config (model, ref, lora, train, kl_prompts, kl_max_new_tokens, max_len)."""
+    stage's (the policy's adapters off under LoRA, else the frozen reference model, loaded for each
+    evaluation so that the training steps do not hold it); ``cfg`` is the stage's config (model, ref,
+    lora, train, kl_prompts, kl_max_new_tokens, max_len)."""
 
-    def __init__(self, policy, cfg, tokenizer, records: list):
+    def __init__(self, cfg, tokenizer, records: list):
         from tether.loop import resolve_device
-        from tether.scoring import reference_for
 
         self.cfg, self.tokenizer = cfg, tokenizer
         self.prompts = kl_prompt_set(records, tokenizer, cfg.kl_prompts, cfg.max_len, cfg.kl_max_new_tokens)
-        self.reference = (reference_for(policy, cfg.model, cfg.ref, cfg.lora.r, resolve_device(cfg.train.device))
-                          if self.prompts else None)
+        self.device = resolve_device(cfg.train.device)
+        if self.prompts:
+            from tether.models.hf import check_model_source
+
+            check_model_source(cfg.ref or cfg.model)  # a bad reference stops the run before it trains
 
     def __call__(self, policy) -> dict[str, float]:
-        if self.reference is None:
+        from tether.scoring import reference_for
+
+        if not self.prompts:
             return {}
-        return {"eval/kl": sampled_kl(policy, self.reference, self.tokenizer, self.prompts,
+        # loaded for this evaluation only: a frozen reference model is not held through the training steps
+        reference = reference_for(policy, self.cfg.model, self.cfg.ref, self.cfg.lora.r, self.device)
+        return {"eval/kl": sampled_kl(policy, reference, self.tokenizer, self.prompts,
                                       max_new_tokens=self.cfg.kl_max_new_tokens, seed=self.cfg.train.seed,
-                                      precision=self.cfg.train.precision).kl}
+                                      batch_size=self.cfg.train.score_rows(), precision=self.cfg.train.precision).kl}

@@ -25,6 +25,10 @@ class TrainConfig:
 
     steps: int = opt(200, "optimiser steps (RL stages: iterations of rollout + update)")
     batch_size: int = opt(16, "sequences per micro-batch")
+    score_batch_size: int = opt(0, "rows per no-grad scoring pass (reference log-probs, evaluation, KL; 0: "
+                                   "batch_size): its logits take rows x length x vocabulary x 4 bytes")
+    gradient_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward pass "
+                                              "instead of keeping them (less memory, about a third more compute)")
     grad_accum: int = opt(1, "micro-batches per optimiser step (effective batch = batch_size x grad_accum)")
     lr: float = opt(3e-4, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay on matrices (not on norms, biases or embeddings)")
@@ -52,7 +56,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_fields(self, "steps batch_size grad_accum keep_checkpoints", ge=1, integer=True)
-        check_fields(self, "warmup_steps eval_every save_every", ge=0, integer=True)
+        check_fields(self, "warmup_steps eval_every save_every score_batch_size", ge=0, integer=True)
         check("lr", self.lr, gt=0)
         check("weight_decay", self.weight_decay, ge=0)
         check("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
@@ -66,6 +70,45 @@ class TrainConfig:
         if self.strategy not in distributed.STRATEGIES:
             raise ConfigError(f"strategy must be one of {distributed.STRATEGIES}, got {self.strategy!r}")
 
+
+    def score_rows(self) -> int:
+        """Rows per no-grad scoring pass: ``score_batch_size``, else ``batch_size``."""
+        return self.score_batch_size or self.batch_size
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak memory so far, in GB: CUDA's allocator peak on a GPU, else the resident-set
+    high-water mark (``ru_maxrss``: everything the process holds, model loading included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def use_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on transformers' gradient checkpointing in every pretrained model inside ``model`` (a policy, a
+    critic, a LoRA or DDP / FSDP2 wrapper): non-reentrant, so frozen inputs (LoRA) need no grad hook.
+
+    transformers recomputes a block only when the block's own ``training`` flag is set. An RL policy
+    runs in eval mode (no dropout: the ratio is 1 before its update), so each block's flag alone is
+    set: the dropout its attention and MLP hold stays off, and the blocks are recomputed.
+    """
+    from transformers import PreTrainedModel
+
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers before 4.52: checkpointing follows the model's mode alone
+        GradientCheckpointingLayer = ()  # noqa: N806
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers 5.x's name
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer):
+            m.training = True
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,6 +9,7 @@ calls :meth:`Run.optimizer_step` (clip, check finite, confirm the pending checkp
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +25,14 @@ from tether.loop.checkpoints import (
     with_metrics,
 )
 from tether.loop.guards import TrainingDiverged, nonfinite_weights
-from tether.loop.pieces import MetricsLog, TrainConfig, build_optimizer, lr_factor
+from tether.loop.pieces import (
+    MetricsLog,
+    TrainConfig,
+    build_optimizer,
+    lr_factor,
+    peak_memory_gb,
+    use_gradient_checkpointing,
+)
 
 
 class Run:
@@ -41,6 +49,8 @@ class Run:
     def __init__(self, trained: torch.nn.Module, cfg: TrainConfig, out_dir: Path, *, resume: bool,
                  run_config: dict | None, desc: str):
         self.trained, self.cfg = trained, cfg
+        if cfg.gradient_checkpointing:
+            use_gradient_checkpointing(trained)
         self.optimizer = build_optimizer(trained, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ckpts = Checkpoints(out_dir / "checkpoints", cfg, run_config or {"train": to_dict(cfg)})
@@ -53,6 +63,7 @@ class Run:
         self.log = MetricsLog(out_dir, resume_step=self.start)
         self.bar = tqdm(total=cfg.steps, initial=self.start, desc=desc, dynamic_ncols=True,
                         disable=not distributed.env().main)
+        self.cpu_clock = time.process_time()
 
     @property
     def lr(self) -> float:
@@ -82,7 +93,12 @@ class Run:
     def record(self, done: int, metrics: dict[str, float], evaluated: dict[str, float], *, extra: dict | None = None,
                loss_guard: dict | None = None, **postfix) -> None:
         """Log step ``done`` (1-based), then write its checkpoint (the final one now, its weights checked
-        finite; a periodic one once the next step has worked with its weights)."""
+        finite; a periodic one once the next step has worked with its weights). Adds ``perf/cpu_s`` (this
+        process's CPU seconds since the previous step was recorded, evaluation included) and
+        ``perf/peak_memory_gb`` (tether.loop.pieces.peak_memory_gb)."""
+        clock, self.cpu_clock = self.cpu_clock, time.process_time()
+        metrics = {**metrics, "perf/cpu_s": self.cpu_clock - clock,
+                   "perf/peak_memory_gb": peak_memory_gb(next(self.trained.parameters()).device)}
         self.train_metrics, self.eval_metrics = metrics, evaluated or self.eval_metrics
         self.log.log(done, {**metrics, **evaluated})
         state = with_metrics(dict(extra or {}), metrics, self.eval_metrics)

@@ -5,24 +5,32 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(y_t | y_<t) for each position, with the next-token shift done here.
+    """log π(y_t | y_<t) = z_t[y_t] − log Σ_v exp z_t[v], with z_t = logits[:, t] / temperature, for each position.
 
-    logits[:, t] predicts labels[:, t + 1]. Positions whose label is IGNORE_INDEX get 0.
+    The next-token shift is done here: logits[:, t] predicts labels[:, t + 1]. Positions whose
+    label is IGNORE_INDEX get 0. Computed a row at a time from the logits as they are, so on a
+    large vocabulary no full-size copy (log-softmax, temperature, float32) is ever made, with or
+    without gradient: the memory beyond the logits is one row's (T × V).
 
-    Shape: logits (B, T, V), labels (B, T) -> (B, T - 1).
+    Shape: logits (B, T, V), labels (B, T) -> (B, T - 1), float32.
     """
-    logits = logits[:, :-1].float() / temperature  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
     safe = targets.masked_fill(~mask, 0)
-    logp = torch.gather(F.log_softmax(logits, dim=-1), 2, safe.unsqueeze(-1)).squeeze(-1)
-    return logp * mask
+    rows = []
+    for z, y in zip(logits[:, :-1].split(1), safe.split(1)):  # (1, T-1, V), (1, T-1)
+        z = z.float()
+        if temperature != 1.0:
+            z = z / temperature
+        rows.append(z.gather(2, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    if not rows:
+        return torch.zeros(targets.shape, device=logits.device)
+    return torch.cat(rows) * mask
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
@@ -66,11 +74,4 @@ def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> Summed:
 
     Shape: logits (B, T, V), labels (B, T) -> Summed(total (), count ()).
     """
-    targets = labels[:, 1:]
-    total = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return Summed(total, labelled_tokens(labels))
+    return Summed(-token_logprobs(logits, labels).sum(), labelled_tokens(labels))

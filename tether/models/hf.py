@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from tether.config import check
 from tether.errors import ConfigError, ModelError
+
+log = logging.getLogger("tether.models")
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -136,12 +139,33 @@ def from_pretrained(load: Callable[..., Any], name_or_path: str | Path, what: st
                          f"{what}'s files as save_pretrained writes them") from e
 
 
-def load_tokenizer(name_or_path: str | Path):
-    """Load a tokenizer and give it a pad token (the EOS token when it has none).
+def end_of_turn(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with (ChatML's <|im_end|>), or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "\x00"}],
+                                             tokenize=False)
+    except Exception:  # a template that needs more than these two turns (a system prompt, tools): none known
+        return None
+    after = text.split("\x00", 1)[-1]
+    specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return next((t for t in sorted(specials, key=len, reverse=True) if t and after.startswith(t)), None)
 
-    Padding is on the right for training; generation code sets ``padding_side="left"`` itself.
+
+def load_tokenizer(name_or_path: str | Path):
+    """Load a tokenizer; its EOS is the chat template's end of turn, and it has a pad token.
+
+    When the chat template closes a turn with a special token other than the EOS (a base model's
+    tokenizer with a chat template), that token becomes the EOS: sampling stops at the end of the
+    turn, and responses end with it. A tokenizer with no pad token pads with the EOS. Padding is
+    on the right for training; generation code sets ``padding_side="left"`` itself.
     """
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+    turn_end = end_of_turn(tokenizer)
+    if turn_end is not None and turn_end != tokenizer.eos_token:
+        log.info("%s: EOS is %r, the chat template's end of turn (was %r)", name_or_path, turn_end, tokenizer.eos_token)
+        tokenizer.eos_token = turn_end
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"{name_or_path}: the tokenizer has neither a pad token nor an EOS token")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tether.config import SEED_MAX, check, group, opt, save_yaml, to_dict
-from tether.data import fingerprint, load_prompts
+from tether.data import chat_tokenizer, fingerprint, load_prompts
 from tether.errors import ConfigError
 from tether.generation import make_backend, sample_as
 from tether.io import write_json, write_jsonl
@@ -59,6 +59,8 @@ class BoNConfig:
     pool: int = opt(32, "samples per prompt for the measured KL and expected reward (at least N)")
     limit: int = opt(0, "use a seeded sample of this many prompts (0: all)")
     seed: int = opt(0, "seed for the prompt sample and the sampling")
+    chat_template: bool = opt(True, "render records with the model's chat template when it has one (HH-RLHF "
+                                    "transcripts become its turns); --no-chat-template: strings as given")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
     sampling: SamplingConfig = group(SamplingConfig, "how π_ref is sampled (the KL is to this distribution)")
@@ -131,7 +133,7 @@ def run_bon(cfg: BoNConfig, reward_fn: RewardFn | None = None) -> Path:
     cfg.validate()
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    records = load_prompts(cfg.prompts, tokenizer=tokenizer)
+    records = load_prompts(cfg.prompts, tokenizer=chat_tokenizer(tokenizer, cfg))
     if cfg.limit and cfg.limit < len(records):
         records = random.Random(cfg.seed).sample(records, cfg.limit)
     if reward_fn is None:

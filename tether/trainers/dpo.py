@@ -38,7 +38,7 @@ import torch
 
 from tether import scoring
 from tether.config import check, group, opt, to_dict
-from tether.data import fingerprint, load_preferences, split_eval
+from tether.data import chat_tokenizer, fingerprint, load_preferences, split_eval
 from tether.data.collate import (
     OVERFLOW_CHOICES,
     EncodedPair,
@@ -73,6 +73,8 @@ class DPOConfig:
     out: str = opt("runs/dpo", "output folder")
     max_len: int = opt(256, "longest prompt + response in tokens")
     skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    chat_template: bool = opt(True, "render records with the model's chat template when it has one (HH-RLHF "
+                                    "transcripts become its turns); --no-chat-template: strings as given")
     overflow: str = opt("truncate", "longer pairs: truncate | drop | error (always counted in the log)")
     loss: str = opt("sigmoid", "sigmoid (DPO; cDPO with label_smoothing) | robust | ipo | hinge | simpo")
     beta: float = opt(0.1, "β: strength of the tie to the reference (SimPO: reward scale)")
@@ -141,15 +143,15 @@ def dpo_step(model, batch: dict, cfg: DPOConfig) -> tuple[dict[str, torch.Tensor
     L_pref a mean over the step's pairs and L_NLL ``sft_nll`` over its chosen rows' response tokens
     (:func:`pair_count` gives both counts).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
-    logps = sequence_logprobs(logits, batch["labels"], average=cfg.loss == "simpo")  # (2B,)
+    logits, labels = scoring.labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps = sequence_logprobs(logits, labels, average=cfg.loss == "simpo")  # (2B,)
     chosen, rejected = logps.chunk(2)  # (B,), (B,)
     out = preference_output(cfg, chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], batch.get("soft_label"))
     metrics = {**preference_metrics(out, chosen, rejected), "tokens": float(batch["attention_mask"].sum())}
     if not cfg.rpo_alpha:
         return {"pairs": out.losses.sum()}, metrics
     n = chosen.numel()
-    nll = sft_nll(logits[:n], batch["labels"][:n])
+    nll = sft_nll(logits[:n], labels[:n])
     return ({"pairs": out.losses.sum(), "chosen_tokens": cfg.rpo_alpha * nll.total},
             {**metrics, "nll_chosen": nll.mean().item()})
 
@@ -163,7 +165,7 @@ def pair_count(batch: dict) -> dict[str, float]:
 def evaluate_pairs(model, pairs: list[EncodedPair], ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
                    cfg: DPOConfig, pad_id: int) -> dict[str, float]:
     """Loss, implicit rewards, margin, accuracy and log-probs over held-out pairs (pair-weighted means)."""
-    logps = scoring.sequence_logprobs(model, pair_rows(pairs), pad_id, batch_size=max(cfg.train.batch_size, 32),
+    logps = scoring.sequence_logprobs(model, pair_rows(pairs), pad_id, batch_size=cfg.train.score_rows(),
                               precision=cfg.train.precision, average=cfg.loss == "simpo")
     chosen, rejected = logps.chunk(2)
     soft = torch.tensor([p.label for p in pairs]) if cfg.label_field else None
@@ -180,9 +182,9 @@ def run_dpo(cfg: DPOConfig) -> Path:
     torch.manual_seed(cfg.train.seed)
     ref = cfg.ref or cfg.model
     tokenizer = load_tokenizer(cfg.model)
-    records = load_preferences(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+    records = load_preferences(cfg.data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid)
     if cfg.eval_data:
-        eval_records = load_preferences(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+        eval_records = load_preferences(cfg.eval_data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid)
         train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
@@ -209,7 +211,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         eval_ref_c, eval_ref_r = ref_logps[2 * k : 2 * k + m], ref_logps[2 * k + m :]  # (m,), (m,)
 
     model = apply_lora(load_model(cfg.model), cfg.lora)
-    kl = HeldOutKL(model, cfg, tokenizer, eval_records)  # eval/kl at every evaluation (the reference loads here)
+    kl = HeldOutKL(cfg, tokenizer, eval_records)  # eval/kl at every evaluation (its reference is checked here)
     out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
     log.info("DPO (%s, β=%g) of %s against %s: %d trainable parameters, %d pairs", cfg.loss, cfg.beta, cfg.model,
              "no reference" if cfg.loss == "simpo" else ref, count_parameters(model, True), n)

@@ -27,7 +27,7 @@ import torch
 
 from tether import distributed, scoring
 from tether.config import check, check_fields, group, opt, to_dict
-from tether.data import fingerprint, load_feedback, split_eval
+from tether.data import chat_tokenizer, fingerprint, load_feedback, split_eval
 from tether.data.collate import (
     OVERFLOW_CHOICES,
     Encoded,
@@ -61,6 +61,8 @@ class KTOConfig:
     out: str = opt("runs/kto", "output folder")
     max_len: int = opt(256, "longest prompt + completion in tokens")
     skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    chat_template: bool = opt(True, "render records with the model's chat template when it has one (HH-RLHF "
+                                    "transcripts become its turns); --no-chat-template: strings as given")
     overflow: str = opt("truncate", "longer examples: truncate | drop | error (always counted in the log)")
     beta: float = opt(0.1, "β: strength of the tie to the reference")
     desirable_weight: float = opt(1.0, "λ_D, weight of desirable examples")
@@ -115,11 +117,12 @@ def kto_metrics(out: KTOOutput, policy_logps: torch.Tensor, labels: torch.Tensor
 def kto_step(model, batch: dict, cfg: KTOConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One micro-batch. ``batch``: input_ids, attention_mask, labels (B, T) of matched rows and
     kl_input_ids, kl_attention_mask, kl_labels (B, T') of mismatched rows; ref, ref_kl, label (B,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    policy = sequence_logprobs(logits, batch["labels"])  # (B,)
+    policy = sequence_logprobs(*scoring.labelled_logits(model, batch["input_ids"], batch["attention_mask"],
+                                                        batch["labels"]))  # (B,)
     with torch.no_grad():  # z0 is detached: its rows need no graph
-        kl_logits = model(input_ids=batch["kl_input_ids"], attention_mask=batch["kl_attention_mask"]).logits
-        z0 = (sequence_logprobs(kl_logits, batch["kl_labels"]) - batch["ref_kl"]).mean().clamp(min=0)  # ()
+        kl = sequence_logprobs(*scoring.labelled_logits(model, batch["kl_input_ids"], batch["kl_attention_mask"],
+                                                        batch["kl_labels"]))  # (B,)
+        z0 = (kl - batch["ref_kl"]).mean().clamp(min=0)  # ()
     labels = batch["label"].bool()
     out = kto_loss(policy, batch["ref"], labels, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
     # summed over examples (the step divides by all of them); z0 is this micro-batch's own estimate
@@ -132,9 +135,9 @@ def run_kto(cfg: KTOConfig) -> Path:
     torch.manual_seed(cfg.train.seed)
     ref = cfg.ref or cfg.model
     tokenizer = load_tokenizer(cfg.model)
-    records = load_feedback(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+    records = load_feedback(cfg.data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid)
     if cfg.eval_data:
-        eval_records = load_feedback(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+        eval_records = load_feedback(cfg.eval_data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid)
         train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)
@@ -159,7 +162,7 @@ def run_kto(cfg: KTOConfig) -> Path:
     ref_train, ref_eval, ref_eval_kl, ref_kl = reference.cached.split([n, m, m, len(kl_rows)])
 
     model = apply_lora(load_model(cfg.model), cfg.lora)
-    kl = HeldOutKL(model, cfg, tokenizer, eval_records)  # eval/kl at every evaluation (the reference loads here)
+    kl = HeldOutKL(cfg, tokenizer, eval_records)  # eval/kl at every evaluation (its reference is checked here)
     out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
     log.info("KTO (β=%g) of %s against %s: %d trainable parameters, %d examples (%d desirable)", cfg.beta,
              cfg.model, ref, count_parameters(model, True), n, sum(e.label for e in examples))
@@ -174,7 +177,7 @@ def run_kto(cfg: KTOConfig) -> Path:
                 "label": torch.tensor([e.label for e in batch_examples])}
 
     def eval_fn(model_) -> dict[str, float]:
-        bs = max(cfg.train.batch_size, 32)
+        bs = cfg.train.score_rows()
         logps = scoring.sequence_logprobs(model_, matched_rows(eval_examples, mx) + mismatched_rows(eval_examples, mx),
                                           pad_id, batch_size=bs, precision=cfg.train.precision)
         policy, policy_kl = logps.split([m, m])

@@ -63,7 +63,7 @@ from tether.models import count_parameters
 from tether.models.value import ActorCritic, critic_source, load_critic
 from tether.rewards import RewardFn
 from tether.rollout import Rollout, SamplingConfig, rollout
-from tether.scoring import reference_for
+from tether.scoring import labelled_logits, reference_for
 from tether.trainers.artifact import check_output, prepare_output, write_artifact
 from tether.trainers.ptx import ptx_rows, ptx_stream
 from tether.trainers.rl import RLConfig, data_record, load_inputs, load_policy
@@ -214,8 +214,7 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
                    "policy/clip_fraction": pol.clip_fraction.item(), "policy/approx_kl": pol.approx_kl.item(),
                    "value/clip_fraction": val.clip_fraction.item()}
         if ptx:
-            nll = sft_nll(policy(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits,
-                          ptx["labels"])
+            nll = sft_nll(*labelled_logits(policy, ptx["input_ids"], ptx["attention_mask"], ptx["labels"]))
             terms["ptx"] = cfg.ptx_coef * nll.total
             metrics["loss/ptx"] = nll.mean().item()
         return terms, metrics

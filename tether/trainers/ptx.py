@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from tether import distributed
-from tether.data import load_sft
+from tether.data import chat_tokenizer, load_sft
 from tether.data.collate import encode_sft, nothing_left, pad
 from tether.loop import DataOrder
 
@@ -17,7 +17,7 @@ def ptx_rows(cfg, tokenizer) -> list:
     """PPO-ptx examples, tokenised (and validated) before anything is written; [] when ptx is off."""
     if not cfg.ptx_coef:
         return []
-    records = load_sft(cfg.ptx_data, tokenizer=tokenizer)
+    records = load_sft(cfg.ptx_data, tokenizer=chat_tokenizer(tokenizer, cfg))
     rows, count = encode_sft(records, tokenizer, cfg.max_len)
     if not rows:
         raise nothing_left(cfg.ptx_data, "PPO-ptx examples", len(records), count, cfg.max_len, "truncate")

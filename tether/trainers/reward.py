@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tether.config import check, group, opt, to_dict
-from tether.data import DataError, fingerprint, load_preferences, split_eval
+from tether.data import DataError, chat_tokenizer, fingerprint, load_preferences, split_eval
 from tether.data.collate import OVERFLOW_CHOICES, EncodedPair, encode_pairs, nothing_left, pad_pairs, prompt_ids
 from tether.instruments.rm_eval import rm_report
 from tether import distributed
@@ -49,6 +49,8 @@ class RMConfig:
     out: str = opt("runs/rm", "output folder")
     max_len: int = opt(256, "longest prompt + response in tokens")
     skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    chat_template: bool = opt(True, "render records with the model's chat template when it has one (HH-RLHF "
+                                    "transcripts become its turns); --no-chat-template: strings as given")
     overflow: str = opt("truncate", "longer pairs: truncate | drop | error (always counted in the log)")
     margin_field: str = opt("", "column holding a per-pair margin m (empty: no margin)")
     label_field: str = opt("", "column holding a soft label P(chosen ≻ rejected) in [0, 1], e.g. label_prob of "
@@ -188,7 +190,7 @@ def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: li
                       "tokens": float(batch["attention_mask"].sum())}
 
     def eval_fn(m) -> dict[str, float]:
-        return {f"eval/{k}": v for k, v in evaluate_rm(m, eval_pairs, eval_records, pad_id).items()}
+        return {f"eval/{k}": v for k, v in evaluate_rm(m, eval_pairs, eval_records, pad_id, cfg.train.score_rows()).items()}
 
     result = train(model, len(pairs), collate, loss_fn, cfg.train, out, count=lambda b: {"pairs": len(b["input_ids"]) / 2},
                    eval_fn=eval_fn if eval_pairs else None,
@@ -206,11 +208,11 @@ def run_rm(cfg: RMConfig) -> Path:
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    records = nonempty_responses(load_preferences(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid),
+    records = nonempty_responses(load_preferences(cfg.data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid),
                                  cfg.skip_invalid)
     if cfg.eval_data:
         eval_records = nonempty_responses(
-            load_preferences(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid), cfg.skip_invalid)
+            load_preferences(cfg.eval_data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid), cfg.skip_invalid)
         train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from tether import distributed
 from tether.config import check, group, opt
-from tether.data import fingerprint, load_prompts
+from tether.data import chat_tokenizer, fingerprint, load_prompts
 from tether.errors import ConfigError
 from tether.loop import TrainConfig
 from tether.models import LoraConfig, apply_lora, load_model, load_tokenizer
@@ -44,6 +44,8 @@ class RLConfig:
     eval_prompts: str = opt("", "held-out prompts scored every eval_every iterations (empty: no evaluation)")
     eval_size: int = opt(64, "held-out prompts scored at each evaluation (a seeded sample when there are more)")
     eval_samples: int = opt(1, "samples per held-out prompt at each evaluation")
+    chat_template: bool = opt(True, "render records with the model's chat template when it has one (HH-RLHF "
+                                    "transcripts become its turns); --no-chat-template: strings as given")
     out: str = opt("runs/rl", "output folder")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
     overwrite: bool = opt(False, "replace the run tether wrote in out, once the new one is complete")
@@ -85,8 +87,8 @@ def load_inputs(cfg: RLConfig, reward: RewardFn | None, device) -> Inputs:
     else ``cfg.reward``; verifiable terms take their answers, tokenizer and L_max from here)."""
     device = str(device)
     tokenizer = load_tokenizer(cfg.model)
-    records = load_prompts(cfg.prompts, tokenizer=tokenizer)
-    eval_records = load_prompts(cfg.eval_prompts, tokenizer=tokenizer) if cfg.eval_prompts else []
+    records = load_prompts(cfg.prompts, tokenizer=chat_tokenizer(tokenizer, cfg))
+    eval_records = load_prompts(cfg.eval_prompts, tokenizer=chat_tokenizer(tokenizer, cfg)) if cfg.eval_prompts else []
     eval_prompts = [r.prompt for r in eval_records]
     if len(eval_prompts) > cfg.eval_size:
         eval_prompts = random.Random(cfg.train.seed).sample(eval_prompts, cfg.eval_size)

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from tether.config import check, group, opt, to_dict
-from tether.data import fingerprint, load_sft, split_eval
+from tether.data import chat_tokenizer, fingerprint, load_sft, split_eval
 from tether.data.collate import OVERFLOW_CHOICES, Encoded, encode_sft, nothing_left, pack, pad
 from tether.loop import TrainConfig, TrainResult, train
 from tether.errors import ConfigError
 from tether.losses import labelled_tokens, sft_nll
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
-from tether.scoring import token_nll
+from tether.scoring import labelled_logits, token_nll
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 
 log = logging.getLogger("tether.sft")
@@ -35,6 +35,8 @@ class SFTConfig:
     out: str = opt("runs/sft", "output folder")
     max_len: int = opt(256, "longest sequence in tokens")
     skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    chat_template: bool = opt(True, "render records with the model's chat template when it has one (HH-RLHF "
+                                    "transcripts become its turns); --no-chat-template: strings as given")
     overflow: str = opt("truncate", "longer examples: truncate | drop | error (always counted in the log)")
     packing: bool = opt(False, "concatenate examples into rows of max_len tokens")
     resume: bool = opt(False, "continue from the latest checkpoint in out")
@@ -58,8 +60,7 @@ class SFTConfig:
 
 def lm_loss(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The summed NLL of a micro-batch's labelled tokens (the step divides by all of its tokens: lm_count)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    nll = sft_nll(logits, batch["labels"])
+    nll = sft_nll(*labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
     return {"labelled": nll.total}, {"tokens": float(batch["attention_mask"].sum())}
 
 
@@ -84,7 +85,7 @@ def fit_causal_lm(model, tokenizer, rows: list[Encoded], eval_rows: list[Encoded
     pad_id = tokenizer.pad_token_id
     return train(
         model, len(rows), lambda idx: pad([rows[i] for i in idx], pad_id), lm_loss, cfg, out, count=lm_count,
-        eval_fn=(lambda m: eval_nll(m, eval_rows, pad_id, cfg.batch_size)) if eval_rows else None,
+        eval_fn=(lambda m: eval_nll(m, eval_rows, pad_id, cfg.score_rows())) if eval_rows else None,
         resume=resume, desc=desc, run_config=run_config,
     )
 
@@ -97,9 +98,9 @@ def run_sft(cfg: SFTConfig) -> Path:
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    records = load_sft(cfg.data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+    records = load_sft(cfg.data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid)
     if cfg.eval_data:
-        eval_records = load_sft(cfg.eval_data, tokenizer=tokenizer, skip_invalid=cfg.skip_invalid)
+        eval_records = load_sft(cfg.eval_data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid)
         train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)

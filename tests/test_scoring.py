@@ -173,3 +173,83 @@ def test_cached_reference_reads_by_row_and_scores_nothing():
         Reference.frozen(torch.nn.Linear(1, 1))[0]
     with pytest.raises(TypeError, match="adapters"):
         Reference.adapters_off(torch.nn.Linear(1, 1))
+
+
+# --- memory on a large vocabulary: the same numbers from less -------------------------------
+
+
+def test_token_logprobs_is_log_softmax_at_the_label_with_temperature_and_gradient():
+    from tether.losses.lm import sft_nll, token_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[:, :3] = IGNORE_INDEX  # a prompt
+    labels[1, 5:] = IGNORE_INDEX  # padding
+    for temperature in (1.0, 0.7):
+        direct = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(2, labels[:, 1:].clamp(min=0)[..., None])
+        direct = direct.squeeze(-1) * (labels[:, 1:] != IGNORE_INDEX)
+        got = token_logprobs(logits, labels, temperature)
+        torch.testing.assert_close(got, direct, rtol=1e-6, atol=1e-6)
+        (g_direct,) = torch.autograd.grad(direct.sum(), logits)
+        (g_got,) = torch.autograd.grad(got.sum(), logits)
+        torch.testing.assert_close(g_got, g_direct, rtol=1e-6, atol=1e-7)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(sft_nll(logits, labels).total, expected)
+
+
+def test_logits_only_from_the_first_labelled_position_score_the_same(tiny):
+    """labelled_logits asks the model for logits_to_keep positions: fewer logits, the same log-probs and grads."""
+    from tether.data.collate import pad
+    from tether.losses.lm import sequence_logprobs as of_logits
+    from tether.scoring import labelled_logits
+
+    model, tok = tiny
+    batch = pad(_rows(tok), tok.pad_token_id)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    logits, kept = labelled_logits(model, ids, mask, labels)
+    first = int((labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[0])
+    assert first > 0 and logits.shape[1] == kept.shape[1] == ids.shape[1] - first  # the shortest prompt's length - 1
+    full = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(of_logits(logits, kept), of_logits(full, labels), rtol=1e-5, atol=1e-5)
+    model.zero_grad()
+    of_logits(logits, kept).sum().backward()
+    kept_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    of_logits(model(input_ids=ids, attention_mask=mask).logits, labels).sum().backward()
+    for a, p in zip(kept_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+    # response_logprobs keeps its (B, T - 1) shape: zeros before the first kept position
+    per_token = response_logprobs(model, batch)
+    assert per_token.shape == (ids.shape[0], ids.shape[1] - 1) and not per_token[:, :first].any()
+    for i, row in enumerate(_rows(tok)):
+        torch.testing.assert_close(per_token[i].sum(), _alone(model, row).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradient_checkpointing_keeps_fewer_activations_and_changes_no_gradient(tiny_folder, mode):
+    """The same gradient with --gradient-checkpointing, and far fewer tensors kept for the backward pass; an RL
+    policy is in eval mode (no dropout), and checkpointing still acts there."""
+    from tether.data.collate import pad
+    from tether.loop.pieces import use_gradient_checkpointing
+
+    tok = load_tokenizer(tiny_folder)
+    batch = pad(_rows(tok), tok.pad_token_id)
+    grads, kept = [], []
+    for checkpointing in (False, True):
+        model = load_model(tiny_folder)
+        model.train() if mode == "train" else model.eval()
+        if checkpointing:
+            use_gradient_checkpointing(model)
+        saved = []  # what autograd keeps outside checkpointed blocks (inside, checkpoint's own hooks take over)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = response_logprobs(model, batch).sum()
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        kept.append(sum(saved))
+        assert model.model.layers[0].mlp.training == (mode == "train")  # dropout's flag is untouched
+    assert kept[1] < 0.6 * kept[0]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

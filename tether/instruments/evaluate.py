@@ -43,7 +43,8 @@ class EvalConfig:
     gsm8k: str = opt("", "GSM8K test.jsonl (empty: skip GSM8K)")
     refusal_judge: str = opt("", "optional refusal judge beside the string match: llm:DIR (a causal LM asked "
                                  "'does this answer refuse?')")
-    limit: int = opt(100, "at most this many GSM8K questions and XSTest prompts (0: all)")
+    limit: int = opt(100, "at most this many GSM8K questions (the first) and XSTest prompts of each label (a seeded "
+                          "sample) (0: all)")
     prompts: int = opt(200, "held-out prompts (a seeded sample) for KL, win-rate and lengths")
     probe_limit: int = opt(0, "at most this many prompts from each of the world's probe files (0: all)")
     samples: int = opt(1, "policy samples per prompt for the KL estimates")
@@ -244,8 +245,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.xstest:
         xs = refusal.read_xstest(cfg.xstest)
         for label, name in (("safe", "xstest_safe"), ("unsafe", "xstest_unsafe")):
-            rows = [ask(r["prompt"]) for r in xs if r["label"] == label]
-            sets[name] = rows[: cfg.limit] if cfg.limit else rows
+            rows = [ask(r["prompt"]) for r in xs if r["label"] == label]  # the file is grouped by type: sample
+            sets[name] = random.Random(cfg.seed).sample(rows, cfg.limit) if 0 < cfg.limit < len(rows) else rows
     if sets:
         responses = {name: (generate(policy, tok, ps, **gen), generate(base, tok, ps, **gen)) for name, ps in sets.items()}
         sections["refusal"] = refusal.refusal_report(responses)

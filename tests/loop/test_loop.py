@@ -88,3 +88,15 @@ def test_training_reduces_the_loss(tmp_path):
     train(model, len(X), collate, mse, cfg(steps=60, lr=3e-2, save_every=0), tmp_path)
     model.eval()
     assert mse(model, collate(list(range(64))))[0]["rows"].item() < 0.2 * before
+
+
+def test_every_step_logs_its_cpu_seconds_and_the_peak_memory(tmp_path):
+    """perf/cpu_s is this step's CPU time; perf/peak_memory_gb the process's high-water mark, which never falls."""
+    import resource
+
+    train(make_model(), len(X), collate, mse, cfg(steps=4, save_every=0), tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert all(0 <= x["perf/cpu_s"] < 60 for x in lines)
+    peaks = [x["perf/peak_memory_gb"] for x in lines]
+    assert peaks == sorted(peaks) and 0.05 < peaks[-1] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9

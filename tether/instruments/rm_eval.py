@@ -50,7 +50,8 @@ def length_breakdown(r_chosen: torch.Tensor, r_rejected: torch.Tensor, len_chose
     buckets = {"chosen_shorter": rel < -0.1, "similar_length": rel.abs() <= 0.1, "chosen_longer": rel > 0.1}
     out: dict[str, float] = {}
     for name, m in buckets.items():
-        out[f"accuracy_{name}"] = accuracy(r_chosen[m], r_rejected[m]) if m.any() else float("nan")
+        if m.any():  # an empty bucket has no accuracy (its fraction says 0): none is logged
+            out[f"accuracy_{name}"] = accuracy(r_chosen[m], r_rejected[m])
         out[f"fraction_{name}"] = m.float().mean().item()
     differ = lc != lr
     if differ.any():

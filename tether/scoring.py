@@ -168,7 +168,8 @@ def _score_rows(model, rows: Sequence[Encoded], pad_id: int, batch_size: int, pr
             batch = {k: v.to(device) for k, v in pad([part[i] for i in idx], pad_id).items()}
             with _autocast(device, precision):
                 logits, labels = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            value = score(logits, {**batch, "labels": labels}).cpu()  # (b, *width)
+            kept = {k: v[:, v.shape[1] - labels.shape[1]:] for k, v in batch.items()}  # the columns the logits cover
+            value = score(logits, kept).cpu()  # (b, *width)
             if out is None:
                 out = torch.zeros((len(part), *value.shape[1:]), dtype=value.dtype)
             out[idx] = value

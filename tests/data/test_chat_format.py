@@ -126,3 +126,21 @@ def test_gsm8k_and_xstest_questions_are_asked_in_the_models_format(chatml, tmp_p
     # an instruct model seldom writes "#### N": its last number is read instead
     assert last_number_match("3 plus 4 makes 7.", row["answer"]) and last_number_match("#### 7", row["answer"])
     assert not last_number_match("7 or maybe 8", row["answer"]) and not last_number_match("no idea", row["answer"])
+
+
+def test_an_empty_reply_stays_empty_for_the_reward_model_after_the_template(chatml, tmp_path):
+    """HH-RLHF has replies that are a lone space; rendered, one is "<|im_end|>\\n", still nothing to score."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tether.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"chosen": HH + " Rayleigh scattering.", "rejected": HH + " It just is."},
+            {"chosen": HH + " ", "rejected": HH + " No idea."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(main, ["rm", "--model", str(chatml), "--data", str(data), "--out", str(tmp_path / "rm"),
+                                       "--steps", "1", "--batch-size", "1"])
+    assert result.exit_code != 0 and "pairs.jsonl:2" in result.output and "empty response" in result.output
+    assert not (tmp_path / "rm").exists()

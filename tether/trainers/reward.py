@@ -84,14 +84,19 @@ class RMConfig:
         self.train.validate()
 
 
-def nonempty_responses(records: list, skip: bool) -> list:
+def nonempty_responses(records: list, skip: bool, end_of_turn: str | None = None) -> list:
     """A reward model cannot learn from an empty response: an error, or a counted skip with ``skip``.
 
-    (HH-RLHF's published test set has four pairs whose chosen reply is a lone space.)
+    A response rendered by a chat template that holds nothing but its ``end_of_turn`` (the EOS
+    text, e.g. "<|im_end|>\\n") is empty too. (HH-RLHF's published test set has four pairs whose
+    chosen reply is a lone space.)
     """
+    def text(response: str) -> str:
+        return (response.replace(end_of_turn, "") if end_of_turn else response).strip()
+
     kept = []
     for rec in records:
-        empty = next((side for side in ("chosen", "rejected") if not getattr(rec, side).strip()), None)
+        empty = next((side for side in ("chosen", "rejected") if not text(getattr(rec, side))), None)
         if empty is None:
             kept.append(rec)
         elif not skip:
@@ -208,11 +213,15 @@ def run_rm(cfg: RMConfig) -> Path:
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    records = nonempty_responses(load_preferences(cfg.data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid),
-                                 cfg.skip_invalid)
+    chat = chat_tokenizer(tokenizer, cfg)
+
+    def pairs_of(source: str) -> list:
+        records = load_preferences(source, tokenizer=chat, skip_invalid=cfg.skip_invalid)
+        return nonempty_responses(records, cfg.skip_invalid, tokenizer.eos_token if chat else None)
+
+    records = pairs_of(cfg.data)
     if cfg.eval_data:
-        eval_records = nonempty_responses(
-            load_preferences(cfg.eval_data, tokenizer=chat_tokenizer(tokenizer, cfg), skip_invalid=cfg.skip_invalid), cfg.skip_invalid)
+        eval_records = pairs_of(cfg.eval_data)
         train_records = records
     else:
         train_records, eval_records = split_eval(records, cfg.eval_fraction, cfg.train.seed)

@@ -234,6 +234,7 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_changes_no_gradient(
     policy is in eval mode (no dropout), and checkpointing still acts there."""
     from tether.data.collate import pad
     from tether.loop.pieces import use_gradient_checkpointing
+    from tether.rollout import sample
 
     tok = load_tokenizer(tiny_folder)
     batch = pad(_rows(tok), tok.pad_token_id)
@@ -243,6 +244,7 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_changes_no_gradient(
         model.train() if mode == "train" else model.eval()
         if checkpointing:
             use_gradient_checkpointing(model)
+        sample(model, tok, PROMPTS[:1], max_new_tokens=2)  # an RL iteration samples first: the blocks keep their flag
         saved = []  # what autograd keeps outside checkpointed blocks (inside, checkpoint's own hooks take over)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             loss = response_logprobs(model, batch).sum()

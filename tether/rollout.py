@@ -51,19 +51,21 @@ def sample(
     """
     from transformers import GenerationConfig
 
+    from tether.scoring import eval_mode
+
     device = next(model.parameters()).device
     static = _compiled_decoding() if compile and getattr(model, "_can_compile_fullgraph", False) else {}
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the HF model
-    was_training, own_config = model.training, hf.generation_config
+    own_config = hf.generation_config
     # tether's settings only: transformers fills every option a call leaves unset from the model's own
     # generation_config, and a hub model's (repetition penalty, top-k, min-p, ...) would bias every KL estimate
     hf.generation_config = GenerationConfig()
-    model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[tuple[list[int], list[int]]] = []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # eval mode, each module's own mode put back afterwards (a checkpointed block keeps its flag)
+        with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for i in range(0, len(prompts), batch_size):
                 if index_offset is not None:
@@ -92,7 +94,6 @@ def sample(
     finally:
         tokenizer.padding_side = side
         hf.generation_config = own_config
-        model.train(was_training)
     return out
 
 

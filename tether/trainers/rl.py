@@ -9,6 +9,7 @@ GRPO/RLOO's optimiser step are therefore ``batch_size × grad_accum`` rows of th
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -22,6 +23,8 @@ from tether.models import LoraConfig, apply_lora, load_model, load_tokenizer
 from tether.rewards import CombinedReward, RewardFn, load_reward, reward_for_prompts
 from tether.rollout import SamplingConfig
 from tether.trainers.artifact import data_info
+
+log = logging.getLogger("tether.rl")
 
 
 def rl_train_defaults() -> TrainConfig:
@@ -106,6 +109,9 @@ def load_inputs(cfg: RLConfig, reward: RewardFn | None, device) -> Inputs:
 
 def load_policy(cfg: RLConfig, device):
     """The policy to train, LoRA applied, in eval mode (tether.loop.rl: no dropout in RL)."""
+    if cfg.lora.r and cfg.lora.dropout:
+        log.warning("--dropout %g is not applied: RL stages run the policy in eval mode, so that sampling, scoring "
+                    "and the update see one policy (the ratio is 1 before the first update)", cfg.lora.dropout)
     return apply_lora(load_model(cfg.model, device=device), cfg.lora).eval()
 
 

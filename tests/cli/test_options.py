@@ -21,7 +21,7 @@ TRAIN_BAD = [  # TrainConfig, shared by every stage that trains
     ("--keep-checkpoints", "-1"), ("--keep-checkpoints", "0"),
     ("--weight-decay", "nan"), ("--weight-decay", "-0.1"),
     ("--steps", "0"), ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--seed", "4294967296"),
-    ("--divergence-factor", "nan"),
+    ("--divergence-factor", "nan"), ("--score-batch-size", "-1"),
 ]
 LORA_BAD = [("--r", "-1"), ("--alpha", "nan"), ("--alpha", "0"), ("--dropout", "1"), ("--dropout", "nan")]
 
@@ -65,7 +65,7 @@ STAGE_BAD = {
              ("--sft-flaw-rate", "2"), ("--seed", "-1")],
     "eval": [("--prompts", "0"), ("--samples", "0"), ("--limit", "-1"), ("--probe-limit", "-1"),
              ("--bon-pool", "-1"), ("--bon-prompts", "0"), ("--ascent-prompts", "-1"), ("--ascent-steps", "0"),
-             ("--max-new-tokens", "0"), ("--seed", "-1")],
+             ("--max-new-tokens", "0"), ("--seed", "-1"), ("--gsm8k-max-new-tokens", "0"), ("--hacking-prompts", "-1")],
     "calibrate-beta": [("--betas", "nan"), ("--betas", "0.1,-1"), ("--betas", "0.1,x"), ("--kl-budget", "nan"),
                        ("--kl-budget", "0"), ("--sft", "0.5,0.6,0.2"), ("--sft", "nan,0.5,0.5"),
                        ("--reward", "1,nan,0"), ("--reward", "1,2"), ("--rollout-batch", "0"),

@@ -54,6 +54,8 @@ class EvalConfig:
                                     "when it has one; --no-chat-template: HH-RLHF transcript style")
     bon_pool: int = opt(16, "best-of-n over-optimisation curve against the RM: samples a prompt from the base (0: skip)")
     bon_prompts: int = opt(32, "held-out prompts for the best-of-n curve")
+    hacking_prompts: int = opt(64, "prompts for the padding and phrase probes of the RM (0: skip them; each prompt "
+                                   "costs the RM a few dozen passes)")
     ascent_prompts: int = opt(3, "prompts for the gradient-ascent probe of the RM (0: skip it)")
     ascent_steps: int = opt(40, "Adam steps of the gradient-ascent probe")
     seed: int = opt(0, "seed for the prompt sample and for sampling")
@@ -66,7 +68,7 @@ class EvalConfig:
         check_fields(self, "prompts samples max_new_tokens gsm8k_max_new_tokens bon_prompts ascent_steps", ge=1,
                      integer=True)
         check_fields(self, "limit probe_limit", ge=0, integer=True, note="0: all")
-        check_fields(self, "bon_pool ascent_prompts", ge=0, integer=True, note="0: skip")
+        check_fields(self, "bon_pool hacking_prompts ascent_prompts", ge=0, integer=True, note="0: skip")
         check("seed", self.seed, ge=0, le=SEED_MAX, integer=True)
         for name in ("policy", "base"):
             if not Path(getattr(self, name)).exists():
@@ -287,17 +289,21 @@ def run_eval(cfg: EvalConfig) -> dict:
                              "count": len(rows)}
     if cfg.gsm8k:
         # questions too long for the model's context (with room for the answer) are left out and counted
-        room = getattr(policy.config, "max_position_embeddings", 10**9) - cfg.gsm8k_max_new_tokens
+        context = getattr(policy.config, "max_position_embeddings", 10**9)
+        new_tokens = min(cfg.gsm8k_max_new_tokens, context // 2)  # a short context keeps half for the question
+        if new_tokens < cfg.gsm8k_max_new_tokens:
+            log.info("GSM8K answers get %d new tokens, not %d: the model's context is %d", new_tokens,
+                     cfg.gsm8k_max_new_tokens, context)
+        room = context - new_tokens
         every = capability.read_gsm8k(cfg.gsm8k, tokenizer=chat_tok)
         fitting = [r for r in every if len(tok(r["prompt"])["input_ids"]) <= room]
         rows = fitting[: cfg.limit] if cfg.limit else fitting
         if not rows:
             raise ConfigError(f"--gsm8k {cfg.gsm8k}: no question fits the model's context of "
-                             f"{room + cfg.gsm8k_max_new_tokens} tokens with {cfg.gsm8k_max_new_tokens} new ones")
-        em = {name: capability.exact_match_eval(model, tok, rows, max_new_tokens=cfg.gsm8k_max_new_tokens,
-                                                flexible=True)
+                             f"{context} tokens with {new_tokens} new ones")
+        em = {name: capability.exact_match_eval(model, tok, rows, max_new_tokens=new_tokens, flexible=True)
               for name, model in (("policy", policy), ("base", base))}
-        cap["gsm8k"] = {"too_long_left_out": len(every) - len(fitting), "count": len(rows),
+        cap["gsm8k"] = {"too_long_left_out": len(every) - len(fitting), "count": len(rows), "max_new_tokens": new_tokens,
                         "match": "final answer, else the last number (flexible-extract)",
                         **{name: rate for name, (rate, _) in em.items()},
                         "examples": [{"question": r["prompt"], "answer": r["answer"], "policy": em["policy"][1][i],
@@ -319,8 +325,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     bar.set_postfix_str("hacking")
     usage_p, usage_b = hacking.phrase_usage(y_policy1), hacking.phrase_usage(y_base)
     hack: dict = {"usage_policy": usage_p, "usage_base": usage_b}
-    if reward is not None:
-        ctx_p, ctx_y = prompts[:64], y_base[:64]
+    if reward is not None and cfg.hacking_prompts:
+        ctx_p, ctx_y = prompts[: cfg.hacking_prompts], y_base[: cfg.hacking_prompts]
         hack["padding"] = hacking.padding_probe(reward, ctx_p, ctx_y)
         if world:
             hack["padding_gold"] = hacking.padding_probe(lambda p, y: gold_rewards(p, y), ctx_p, ctx_y)
@@ -332,7 +338,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         summary["padding_slope"] = hack["padding"]["slope_per_10_words"]
     else:
         paid = list(usage_p)
-        report["skipped"].append("RM hacking probes (no reward model)")
+        report["skipped"].append("RM hacking probes (no reward model, or --hacking-prompts 0)")
     rise = {ph: usage_p[ph] - usage_b[ph] for ph in paid}
     top = max(rise, key=rise.get) if rise else None
     summary.update(top_phrase=top, phrase_rate_policy=usage_p[top] if top else 0.0,

@@ -31,17 +31,20 @@ class KLEstimate:
 
 
 def sampled_kl(policy, reference, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
-               seed: int = 0, batch_size: int = 32, precision: str = "fp32") -> KLEstimate:
+               seed: int = 0, batch_size: int = 32, score_batch_size: int | None = None,
+               precision: str = "fp32") -> KLEstimate:
     """Estimate KL(π ‖ π_ref) from one policy sample per prompt, scored on the sampled token ids themselves.
 
     ``reference``: a tether.scoring.Reference (a frozen model, the policy's adapters off) or a model.
-    Under torchrun every rank must call this (the scoring is sharded over ranks).
+    ``batch_size`` prompts are sampled at once (the samples depend on it: a chunk's prompts are padded together) and
+    ``score_batch_size`` rows scored at once (default ``batch_size``). Under torchrun every rank must
+    call this (the scoring is sharded over ranks).
     """
     ref = reference if isinstance(reference, Reference) else Reference.frozen(reference)
     pairs = sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-    rows, pad_id = labelled_rows(pairs), tokenizer.pad_token_id
-    ratio = sequence_logprobs(policy, rows, pad_id, batch_size=batch_size, precision=precision) - \
-        ref.sequence_logprobs(rows, pad_id, batch_size=batch_size, precision=precision)  # (N,)
+    rows, pad_id, rows_at_once = labelled_rows(pairs), tokenizer.pad_token_id, score_batch_size or batch_size
+    ratio = sequence_logprobs(policy, rows, pad_id, batch_size=rows_at_once, precision=precision) - \
+        ref.sequence_logprobs(rows, pad_id, batch_size=rows_at_once, precision=precision)  # (N,)
     n = len(ratio)
     stderr = ratio.std().item() / math.sqrt(n) if n > 1 else float("nan")
     texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
@@ -89,4 +92,5 @@ class HeldOutKL:
         reference = reference_for(policy, self.cfg.model, self.cfg.ref, self.cfg.lora.r, self.device)
         return {"eval/kl": sampled_kl(policy, reference, self.tokenizer, self.prompts,
                                       max_new_tokens=self.cfg.kl_max_new_tokens, seed=self.cfg.train.seed,
-                                      batch_size=self.cfg.train.score_rows(), precision=self.cfg.train.precision).kl}
+                                      score_batch_size=self.cfg.train.score_rows(),
+                                      precision=self.cfg.train.precision).kl}

@@ -10,12 +10,12 @@ IGNORE_INDEX = -100
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(y_t | y_<t) = z_t[y_t] − log Σ_v exp z_t[v], with z_t = logits[:, t] / temperature, for each position.
+    """log π(y_t | y_<t) = log softmax(z_t)[y_t], with z_t = logits[:, t] / temperature, for each position.
 
     The next-token shift is done here: logits[:, t] predicts labels[:, t + 1]. Positions whose
-    label is IGNORE_INDEX get 0. Computed a row at a time from the logits as they are, so on a
-    large vocabulary no full-size copy (log-softmax, temperature, float32) is ever made, with or
-    without gradient: the memory beyond the logits is one row's (T × V).
+    label is IGNORE_INDEX get 0. Computed a row at a time, so on a large vocabulary no full-size
+    temperature or float32 copy of the logits is made, and without gradient (every scoring pass)
+    the log-softmax too takes one row's memory (T × V) instead of the batch's.
 
     Shape: logits (B, T, V), labels (B, T) -> (B, T - 1), float32.
     """
@@ -27,7 +27,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
         z = z.float()
         if temperature != 1.0:
             z = z / temperature
-        rows.append(z.gather(2, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
+        rows.append(torch.log_softmax(z, dim=-1).gather(2, y.unsqueeze(-1)).squeeze(-1))
     if not rows:
         return torch.zeros(targets.shape, device=logits.device)
     return torch.cat(rows) * mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -14,20 +15,23 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
 
     The next-token shift is done here: logits[:, t] predicts labels[:, t + 1]. Positions whose
     label is IGNORE_INDEX get 0. Computed a row at a time, so on a large vocabulary no full-size
-    temperature or float32 copy of the logits is made, and without gradient (every scoring pass)
-    the log-softmax too takes one row's memory (T × V) instead of the batch's.
+    copy of the logits is made (temperature, float32, log-softmax): beyond the logits the memory is
+    one row's (T × V), with gradient too (each row's log-softmax is recomputed in the backward pass).
 
     Shape: logits (B, T, V), labels (B, T) -> (B, T - 1), float32.
     """
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
     safe = targets.masked_fill(~mask, 0)
+
+    def row_logprobs(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (1, T-1, V), (1, T-1) -> (1, T-1)
+        z = z.float() if temperature == 1.0 else z.float() / temperature
+        return torch.log_softmax(z, dim=-1).gather(2, y.unsqueeze(-1)).squeeze(-1)
+
     rows = []
-    for z, y in zip(logits[:, :-1].split(1), safe.split(1)):  # (1, T-1, V), (1, T-1)
-        z = z.float()
-        if temperature != 1.0:
-            z = z / temperature
-        rows.append(torch.log_softmax(z, dim=-1).gather(2, y.unsqueeze(-1)).squeeze(-1))
+    for z, y in zip(logits[:, :-1].split(1), safe.split(1)):
+        # with gradient the row's log-softmax is recomputed in the backward pass rather than kept
+        rows.append(checkpoint(row_logprobs, z, y, use_reentrant=False) if z.requires_grad else row_logprobs(z, y))
     if not rows:
         return torch.zeros(targets.shape, device=logits.device)
     return torch.cat(rows) * mask

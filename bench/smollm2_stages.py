@@ -14,7 +14,10 @@ bench trains first. Each stage is a fresh ``tether`` process with ``OMP_NUM_THRE
 (default 1): its peak memory is that process's resident-set high-water mark (``ru_maxrss`` from
 ``wait4``: everything it held, Python, torch and the model loading included; fp32 weights,
 gradients and AdamW state of this 134.5M-parameter model are 2.15 GB of it), its CPU-seconds per
-step the median of ``perf/cpu_s`` over the steps after the first (the first pays warm-up). An RL
+step the median of ``perf/cpu_s`` over the steps after the first (the first pays warm-up). Beside
+it, the peak of its private memory (``RssAnon`` sampled every 0.1 s): transformers maps a model's
+weights from its safetensors file, so a frozen model (reference, RM) stays file-backed page cache,
+shared and reclaimable, which the RSS counts and a memory limit can evict. An RL
 stage fully fine-tuned holds three models (policy, frozen reference, RM: 1.6 GB) beside the policy's
 gradients and AdamW state; with ``--rl-lora`` the reference is the policy with its adapters off.
 Results: bench/results/smollm2_stages-DATE.json and .md.
@@ -69,16 +72,31 @@ def run(args: list[str], log: Path, threads: int) -> dict:
     """Run ``tether ARGS`` as a fresh process; its wall seconds, CPU seconds and peak RSS (GB)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
+    t0, peak_anon = time.perf_counter(), 0
     with open(log, "a") as f:
         f.write("$ tether " + " ".join(args) + "\n")
         f.flush()
         proc = subprocess.Popen([sys.executable, "-m", "tether.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:  # sample the process's private (anonymous) memory every 0.1 s until it exits
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak_anon = max(peak_anon, anonymous_kb(proc.pid))
+            time.sleep(0.1)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"tether {' '.join(args)} failed; see {log}")
     return {"wall_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
+            "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "peak_anon_gb": peak_anon * 1024 / 1e9}
+
+
+def anonymous_kb(pid: int) -> int:
+    """RssAnon of a running process (KiB): its private memory, without the file-backed pages of the
+    safetensors files transformers maps its weights from (a frozen model's weights stay such pages)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("RssAnon:")), 0)
+    except OSError:
+        return 0
 
 
 def step_figures(out: Path) -> dict:
@@ -159,9 +177,10 @@ def main() -> None:
     stamp = datetime.date.today().strftime("%Y%m%d") + (f"-{args.tag}" if args.tag else "")
     dest = ROOT / "bench" / "results" / f"smollm2_stages-{stamp}"
     dest.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    rows = ["| stage | CPU-s / step | first step | peak RSS (GB) | wall (s) |", "|---|---|---|---|---|"]
+    rows = ["| stage | CPU-s / step | first step | peak RSS (GB) | peak private (GB) | wall (s) |",
+            "|---|---|---|---|---|---|"]
     rows += [f"| {s} | {r['cpu_s_per_step']:.1f} | {r['cpu_s_first_step']:.1f} | {r['peak_rss_gb']:.2f} | "
-             f"{r['wall_s']:.0f} |" for s, r in results.items()]
+             f"{r['peak_anon_gb']:.2f} | {r['wall_s']:.0f} |" for s, r in results.items()]
     head = (f"SmolLM2-135M-Instruct, batch {args.batch_size}, rows of {args.max_len} tokens (RL: {args.max_new_tokens} "
             f"new), {args.threads} thread(s), gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
             f"RL stages {f'LoRA r={args.rl_lora}' if args.rl_lora else 'fully fine-tuned'}, commit {commit}\n\n")

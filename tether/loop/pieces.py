@@ -70,7 +70,6 @@ class TrainConfig:
         if self.strategy not in distributed.STRATEGIES:
             raise ConfigError(f"strategy must be one of {distributed.STRATEGIES}, got {self.strategy!r}")
 
-
     def score_rows(self) -> int:
         """Rows per no-grad scoring pass: ``score_batch_size``, else ``batch_size``."""
         return self.score_batch_size or self.batch_size

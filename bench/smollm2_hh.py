@@ -12,7 +12,7 @@ rendered with the model's chat template; pairs whose longer row exceeds ``--max-
 left out (CPU time), the rest shuffled with seed 0: the first ``--heldout`` pairs are held out (RM
 accuracy, DPO implicit-reward accuracy, and their prompts for KL and win-rate), the next
 ``--train`` pairs train both the RM and DPO. Every phase runs ``tether`` itself, one thread a
-process (``OMP_NUM_THREADS``, default 1), and skips its work when its output is already there.
+process (bench/_run.py), and skips its work when its output is already there.
 """
 
 from __future__ import annotations
@@ -22,26 +22,16 @@ import datetime
 import gzip
 import json
 import math
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
+
+from _run import TETHER, sh  # bench/_run.py (scripts here run as `python bench/NAME.py`)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 HH = DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 PHASES = ("data", "rm", "dpo", "eval", "report")
-
-
-def tether(args: list[str], log: Path, threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "a") as f:
-        f.write("$ tether " + " ".join(args) + "\n")
-        f.flush()
-        subprocess.run([sys.executable, "-m", "tether.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env,
-                       check=True)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -74,38 +64,36 @@ def phase_data(work: Path, args) -> None:
                                                  "train": len(train), "max_len": args.max_len}, indent=2))
 
 
-def phase_rm(work: Path, args) -> None:
-    if (work / "rm" / "tether.json").exists():
+def train(work: Path, args, stage: str, batch: int, lr: float, options: list) -> None:
+    """One epoch of ``tether STAGE`` from the model on the training pairs, evaluated once on the held-out ones."""
+    if (work / stage / "tether.json").exists():
         return
-    steps = math.ceil(args.train / args.rm_batch)
-    tether(["rm", "--model", str(work / "smollm2"), "--data", str(work / "train.jsonl"), "--eval-data",
-            str(work / "heldout.jsonl"), "--out", str(work / "rm"), "--max-len", str(args.max_len),
-            "--steps", str(steps), "--batch-size", str(args.rm_batch), "--lr", str(args.rm_lr), "--warmup-steps", "5",
-            "--eval-every", "0", "--save-every", "0", "--overwrite"], work / "rm.log", args.threads)
+    command = [stage, "--model", work / "smollm2", "--data", work / "train.jsonl", "--eval-data",
+               work / "heldout.jsonl", "--out", work / stage, "--max-len", args.max_len,
+               "--steps", math.ceil(args.train / batch), "--batch-size", batch, "--lr", lr, "--warmup-steps", 5,
+               "--eval-every", 0, "--save-every", 0, "--overwrite", *options]
+    sh(TETHER + [str(a) for a in command], work / f"{stage}.log")
+
+
+def phase_rm(work: Path, args) -> None:
+    train(work, args, "rm", args.rm_batch, args.rm_lr, [])  # a full fine-tune
 
 
 def phase_dpo(work: Path, args) -> None:
-    if (work / "dpo" / "tether.json").exists():
-        return
-    steps = math.ceil(args.train / args.dpo_batch)
-    tether(["dpo", "--model", str(work / "smollm2"), "--data", str(work / "train.jsonl"), "--eval-data",
-            str(work / "heldout.jsonl"), "--out", str(work / "dpo"), "--max-len", str(args.max_len),
-            "--steps", str(steps), "--batch-size", str(args.dpo_batch), "--lr", str(args.dpo_lr), "--beta",
-            str(args.beta), "--r", "16", "--alpha", "32", "--warmup-steps", "5", "--eval-every", "0",
-            "--save-every", "0", "--kl-prompts", "16", "--kl-max-new-tokens", "48", "--overwrite"],
-           work / "dpo.log", args.threads)
+    train(work, args, "dpo", args.dpo_batch, args.dpo_lr, ["--beta", args.beta, "--r", 16, "--alpha", 32,
+                                                            "--kl-prompts", 16, "--kl-max-new-tokens", 48])
 
 
 def phase_eval(work: Path, args) -> None:
     if (work / "eval" / "report.json").exists():
         return
     rm = str(work / "rm")
-    tether(["eval", "--policy", str(work / "dpo"), "--base", str(work / "smollm2"), "--judge", f"rm:{rm}",
+    sh(TETHER + ["eval", "--policy", str(work / "dpo"), "--base", str(work / "smollm2"), "--judge", f"rm:{rm}",
             "--rm", rm, "--eval-prompts", str(work / "heldout_prompts.jsonl"), "--preferences",
             str(work / "heldout.jsonl"), "--prompts", str(args.eval_prompts), "--max-new-tokens", "64",
             "--xstest", str(DATA / "xstest" / "xstest_prompts.csv"), "--gsm8k", str(DATA / "gsm8k" / "test.jsonl"),
             "--limit", str(args.limit), "--bon-pool", "0", "--ascent-prompts", "0",
-            "--out", str(work / "eval")], work / "eval.log", args.threads)
+            "--out", str(work / "eval")], work / "eval.log")
 
 
 def interval(k: int, n: int) -> list[float]:
@@ -183,7 +171,6 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--eval-prompts", type=int, default=100)
     ap.add_argument("--limit", type=int, default=100, help="GSM8K questions, and XSTest prompts of each label")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ log-probs (DPO's and KTO's, computed once before training and kept on disk by
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -90,14 +91,18 @@ def labelled_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[
 
 def _keeps_logits(model) -> bool:
     """Whether the transformers model inside ``model`` (a LoRA, DDP or compile wrapper) takes ``logits_to_keep``."""
-    import inspect
-
     from transformers import PreTrainedModel
 
-    for m in model.modules():
-        if isinstance(m, PreTrainedModel):
-            return "logits_to_keep" in inspect.signature(m.forward).parameters
-    return False
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return hf is not None and _forward_takes(type(hf), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    """Whether ``cls.forward`` has a parameter ``name`` (read once a class, not at every forward pass)."""
+    import inspect
+
+    return name in inspect.signature(cls.forward).parameters
 
 
 def labelled_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

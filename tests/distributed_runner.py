@@ -61,25 +61,50 @@ def kto(model, data, out, strategy):
                              kl_prompts=0), batch_size=4, grad_accum=2, lr=1e-3, strategy=strategy))
 
 
-def grpo(model, data, out, strategy):
+def grpo(model, data, out, strategy, stage="grpo", lora=0):
     from tether.trainers.grpo import GRPOConfig, run_grpo
+    from tether.trainers.rloo import RLOOConfig, run_rloo
 
     # 8 rows an iteration, 2 optimiser steps of 4 (each on one rank's rows: the other runs a zero-weight pass)
-    cfg = _train(GRPOConfig(model=model, prompts=str(data / "prompts.jsonl"), eval_prompts=str(data / "eval_prompts.jsonl"),
-                            out=str(out), group_size=4, prompts_per_step=2, eval_samples=2),
+    config, run = (GRPOConfig, run_grpo) if stage == "grpo" else (RLOOConfig, run_rloo)
+    cfg = _train(config(model=model, prompts=str(data / "prompts.jsonl"), eval_prompts=str(data / "eval_prompts.jsonl"),
+                        out=str(out), group_size=4, prompts_per_step=2, eval_samples=2),
                  steps=3, lr=1e-2, warmup_steps=0, schedule="constant", strategy=strategy)
     cfg.sampling.max_new_tokens, cfg.sampling.gen_batch_size = 8, 4
-    run_grpo(cfg, digits)
+    cfg.lora.r = lora
+    run(cfg, digits)
 
 
-def ppo(model, data, out, strategy):
+def ppo(model, data, out, strategy, resume=False):
     from tether.rollout import SamplingConfig
     from tether.trainers.ppo import PPOConfig, run_ppo
 
+    # 4 prompts an iteration, 2 a rank (sampled in chunks of 2: the same seeds as one process), 2 epochs of 2
+    # mini-batches of 2 rows: the global permutation puts a mini-batch on one rank or across both
     cfg = _train(PPOConfig(model=model, prompts=str(data / "prompts.jsonl"), eval_prompts=str(data / "eval_prompts.jsonl"),
-                           out=str(out), rollout_batch=4, epochs=2, sampling=SamplingConfig(max_new_tokens=8, gen_batch_size=32), kl_target=1.0, reward_norm="batch"),
-                 steps=2, batch_size=2, lr=1e-3, warmup_steps=0, schedule="constant", strategy=strategy)
+                           out=str(out), rollout_batch=4, epochs=2, sampling=SamplingConfig(max_new_tokens=8, gen_batch_size=2),
+                           kl_target=1.0, reward_norm="batch", resume=resume),
+                 steps=3, batch_size=1, grad_accum=2, lr=1e-3, warmup_steps=0, schedule="constant", save_every=1,
+                 strategy=strategy)
     run_ppo(cfg, digits)
+
+
+def resumed(stage, run, other):
+    """The world-size-2 run of ``stage`` (already written in OUT), cut back to its first checkpoint and
+    resumed under the ``other`` strategy: a checkpoint moves between DDP and FSDP2."""
+    import shutil
+
+    from tether import distributed
+
+    def go(model, data, out):
+        if distributed.env().main:
+            shutil.copytree(out.parent / stage, out)
+            for path in sorted((out / "checkpoints").glob("step-*"))[1:]:
+                shutil.rmtree(path)  # as if the run died after its first checkpoint
+            (out / "model.safetensors").unlink()
+        distributed.barrier()
+        run(model, data, out, other, resume=True)
+    return go
 
 
 RUNS = {
@@ -90,9 +115,21 @@ RUNS = {
     "rm_ddp": lambda *a: rm(*a, "ddp"),
     "dpo_ddp": lambda *a: dpo(*a, "ddp"),
     "dpo_fsdp2": lambda *a: dpo(*a, "fsdp2"),
+    "kto_ddp": lambda *a: kto(*a, "ddp"),
     "kto_fsdp2": lambda *a: kto(*a, "fsdp2"),
     "grpo_ddp": lambda *a: grpo(*a, "ddp"),
+    "grpo_fsdp2": lambda *a: grpo(*a, "fsdp2"),
+    "grpo_lora_ddp": lambda *a: grpo(*a, "ddp", lora=4),
+    "grpo_lora_fsdp2": lambda *a: grpo(*a, "fsdp2", lora=4),
+    "rloo_ddp": lambda *a: grpo(*a, "ddp", stage="rloo"),
+    "rloo_fsdp2": lambda *a: grpo(*a, "fsdp2", stage="rloo"),
     "ppo_ddp": lambda *a: ppo(*a, "ddp"),
+    "ppo_fsdp2": lambda *a: ppo(*a, "fsdp2"),
+    # (world size 2 only) checkpoints that change strategy on resume; compared with the uninterrupted runs
+    "sft_ddp_to_fsdp2": resumed("sft_ddp", sft, "fsdp2"),
+    "sft_fsdp2_to_ddp": resumed("sft_fsdp2", sft, "ddp"),
+    "ppo_ddp_to_fsdp2": resumed("ppo_ddp", ppo, "fsdp2"),
+    "ppo_fsdp2_to_ddp": resumed("ppo_fsdp2", ppo, "ddp"),
 }
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Past one machine: the stages at world size 2 (torchrun, gloo, 2 CPU processes) against world size 1.
 
 One torchrun job runs SFT (DDP and FSDP2, through the command line), the reward model (DDP), DPO
-(DDP and FSDP2), KTO (FSDP2) and GRPO (DDP) at world size 2 on the same global batches as the world-size-1 runs
-in this process (tests/distributed_runner.py). Loss curves must agree to a relative 1e-5 (what is
-left is the order of floating-point sums across ranks: about 1e-7 here), and checkpoints written at
-world size 2 (whole-model for DDP, torch.distributed.checkpoint for FSDP2) must resume at world size 1.
+(DDP and FSDP2), KTO (FSDP2), GRPO (DDP, FSDP2, FSDP2 with LoRA), RLOO and PPO (DDP and FSDP2) at world
+size 2 on the same global batches as the world-size-1 runs in this process (tests/distributed_runner.py;
+at world size 1 the strategy changes nothing, so each FSDP2 run is compared with its DDP twin's). Loss
+curves must agree to a relative 1e-5 (what is left is the order of floating-point sums across ranks:
+about 1e-7 to 1e-6 here), and checkpoints must move: written at world size 2 (whole-model for DDP,
+torch.distributed.checkpoint for FSDP2) they resume at world size 1, and under the other strategy.
 """
 
 from __future__ import annotations
@@ -27,9 +29,18 @@ from tests import distributed_runner
 from tests.conftest import CORPUS
 
 RTOL = 1e-5
-STAGES = ["sft_ddp", "sft_fsdp2", "rm_ddp", "dpo_ddp", "dpo_fsdp2", "kto_fsdp2", "grpo_ddp"]
+STAGES = ["sft_ddp", "sft_fsdp2", "rm_ddp", "dpo_ddp", "dpo_fsdp2", "kto_fsdp2", "grpo_ddp", "grpo_fsdp2",
+          "grpo_lora_fsdp2", "rloo_ddp", "rloo_fsdp2", "ppo_ddp", "ppo_fsdp2"]
+# world size 2 only: a split batch, and checkpoints resumed under the other strategy (after the runs they cut)
+ONLY_W2 = ["sft_split_ddp", "sft_ddp_to_fsdp2", "sft_fsdp2_to_ddp", "ppo_ddp_to_fsdp2", "ppo_fsdp2_to_ddp"]
 COMPARED = ("train/loss", "train/grad_norm", "eval/loss", "eval/accuracy", "eval/reward", "eval/reward_margin",
-            "reward/mean", "kl/k1", "loss/policy")
+            "eval/kl", "reward/mean", "kl/k1", "kl/beta", "loss/policy", "loss/value", "policy/clip_fraction",
+            "policy/approx_kl")
+
+
+def w1_twin(stage: str) -> str:
+    """The world-size-1 run a world-size-2 ``stage`` is compared with (the strategy matters only under torchrun)."""
+    return stage.split("_to_")[0].replace("fsdp2", "ddp")
 
 
 def _write_data(folder: Path) -> None:
@@ -59,12 +70,12 @@ def runs(tiny_folder, tmp_path_factory):
     _write_data(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TETHER_CACHE": str(root / "cache2"), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(distributed_runner.__file__)), str(tiny_folder), str(data), str(root / "w2"), *STAGES, "ppo_ddp", "sft_split_ddp"]
+           str(Path(distributed_runner.__file__)), str(tiny_folder), str(data), str(root / "w2"), *STAGES, *ONLY_W2]
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     saved = os.environ.get("TETHER_CACHE")
     os.environ["TETHER_CACHE"] = str(root / "cache1")  # its own cache: the DPO reference is computed in both
     try:
-        for stage in STAGES:  # meanwhile, world size 1 here
+        for stage in dict.fromkeys(w1_twin(s) for s in STAGES):  # meanwhile, world size 1 here
             distributed_runner.RUNS[stage](str(tiny_folder), data, root / "w1" / stage)
     finally:
         os.environ.pop("TETHER_CACHE") if saved is None else os.environ.__setitem__("TETHER_CACHE", saved)
@@ -78,6 +89,15 @@ def _curves(folder: Path) -> dict[tuple[int, str], float]:
     return {(r["step"], k): v for r in rows for k, v in r.items() if k in COMPARED}
 
 
+def _assert_same_weights(a: Path, b: Path) -> None:
+    """Final weights equal up to the order of sums: Adam divides by √v, so an element whose gradient is ~0 can move
+    by 1e-6 more on one side (weights are ~0.1, steps ~1e-3)."""
+    final1, final2 = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert final1.keys() == final2.keys()
+    for k in final1:
+        assert torch.allclose(final1[k], final2[k], rtol=1e-4, atol=1e-5), k
+
+
 def _assert_same_curves(a: Path, b: Path) -> None:
     ca, cb = _curves(a), _curves(b)
     assert ca.keys() == cb.keys() and len(ca) >= 4
@@ -89,15 +109,13 @@ def _assert_same_curves(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("stage", STAGES)
 def test_world_size_2_matches_world_size_1_at_the_same_global_batch(runs, stage):
     w1, w2, _ = runs
-    _assert_same_curves(w1 / stage, w2 / stage)
+    one = w1 / w1_twin(stage)
+    _assert_same_curves(one, w2 / stage)
     assert json.loads((w2 / stage / "tether.json").read_text())["world_size"] == 2
-    # the final model is plain Hugging Face safetensors, written once, equal to the single-process one
-    final1, final2 = load_file(str(w1 / stage / "model.safetensors")), load_file(str(w2 / stage / "model.safetensors"))
-    assert final1.keys() == final2.keys()
-    moved = False
-    for k in final1:
-        assert torch.allclose(final1[k], final2[k], rtol=1e-4, atol=1e-6), k
-    initial = load_file(str(Path(json.loads((w1 / stage / "tether.json").read_text())["config"]["model"])
+    # the final model is plain Hugging Face safetensors (LoRA merged), written once, equal to the single-process one
+    _assert_same_weights(one, w2 / stage)
+    final2 = load_file(str(w2 / stage / "model.safetensors"))
+    initial = load_file(str(Path(json.loads((one / "tether.json").read_text())["config"]["model"])
                             / "model.safetensors"))
     moved = any(not torch.equal(initial[k], final2[k]) for k in initial if k in final2)
     assert moved or stage.startswith("rm")  # (an RM's head is new: its backbone keys are compared above)
@@ -109,8 +127,7 @@ def test_sft_at_world_size_2_in_micro_batches_of_one_row_matches_one_process_in_
     by its labelled tokens over every micro-batch and rank, so 4 x 1 rows on 2 ranks trains as 1 x 4 on one."""
     w1, w2, _ = runs
     _assert_same_curves(w1 / "sft_ddp", w2 / "sft_split_ddp")
-    final1, final2 = (load_file(str(w / "model.safetensors")) for w in (w1 / "sft_ddp", w2 / "sft_split_ddp"))
-    assert all(torch.allclose(final1[k], final2[k], rtol=1e-4, atol=1e-6) for k in final1)
+    _assert_same_weights(w1 / "sft_ddp", w2 / "sft_split_ddp")
 
 
 @pytest.mark.slow
@@ -124,19 +141,18 @@ def test_grpo_reward_and_kl_are_global_not_one_ranks(runs):
 
 
 @pytest.mark.slow
-def test_ppo_runs_under_torchrun_with_global_statistics_and_one_writer(runs):
-    """PPO is not compared with one process (each rank shuffles its own rows into mini-batches), but
-    it must run, log figures of the whole batch and write every evaluation sample exactly once."""
+def test_ppo_under_torchrun_writes_every_evaluation_sample_once(runs):
+    """PPO's figures are those of the whole batch (compared above); every held-out sample is written once."""
     _, w2, data = runs
     rows = [json.loads(l) for l in (w2 / "ppo_ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert all({"kl/k1", "kl/beta", "loss/value"} <= r.keys() for r in rows[1:])
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["kl/beta"] != 0.05  # the adaptive controller moved β on the all-reduced KL
+    assert any(r["policy/updates"] == 4 and r["loss/value"] > 0 for r in rows[1:])  # 2 epochs x 2 mini-batches
     samples = [json.loads(l) for l in (w2 / "ppo_ddp" / "samples.jsonl").read_text().splitlines()]
     eval_prompts = [json.loads(l)["prompt"] for l in (data / "eval_prompts.jsonl").read_text().splitlines()]
-    assert sorted(s["prompt"] for s in samples if s["step"] == 0) == sorted(eval_prompts)  # 2 ranks, 4 prompts, once each
-    assert len(samples) == 2 * len(eval_prompts)
-    assert (w2 / "ppo_ddp" / "model.safetensors").exists()
+    for step in (0, 2, 3):  # evaluated every 2 iterations and at the end: 2 ranks, 4 prompts, each once
+        assert sorted(s["prompt"] for s in samples if s["step"] == step) == sorted(eval_prompts)
+    assert len(samples) == 3 * len(eval_prompts)
 
 
 @pytest.mark.slow
@@ -148,12 +164,24 @@ def test_a_checkpoint_saved_at_world_size_2_resumes_at_world_size_1(runs, stage,
     shutil.rmtree(cut / "checkpoints" / "step-000004")  # as if the 2-process run died after step 2
     expected_format = "dcp" if stage.endswith("fsdp2") else "model.safetensors"
     assert (cut / "checkpoints" / "step-000002" / expected_format).exists()
-    model = Path(json.loads((w1 / stage / "tether.json").read_text())["config"]["model"])
+    model = Path(json.loads((w1 / w1_twin(stage) / "tether.json").read_text())["config"]["model"])
     distributed_runner.sft(str(model), data, cut, stage.split("_")[1], resume=True)
-    _assert_same_curves(w1 / stage, cut)  # steps 3 and 4 now run in one process
-    final1, resumed = load_file(str(w1 / stage / "model.safetensors")), load_file(str(cut / "model.safetensors"))
-    for k in final1:
-        assert torch.allclose(final1[k], resumed[k], rtol=1e-4, atol=1e-6), k
+    _assert_same_curves(w1 / w1_twin(stage), cut)  # steps 3 and 4 now run in one process
+    _assert_same_weights(w1 / w1_twin(stage), cut)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft_ddp_to_fsdp2", "sft_fsdp2_to_ddp", "ppo_ddp_to_fsdp2", "ppo_fsdp2_to_ddp"])
+def test_a_checkpoint_moves_between_ddp_and_fsdp2(runs, stage):
+    """A world-size-2 run cut back to its first checkpoint and resumed under the other strategy
+    (tests/distributed_runner.resumed) ends as the uninterrupted run: the whole-model checkpoint is cut into
+    shards (model and Adam state), the sharded one is read whole through torch.distributed.checkpoint."""
+    w1, w2, _ = runs
+    ckpts = sorted((w2 / stage / "checkpoints").glob("step-*"))
+    written, resumed = ("model.safetensors", "dcp") if "_ddp_to_" in stage else ("dcp", "model.safetensors")
+    assert (ckpts[0] / written).exists() and (ckpts[-1] / resumed).exists()  # the format changed on the way
+    _assert_same_curves(w1 / w1_twin(stage), w2 / stage)
+    _assert_same_weights(w1 / w1_twin(stage), w2 / stage)
 
 
 # --- fast: the pieces, in one process ----------------------------------------------------------

@@ -65,17 +65,30 @@ def setup(device: str = "auto") -> tuple[Env, torch.device]:
 
     ``device``: auto | cpu | cuda | cuda:N. Under torchrun, ``auto`` and ``cuda`` mean this
     process's GPU, ``cuda:LOCAL_RANK``. The backend follows the device: nccl for CUDA, gloo for the CPU.
+
+    More ranks on a machine than GPUs: nccl refuses two ranks on one GPU (NCCL ≥ 2.5: "Duplicate GPU
+    detected"), so that is an error naming the fix, unless ``TETHER_DIST_BACKEND=gloo`` is set: then rank r
+    shares ``cuda:(LOCAL_RANK mod GPUs)`` and gloo carries DDP's all-reduce and broadcast of CUDA tensors
+    (slower than nccl; for checks such as bench/gpu_check.py on one GPU). FSDP2 needs nccl on GPUs.
     """
     env = _from_environment()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    backend = os.environ.get("TETHER_DIST_BACKEND") or ("nccl" if dev.type == "cuda" else "gloo")
+    if backend not in ("nccl", "gloo") or (backend == "nccl" and dev.type != "cuda"):
+        raise ValueError(f"TETHER_DIST_BACKEND={backend} with device {dev}: use gloo (any device) or nccl (CUDA)")
     if dev.type == "cuda" and env.active and dev.index is None:
-        dev = torch.device("cuda", env.local_rank)
+        gpus = torch.cuda.device_count()
+        if backend == "nccl" and 0 < gpus <= env.local_rank:
+            raise RuntimeError(f"local rank {env.local_rank} has no GPU of its own ({gpus} visible) and nccl cannot put "
+                               f"two ranks on one GPU: run --nproc_per_node {gpus}, or set TETHER_DIST_BACKEND=gloo "
+                               "to share the GPUs (slower: for checks)")
+        dev = torch.device("cuda", env.local_rank % gpus if gpus else env.local_rank)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     if env.active and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
         atexit.register(_teardown)
     if env.active and dist.get_world_size() != env.world_size:
         raise RuntimeError(f"WORLD_SIZE is {env.world_size} but the process group has {dist.get_world_size()} ranks")
@@ -249,8 +262,15 @@ class Trainable:
     """The module a rank trains, beside the plain model the stage handed in.
 
     ``module``: what the loss runs on (the model itself in one process; a DDP wrapper around it;
-    or, under FSDP2, a sharded copy). ``plain``: the unwrapped model, for evaluation-free uses,
-    saving and generation; under FSDP2 it is refreshed by :meth:`finish`.
+    or, under FSDP2, a sharded copy). ``plain``: the unwrapped model, for sampling, scoring without
+    gradient, evaluation and saving. Under DDP it shares its parameters with ``module``; under FSDP2
+    it is a whole copy that :meth:`sync` refreshes from the shards (the RL stages sample with it after
+    every update: gather for generation) and :meth:`finish` refreshes at the end.
+
+    FSDP2 shards every decoder block, then every child of the root that holds blocks when the root is
+    not itself a Hugging Face model (PPO's ActorCritic: the policy and the critic, each then callable
+    on its own, as PPO-ptx calls the policy), then the root. With LoRA (peft) the frozen base weights
+    are sharded beside the adapters and only the adapters have gradients and optimiser state.
     """
 
     def __init__(self, model: torch.nn.Module, strategy: str, device: torch.device):
@@ -266,15 +286,16 @@ class Trainable:
             model.to(device)
             self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         else:
-            if hasattr(model, "peft_config"):
-                raise ValueError("fsdp2 with LoRA is not supported: adapters are small, use --strategy ddp")
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(device.type, (e.world_size,))
-            sharded = copy.deepcopy(model).to(device)  # the plain model stays where it is (the CPU)
-            for block in decoder_blocks(sharded):
+            sharded = copy.deepcopy(model).to(device)  # the plain model stays where it is
+            blocks = decoder_blocks(sharded)
+            for block in blocks:
                 fully_shard(block, mesh=mesh)
+            for child in _units_between(sharded, blocks):
+                fully_shard(child, mesh=mesh)
             fully_shard(sharded, mesh=mesh)
             self.module = sharded
 
@@ -288,18 +309,32 @@ class Trainable:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm(self.module, max_norm)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights (on the CPU) on every rank (a collective under FSDP2)."""
-        if not self.sharded:
-            return {k: v.detach().cpu() for k, v in self.plain.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Under FSDP2, copy the trained parameters into the plain model (a collective: every rank calls it).
 
-        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
-        return {k: v.detach().cpu() for k, v in sd.items()}
+        One parameter is gathered at a time, so the cost beyond the plain copy itself is the largest
+        parameter; frozen ones (LoRA's base weights) and buffers never change and are not gathered.
+        Elsewhere the plain model already holds the trained weights.
+        """
+        if not self.sharded:
+            return
+        plain = dict(self.plain.named_parameters())
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                plain[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
     def finish(self) -> torch.nn.Module:
-        """Load the trained weights into the plain model (FSDP2) and return it on the device."""
-        if self.sharded:
-            self.plain.load_state_dict(self.full_state_dict())
-            self.plain.to(self.device)
-        return self.plain
+        """The plain model, holding the trained weights (gathered under FSDP2), on the device."""
+        self.sync()
+        return self.plain.to(self.device)
+
+
+def _units_between(root: torch.nn.Module, blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The root's children that hold decoder blocks, when the root is not itself a Hugging Face model."""
+    from transformers import PreTrainedModel
+
+    if isinstance(root, PreTrainedModel):
+        return []
+    ids = {id(b) for b in blocks}
+    return [c for c in root.children() if any(id(m) in ids for m in c.modules())]

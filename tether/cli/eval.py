@@ -14,14 +14,18 @@ from tether.instruments.evaluate import EvalConfig
 @options(EvalConfig)
 def eval_command(cfg: EvalConfig) -> None:
     """Measure a policy against its base: KL, win-rate, lengths, RM accuracy, refusal, sycophancy, capability,
-    hacking probes, over-optimisation. Writes report.json and report.html (in POLICY/eval by default)."""
+    hacking probes, over-optimisation. Writes report.json and report.html (in POLICY/eval by default).
+    Under torchrun the per-prompt work is split over ranks and rank 0 writes the report."""
     from pathlib import Path
 
+    from tether import distributed
     from tether.cli.stages import _run
     from tether.instruments.diagnose import diagnose_report, format_diagnosis
     from tether.instruments.evaluate import run_eval
 
     report = _run(run_eval, cfg)
+    if not distributed.env().main:  # under torchrun: rank 0 wrote the report and speaks
+        return
     s = report["summary"]
     click.echo(f"KL(policy ‖ base) {s['kl_exact']:.3f} ± {s['kl_exact_stderr']:.3f} nats (exact; k1 {s['kl_k1']:.3f}, "
                f"k3 {s['kl_k3']:.3f}); win-rate {s['win_rate']:.3f} [{s['win_rate_interval'][0]:.3f}, "

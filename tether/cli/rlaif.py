@@ -33,8 +33,13 @@ def label(cfg: LabelConfig) -> None:
     """Sample response pairs from a policy, ask the judge (both orders), write soft-labelled preferences.
 
     The file is ready for `tether rm` (soft labels with --label-field label_prob) and `tether dpo`.
+    Under torchrun sampling and judging are split over ranks and rank 0 writes the file.
     """
+    from tether import distributed
+
     out = _run(run_label, cfg)
+    if not distributed.env().main:  # under torchrun: rank 0 wrote the file and speaks
+        return
     s = _summary(out)
     click.echo(f"  pairs {s['pairs']}  (left out: {s['left_out'] or 'none'})")
     click.echo(f"  mean soft label {s['mean_label_prob']:.3f}  flip rate when the order is swapped {s['flip_rate']:.3f}")

@@ -9,6 +9,9 @@ each choice c_j is scored by ll_j = log π(c_j | prompt), summed over its tokens
 (the harness divides by ``len(choice)``, the character count, equal to the byte count for ASCII).
 GSM8K-style exact match: greedy answer to each question, right when its final number ("#### N"
 or "The answer is N") equals the reference's (the answer after "####").
+
+Under torchrun the greedy answers are generated over ranks and gathered (tether.instruments.shard),
+and the choices' log-likelihoods are split over ranks by tether.scoring: every rank calls these.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def exact_match_eval(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: 
     With ``flexible`` a response without a marked final answer is read at its last number
     (:func:`last_number_match`), as instruct models seldom write "#### N".
     """
-    from tether.rollout import generate
+    from tether.instruments.shard import generate  # over ranks under torchrun
     from tether.world import exact_match
 
     match = last_number_match if flexible else exact_match

@@ -10,6 +10,16 @@ Inputs are found as follows (each recorded under ``sources`` in the report):
 - XSTest's CSV (``--xstest``) and GSM8K's JSONL (``--gsm8k``), only when given.
 
 An instrument whose inputs are absent is left out of the report and listed under ``skipped``.
+
+Under torchrun (``torchrun --nproc_per_node N -m tether eval ...``) every rank loads the models on
+its own device and takes a block of each instrument's per-prompt work — sampling and the exact KL,
+greedy probes, reward-model scores (RM accuracy, an rm: judge, hacking probes, best-of-n), the
+gradient-ascent prompts — in whole chunks of that work's batch (tether.instruments.shard); the
+results are gathered in order, so every rank holds the whole report, and rank 0 alone writes it.
+Language-model scoring (an llm: judge, the refusal judge, multiple choice) goes through
+tether.scoring, which splits its rows over ranks itself. Samples are seeded from (seed, global
+position of their generation chunk) at every world size, so the report's samples are those of one
+process and its figures equal to float rounding (an LLM's scores of a block batched differently).
 """
 
 from __future__ import annotations
@@ -116,23 +126,28 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Run every instrument whose inputs exist; write ``report.json`` and ``report.html``; return the report."""
     from tqdm.auto import tqdm
 
+    from tether import distributed
     from tether.instruments import capability, exact_kl, hacking, lengths, refusal, sycophancy
-    from tether.instruments.judges import load_judge
+    from tether.instruments.judges import ScoreJudge, load_judge
     from tether.instruments.overopt import bon_curve, overoptimisation, run_points
     from tether.instruments.report import write_report
+    from tether.instruments.shard import generate, map_blocks, reward_over_ranks
     from tether.instruments.winrate import length_controlled_win_rate, outcome_win_rate
     from tether.models import load_model, load_tokenizer
-    from tether.rollout import generate
     from tether.world import gold_rewards
 
     cfg.validate()
     t0 = time.perf_counter()
     out = Path(cfg.out or Path(cfg.policy) / "eval")
     world, rm_dir = find_world(cfg), find_rm(cfg)
-    judge = load_judge(cfg.judge, device=cfg.device)  # a bad judge spec fails before any work
+    _, dev = distributed.setup(cfg.device)  # under torchrun: join the world, this rank's GPU
+    device = cfg.device if not distributed.env().active else str(dev)
+    judge = load_judge(cfg.judge, device=device)  # a bad judge spec fails before any work
+    if isinstance(judge, ScoreJudge):  # rows split over ranks (an LLM judge's scoring splits itself: tether.scoring)
+        judge = ScoreJudge(reward_over_ranks(judge.reward_fn), judge.name)
     tok = load_tokenizer(cfg.policy)
-    policy = load_model(cfg.policy, device=cfg.device).eval()
-    base = load_model(cfg.base, device=cfg.device).eval()
+    policy = load_model(cfg.policy, device=device).eval()
+    base = load_model(cfg.base, device=device).eval()
     if policy.config.vocab_size != base.config.vocab_size:
         raise ModelError(f"--policy {cfg.policy} and --base {cfg.base}: vocabularies differ "
                          f"({policy.config.vocab_size} vs {base.config.vocab_size}); expected one tokenizer (the KL "
@@ -161,7 +176,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     if rm_dir is not None:
         from tether.rewards import load_reward
 
-        reward = load_reward(str(rm_dir), device=cfg.device)
+        reward = load_reward(str(rm_dir), device=device)
+    shared_reward = reward_over_ranks(reward) if reward is not None else None  # rows split over ranks, gathered
     report: dict = {"config": to_dict(cfg), "sources": {
         "world": str(world) if world else None, "rm": str(rm_dir) if rm_dir else None, "prompts": str(prompts_file),
         "preferences": str(pref_file) if pref_file and pref_file.exists() and reward else None,
@@ -169,7 +185,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     sections, summary = report["sections"], {}
     gen = dict(max_new_tokens=cfg.max_new_tokens, greedy=True)
     steps = ["kl", "win-rate", "lengths", "rm", "refusal", "sycophancy", "capability", "hacking", "overopt"]
-    bar = tqdm(steps, desc="eval", dynamic_ncols=True)
+    bar = tqdm(steps, desc="eval", dynamic_ncols=True, disable=not distributed.env().main)
 
     # 1. KL from the base on the policy's samples (these samples also serve the win-rate and lengths)
     bar.set_postfix_str("kl")
@@ -223,8 +239,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         from tether.instruments.rm_eval import rm_report
 
         pairs = load_preferences(str(pref_file), tokenizer=chat_tokenizer(load_tokenizer(str(rm_dir)), cfg))
-        rc = torch.as_tensor(reward([p.prompt for p in pairs], [p.chosen for p in pairs]), dtype=torch.float32)
-        rr = torch.as_tensor(reward([p.prompt for p in pairs], [p.rejected for p in pairs]), dtype=torch.float32)
+        rc = torch.as_tensor(shared_reward([p.prompt for p in pairs], [p.chosen for p in pairs]), dtype=torch.float32)
+        rr = torch.as_tensor(shared_reward([p.prompt for p in pairs], [p.rejected for p in pairs]), dtype=torch.float32)
         gc = [p.extra.get("gold_chosen") for p in pairs]
         gr = [p.extra.get("gold_rejected") for p in pairs]
         gold_known = all(g is not None for g in gc + gr)
@@ -254,7 +270,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         sections["refusal"] = refusal.refusal_report(responses)
         if cfg.refusal_judge:
             judge_dir = cfg.refusal_judge[4:]
-            rj = refusal.LLMRefusalJudge(load_model(judge_dir, device=cfg.device), load_tokenizer(judge_dir))
+            rj = refusal.LLMRefusalJudge(load_model(judge_dir, device=device), load_tokenizer(judge_dir))
             sections["refusal_judge"] = refusal.judged_refusal_report(responses, rj)
         for name in sets:
             summary[f"refusal_{name.removeprefix('world_')}_policy"] = sections["refusal"][f"refusal/{name}_policy"]
@@ -327,13 +343,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     hack: dict = {"usage_policy": usage_p, "usage_base": usage_b}
     if reward is not None and cfg.hacking_prompts:
         ctx_p, ctx_y = prompts[: cfg.hacking_prompts], y_base[: cfg.hacking_prompts]
-        hack["padding"] = hacking.padding_probe(reward, ctx_p, ctx_y)
+        hack["padding"] = hacking.padding_probe(shared_reward, ctx_p, ctx_y)
         if world:
             hack["padding_gold"] = hacking.padding_probe(lambda p, y: gold_rewards(p, y), ctx_p, ctx_y)
-        hack["phrases"] = hacking.phrase_gains(reward, ctx_p, ctx_y)
-        if cfg.ascent_prompts and hasattr(reward, "model"):
-            hack["ascent"] = [hacking.embedding_ascent(reward, p, y, steps=cfg.ascent_steps)
-                              for p, y in list(zip(prompts, y_base))[: cfg.ascent_prompts] if y.strip()]
+        hack["phrases"] = hacking.phrase_gains(shared_reward, ctx_p, ctx_y)
+        if cfg.ascent_prompts and hasattr(reward, "model"):  # the prompts split over ranks, each on its rank's RM
+            starts = [(p, y) for p, y in list(zip(prompts, y_base))[: cfg.ascent_prompts] if y.strip()]
+            hack["ascent"] = map_blocks(lambda part, _: [hacking.embedding_ascent(reward, p, y, steps=cfg.ascent_steps)
+                                                         for p, y in part], starts)
         paid = [g["phrase"] for g in hack["phrases"] if g["gain"] > 2 * g["stderr"] and g["gain"] > 0.05]
         summary["padding_slope"] = hack["padding"]["slope_per_10_words"]
     else:
@@ -363,5 +380,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     report["summary"] = summary
     report["seconds"] = time.perf_counter() - t0
-    write_report(report, out)
+    if distributed.env().main:  # every rank holds the whole report; one writes it
+        write_report(report, out)
+    distributed.barrier()
     return report

@@ -15,7 +15,8 @@ the response exactly as PPO logs them (tether.losses.kl.kl_estimate):
 k1, k3 and the exact sum are unbiased for the sequence KL; k2 is biased (it is the second-order
 term, unbiased for a different f-divergence) and agrees only when π ≈ π_ref. A response that
 stopped at ``max_new_tokens`` is a sample of the truncated process, whose KL is what is measured.
-Temperature-1 sampling, the distribution the KL is defined on.
+Temperature-1 sampling, the distribution the KL is defined on. Under torchrun :func:`policy_kl` splits
+its samples over ranks in whole generation chunks and gathers them (tether.instruments.shard).
 """
 
 from __future__ import annotations
@@ -100,11 +101,20 @@ def policy_kl(policy, reference, tokenizer, prompts: Sequence[str], *, samples: 
               seed: int = 0, batch_size: int = 16) -> tuple[SequenceKL, list[str]]:
     """Sample ``samples`` responses a prompt from ``policy`` (temperature 1) and measure their KL to ``reference``.
 
-    Returns the per-response terms and the decoded responses.
+    Returns the per-response terms and the decoded responses. Under torchrun each rank samples and
+    measures a block of whole chunks of ``batch_size`` responses (tether.instruments.shard), each chunk
+    seeded from its global position, and every rank gets all of them: the figures of one process.
     """
+    from tether.instruments.shard import map_blocks
     from tether.rollout import sample
 
-    repeated = [p for p in prompts for _ in range(samples)]
-    pairs = sample(policy, tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-    texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
-    return sequence_kl(policy, reference, pairs, tokenizer.pad_token_id, batch_size), texts
+    def measure(part: list[str], lo: int) -> list[tuple]:
+        pairs = sample(policy, tokenizer, part, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                       index_offset=lo)
+        kl = sequence_kl(policy, reference, pairs, tokenizer.pad_token_id, batch_size)
+        texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
+        return list(zip(texts, *(getattr(kl, k).tolist() for k in SequenceKL._fields)))
+
+    rows = map_blocks(measure, [p for p in prompts for _ in range(samples)], batch_size)
+    columns = list(zip(*rows)) or [[] for _ in range(len(SequenceKL._fields) + 1)]
+    return SequenceKL(*(torch.tensor(c, dtype=torch.float32) for c in columns[1:])), list(columns[0])

@@ -14,7 +14,8 @@ Both are linear in (α, β), so they are fitted here by ordinary least squares o
 
 The points come from a run's evaluations (``metrics.jsonl`` rows of PPO, GRPO, RLOO, DPO or KTO with ``eval/kl`` and
 ``eval/gold`` and ``eval/reward``, written at every ``--eval-every`` checkpoint, step 0 included)
-or from a best-of-N run's curve (``tether.json``: KL and expected reward per N).
+or from a best-of-N run's curve (``tether.json``: KL and expected reward per N). Under torchrun
+:func:`bon_curve` samples and scores its pools over ranks in whole chunks (tether.instruments.shard).
 """
 
 from __future__ import annotations
@@ -124,20 +125,30 @@ def bon_points(run_dir: str | Path) -> list[dict]:
 
 
 def bon_curve(model, tokenizer, prompts: Sequence[str], proxy_fn, gold_fn=None, *, pool: int = 16,
-              max_new_tokens: int = 48, seed: int = 0) -> list[dict]:
+              max_new_tokens: int = 48, seed: int = 0, batch_size: int = 32) -> list[dict]:
     """Best-of-n against ``proxy_fn`` for n = 1, 2, 4, ... ≤ ``pool``: exact KL and expected proxy (and gold) reward.
 
     ``pool`` responses a prompt are sampled from ``model`` (π_ref) and scored; :func:`pool_curve` does the rest.
     Returns points [{"step": n, "n", "kl", "d", "proxy", "gold"?}] for :func:`overoptimisation` with ``form="bon"``.
+    Under torchrun each rank samples and scores a block of whole chunks of ``batch_size`` rows, each chunk
+    seeded from its global position (tether.instruments.shard); the curve is computed from every rank's rows.
+    ``proxy_fn`` and ``gold_fn`` are called on one rank's rows only (not collectives).
     """
+    from tether.instruments.shard import as_floats, map_blocks
     from tether.rollout import sample
 
-    repeated = [p for p in prompts for _ in range(pool)]
-    pairs = sample(model, tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed)
-    texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
-    proxy = torch.as_tensor(proxy_fn(repeated, texts), dtype=torch.float64).view(len(prompts), pool)
-    gold = torch.as_tensor(gold_fn(repeated, texts), dtype=torch.float64).view(len(prompts), pool) if gold_fn else None
-    return pool_curve([tuple(r) for _, r in pairs], proxy, gold)
+    def draw(part: list[str], lo: int) -> list[tuple]:
+        pairs = sample(model, tokenizer, part, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                       index_offset=lo)
+        texts = tokenizer.batch_decode([r for _, r in pairs], skip_special_tokens=True)
+        proxy = as_floats(proxy_fn(part, texts))
+        gold = as_floats(gold_fn(part, texts)) if gold_fn else [None] * len(part)
+        return [(tuple(r), p, g) for (_, r), p, g in zip(pairs, proxy, gold)]
+
+    rows = map_blocks(draw, [p for p in prompts for _ in range(pool)], batch_size)
+    proxy = torch.tensor([p for _, p, _ in rows], dtype=torch.float64).view(len(prompts), pool)
+    gold = torch.tensor([g for _, _, g in rows], dtype=torch.float64).view(len(prompts), pool) if gold_fn else None
+    return pool_curve([r for r, _, _ in rows], proxy, gold)
 
 
 def pool_curve(responses: Sequence[tuple], proxy: torch.Tensor, gold: torch.Tensor | None = None) -> list[dict]:

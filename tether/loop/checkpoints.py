@@ -198,8 +198,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from
     (the ``extra`` state is read with :func:`checkpoint_extra`).
 
-    A ``dcp/`` checkpoint (written under FSDP2) loads at any world size, into a sharded model or
-    a whole one; a whole-model checkpoint loads into a whole model (one process or DDP). A missing,
+    Either kind loads at any world size, into a whole model (one process, DDP) or a sharded one
+    (FSDP2): a ``dcp/`` checkpoint (written under FSDP2) through torch.distributed.checkpoint, a
+    whole-model one by cutting each full tensor to the rank's shard. A missing,
     empty, truncated or garbled file is a :class:`CheckpointError` naming it and the way on; every
     file is read before the model, optimiser and scheduler are touched.
     """
@@ -218,9 +219,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
             raise _bad_checkpoint(path, "dcp", f"cannot be loaded ({_short(e)})") from None
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     else:
-        if distributed._is_fsdp(model):
-            raise CheckpointError(f"{path} holds a whole-model checkpoint (written without fsdp2); resume it with "
-                                  "--strategy ddp")
         state: dict[int, dict] = {}
         tensors = _tensors(path, "optimizer.safetensors")
         try:
@@ -233,9 +231,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
         except (ValueError, AttributeError) as e:
             raise _bad_checkpoint(path, "optimizer.safetensors",
                                   f"not an optimiser state tether wrote ({_short(e)})") from None
-        _load_weights(path, model)
         try:
-            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            if distributed._is_fsdp(model):  # a whole-model checkpoint into shards: each rank takes its own
+                _load_whole_into_shards(path, model, optimizer, state, meta["param_groups"])
+            else:
+                _load_weights(path, model)
+                optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         except (ValueError, KeyError, TypeError) as e:
             raise _bad_checkpoint(path, "optimizer.safetensors", "does not fit this model's optimiser (was it written "
                                   f"with another --model or --lora?): {_short(e)}") from None
@@ -246,6 +247,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
         raise _bad_checkpoint(path, "state.json",
                               f"holds a scheduler or RNG state that cannot be restored ({_short(e)})") from None
     return meta["step"]
+
+
+def _load_whole_into_shards(path: Path, model, optimizer, state: dict[int, dict], param_groups: list[dict]) -> None:
+    """A whole-model checkpoint (one process or DDP) into an FSDP2-sharded model and its optimiser.
+
+    The optimiser state is stored by parameter number (the order the optimiser holds the parameters,
+    the same in a whole and a sharded model); torch.distributed.checkpoint.state_dict takes it by
+    parameter name, as full tensors that every rank cuts to its shard.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights = _tensors(path, "model.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    optim = {"state": {fqns[i]: v for i, v in state.items()},
+             "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in param_groups]}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def checkpoint_extra(path: Path) -> dict:
@@ -269,7 +288,7 @@ def checkpoint_metrics(meta: dict, kind: str) -> dict[str, float]:
 
 # Options that say how a run is driven, not what it learns: never compared on resume.
 RESUME_IGNORED = frozenset({"resume", "overwrite", "allow_resume_changes", "out", "device", "keep_checkpoints",
-                            "divergence_factor"})
+                            "divergence_factor", "strategy"})
 # Changes --allow-resume-changes accepts (besides a lower lr and more steps): when to evaluate and save, and
 # compilation (the same computation, fused).
 RESUME_CADENCE = frozenset({"eval_every", "save_every", "compile"})

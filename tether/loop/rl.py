@@ -64,13 +64,17 @@ class RLStage(Protocol):
     def state(self) -> dict: ...
 
 
-def train_rl(stage: RLStage, trained: torch.nn.Module, model: torch.nn.Module, cfg: TrainConfig, out: Path, *,
-             resume: bool, run_config: dict, n_samples: int) -> dict[str, float]:
-    """Run ``cfg.steps`` iterations of ``stage`` on ``trained`` (the module the optimiser holds: the policy, or
-    policy and critic; DDP-wrapped under torchrun) and return the final metrics; ``model`` (the same
-    unwrapped) is checked finite after every update. ``n_samples``: responses sampled per iteration (all
-    ranks), for the throughput figure."""
+def train_rl(stage: RLStage, net: distributed.Trainable, cfg: TrainConfig, out: Path, *, resume: bool,
+             run_config: dict, n_samples: int) -> dict[str, float]:
+    """Run ``cfg.steps`` iterations of ``stage`` on ``net.module`` (what the optimiser holds: the policy, or
+    policy and critic; DDP-wrapped or FSDP2-sharded under torchrun) and return the final metrics.
+    ``net.plain`` (the whole model the stage samples and scores with) is synced from the shards after every
+    update and after a resume (FSDP2: gather for generation), then checked finite. ``n_samples``: responses
+    sampled per iteration (all ranks), for the throughput figure."""
+    trained, model = net.module, net.plain
     run = Run(trained, cfg, out, resume=resume, run_config=run_config, desc=stage.name)
+    if run.start:
+        net.sync()  # the checkpoint went into the trained module
     stage.load_state(run.extra, run.start)
     t_start = time.perf_counter()
     try:
@@ -90,6 +94,7 @@ def train_rl(stage: RLStage, trained: torch.nn.Module, model: torch.nn.Module, c
                 metrics.update(stage.update(batch, scored, run))
             except TrainingDiverged as err:  # before any step: the weights this iteration's checkpoint holds failed
                 raise run.diverged(str(err), it + 1, failed=it if err.from_start else None) from None
+            net.sync()
             run.check_weights(model, it + 1)
             metrics["train/lr"] = run.lr
             run.scheduler.step()

@@ -20,6 +20,14 @@
 
 A summary (counts, mean soft label, flip rate, principles asked, the constitution's fingerprint,
 agreement with gold where known) is written beside the file as ``<name>.summary.json``.
+
+Under torchrun (``torchrun --nproc_per_node K -m tether rlaif label ...``) each rank samples a block
+of whole generation batches of the prompts × samples rows (``--gen-batch-size``; every chunk seeded
+from (seed, its global position), as in one process) and the responses are gathered in order
+(tether.instruments.shard). A local judge's scoring splits its texts over ranks itself
+(tether.scoring); with ``--url`` each rank sends its own block of whole batches of pairs
+(``--batch-size``) and the judgements are gathered. Rank 0 alone writes the file and its summary:
+the pairs of one process, their probabilities equal to float rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether.config import SEED_MAX, check, group, opt, to_dict
 from tether.data import load_prompts
 from tether.errors import ConfigError
@@ -156,15 +165,22 @@ class LabelConfig:
 
 def sample_pairs(policy_path: str, rows: list, *, samples: int, sampling: SamplingConfig,
                  seed: int) -> tuple[list[tuple[int, str, str]], Counter]:
-    """(prompt row index, a, b) pairs of the policy's samples, and counts of pairs left out."""
+    """(prompt row index, a, b) pairs of the policy's samples, and counts of pairs left out.
+
+    Under torchrun each rank samples a block of whole generation batches, gathered on every rank (module doc)."""
     from tether.generation import make_backend, sample_as
+    from tether.instruments.shard import AtPosition, map_blocks
     from tether.models import load_model, load_tokenizer
 
     policy, tokenizer = load_model(policy_path).eval(), load_tokenizer(policy_path)
     backend = make_backend(sampling.backend, policy, tokenizer, model_path=policy_path)
     prompts = [r.prompt for r in rows for _ in range(samples)]  # sample k of row i at i·samples + k
-    responses = tokenizer.batch_decode([response for _, response in sample_as(backend, tokenizer, prompts, sampling,
-                                                                              seed=seed)], skip_special_tokens=True)
+
+    def draw(part: list[str], lo: int) -> list[str]:  # this rank's rows, from global row lo on
+        pairs = sample_as(AtPosition(backend, lo), tokenizer, part, sampling, seed=seed)
+        return tokenizer.batch_decode([response for _, response in pairs], skip_special_tokens=True)
+
+    responses = map_blocks(draw, prompts, sampling.gen_batch_size)
     pairs, left_out = [], Counter()
     for i in range(len(rows)):
         for k in range(0, samples, 2):
@@ -180,7 +196,10 @@ def sample_pairs(policy_path: str, rows: list, *, samples: int, sampling: Sampli
 
 def run_label(cfg: LabelConfig) -> Path:
     """Sample, judge and write the preference file (module doc); returns its path."""
+    from tether.instruments.shard import map_blocks
+
     cfg.validate()
+    main = distributed.env().main  # under torchrun: joins the world
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
@@ -195,13 +214,24 @@ def run_label(cfg: LabelConfig) -> Path:
     pairs, left_out = sample_pairs(cfg.policy, rows, samples=cfg.samples, sampling=cfg.sampling, seed=cfg.seed)
     rng = random.Random(cfg.seed)
     principles = [constitution.sample(rng) for _ in pairs]
-    judgements = []
-    with tqdm(total=len(pairs), desc="rlaif label", unit="pair") as bar:
-        for s in range(0, len(pairs), cfg.batch_size):
-            chunk = pairs[s : s + cfg.batch_size]
-            judgements += judge_pairs(judge, [rows[i].prompt for i, _, _ in chunk], [a for _, a, _ in chunk],
-                                      [b for _, _, b in chunk], principles[s : s + cfg.batch_size])
-            bar.update(len(chunk))
+
+    def judge_block(part: list, lo: int) -> list:  # pairs from global pair lo on, in whole batches
+        judged = []
+        with tqdm(total=len(part), desc="rlaif label", unit="pair", disable=not main) as bar:
+            for s in range(0, len(part), cfg.batch_size):
+                chunk = part[s : s + cfg.batch_size]
+                judged += judge_pairs(judge, [rows[i].prompt for i, _, _ in chunk], [a for _, a, _ in chunk],
+                                      [b for _, _, b in chunk], principles[lo + s : lo + s + cfg.batch_size])
+                bar.update(len(chunk))
+        return judged
+
+    if isinstance(judge, LMJudge):  # every rank asks for every pair: its scoring splits the texts over ranks itself
+        judgements = judge_block(pairs, 0)
+    else:  # an endpoint: each rank sends its own block of pairs, the judgements gathered in order
+        judgements = map_blocks(judge_block, pairs, cfg.batch_size)
+    if not main:  # every rank has joined the collectives; rank 0 writes
+        distributed.barrier()
+        return out
 
     out_rows = []
     for (i, a, b), j in zip(pairs, judgements):
@@ -241,4 +271,5 @@ def run_label(cfg: LabelConfig) -> Path:
         summary["gold_pairs"] = len(decided)
     write_json(out.with_name(out.name.removesuffix(".jsonl") + ".summary.json"), summary)
     log.info("%d labelled pairs in %s (left out: %s); flip rate %.3f", len(out_rows), out, dict(left_out), stats.flip_rate)
+    distributed.barrier()
     return out

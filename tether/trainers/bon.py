@@ -20,6 +20,13 @@ and bounds the KL of a finite set from above (Beirami et al. 2024). Ties — a v
 takes two values — and repeated responses make the measured KL smaller. The same figures for
 every power of two up to N form the curve in ``tether.json``: the expected reward cannot fall
 as N grows (N + 1 draws stochastically dominate N).
+
+Under torchrun (``torchrun --nproc_per_node K -m tether bon ...``) the P·pool rows (prompt i's
+sample j at i·pool + j) are split over ranks in blocks of whole generation batches
+(``--gen-batch-size``; tether.instruments.shard); each rank samples and scores its block, every
+chunk seeded from (seed, its global position) as in one process, and the samples and rewards are
+gathered in order. Rank 0 alone writes responses.jsonl, config.yaml and tether.json: the same
+responses and figures as one process.
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from tether import distributed
 from tether.config import SEED_MAX, check, group, opt, save_yaml, to_dict
 from tether.data import chat_tokenizer, fingerprint, load_prompts
 from tether.errors import ConfigError
 from tether.generation import make_backend, sample_as
+from tether.instruments.shard import AtPosition, as_floats, map_blocks
 from tether.io import write_json, write_jsonl
 from tether.loop import resolve_device
 from tether.models import load_model, load_tokenizer
@@ -149,10 +158,19 @@ def run_bon(cfg: BoNConfig, reward_fn: RewardFn | None = None) -> Path:
     M, n = cfg.pool, cfg.n
     prompts = [r.prompt for r in records]
     backend = make_backend(cfg.sampling.backend, model, tokenizer, model_path=cfg.model)
-    pairs = sample_as(backend, tokenizer, [p for p in prompts for _ in range(M)], cfg.sampling, seed=cfg.seed)
-    texts = tokenizer.batch_decode([resp for _, resp in pairs], skip_special_tokens=True)
-    rewards = torch.as_tensor(reward_fn([p for p in prompts for _ in range(M)], texts), dtype=torch.float32)
-    rewards = rewards.view(len(prompts), M)  # (P, M)
+
+    def draw(part: list[str], lo: int) -> list[tuple]:  # this rank's rows, from global row lo on
+        drawn = sample_as(AtPosition(backend, lo), tokenizer, part, cfg.sampling, seed=cfg.seed)
+        texts = tokenizer.batch_decode([resp for _, resp in drawn], skip_special_tokens=True)
+        scores = as_floats(torch.as_tensor(reward_fn(part, texts), dtype=torch.float32))
+        return list(zip(drawn, texts, scores))
+
+    drawn = map_blocks(draw, [p for p in prompts for _ in range(M)], cfg.sampling.gen_batch_size)
+    pairs, texts = [d[0] for d in drawn], [d[1] for d in drawn]
+    rewards = torch.tensor([d[2] for d in drawn], dtype=torch.float32).view(len(prompts), M)  # (P, M)
+    if not distributed.env().main:  # every rank has joined the gather; rank 0 computes and writes the results
+        distributed.barrier()
+        return finish_output(out)
 
     rows, chosen_rewards = [], []
     stats = {k: [] for k in curve_sizes(n)}
@@ -180,4 +198,5 @@ def run_bon(cfg: BoNConfig, reward_fn: RewardFn | None = None) -> Path:
         "stage": "bon", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": to_dict(cfg), "data": {"prompts": data_info(cfg.prompts, records, fingerprint(records))},
         "metrics": metrics, "curve": curve, "versions": versions()})
+    distributed.barrier()
     return finish_output(out)

@@ -332,12 +332,12 @@ def run_critic_free(cfg: CriticFreeConfig, stage: type[CriticFree], reward_fn: R
     backend = make_backend(cfg.sampling.backend, model, inputs.tokenizer, model_path=cfg.model,
                            compile=cfg.train.compile)
     out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
-    trained = distributed.Trainable(model, cfg.train.strategy, device).module  # under torchrun: DDP around model
+    net = distributed.Trainable(model, cfg.train.strategy, device)  # under torchrun: DDP around model, or shards
     log.info("%s of %s (%d trainable parameters) on %d prompts, reward %s, reference %s", stage.name.upper(),
              cfg.model, count_parameters(model, True), len(inputs.prompts), inputs.cfg.reward,
              "none" if reference is None else cfg.ref or cfg.model)
-    final = train_rl(stage(cfg, inputs, model, trained, reference, backend, out, device), trained, model, cfg.train,
-                     out, resume=cfg.resume, run_config=to_dict(inputs.cfg), n_samples=cfg.rollout_rows())
+    final = train_rl(stage(cfg, inputs, model, net.module, reference, backend, out, device), net, cfg.train, out,
+                     resume=cfg.resume, run_config=to_dict(inputs.cfg), n_samples=cfg.rollout_rows())
     return write_artifact(out, stage=stage.name, cfg=inputs.cfg, model=model, tokenizer=inputs.tokenizer,
                           data=data_record(cfg, inputs), metrics=final)
 

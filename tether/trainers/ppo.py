@@ -31,8 +31,8 @@ logged metrics are over all ranks.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,7 +65,7 @@ from tether.rewards import RewardFn
 from tether.rollout import Rollout, SamplingConfig, rollout
 from tether.scoring import labelled_logits, reference_for
 from tether.trainers.artifact import check_output, prepare_output, write_artifact
-from tether.trainers.ptx import ptx_rows, ptx_stream
+from tether.trainers.ptx import PtxStream, ptx_rows, ptx_stream
 from tether.trainers.rl import RLConfig, data_record, load_inputs, load_policy
 
 log = logging.getLogger("tether.ppo")
@@ -184,37 +184,48 @@ def score_rollout(ac: ActorCritic, reference, batch: Rollout, score: torch.Tenso
 # --- the update ---------------------------------------------------------------------------
 
 
-def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: int, ptx_batches) -> dict[str, float]:
+def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: int, ptx: PtxStream | None
+               ) -> dict[str, float]:
     """Epochs of clipped-surrogate + value updates over shuffled mini-batches of one rollout batch.
 
-    A mini-batch is one optimiser step of ``batch_size × grad_accum`` rows (this rank's share of it
-    under torchrun), run in micro-batches of ``batch_size``; its loss is Σ (policy + vf_coef·value)
-    over its response tokens / their number, plus ptx_coef · Σ NLL over its ptx micro-batches'
-    labelled tokens / their number (tether.loop.accumulate: the same for any split).
+    Each epoch is one permutation of the whole rollout batch (all ranks' rows), drawn from (seed,
+    iteration) and the same on every rank, cut into mini-batches of ``batch_size × grad_accum`` rows,
+    one optimiser step each. A rank trains the rows of each mini-batch it sampled (global rows
+    [rank·B, (rank + 1)·B)), in micro-batches of ``batch_size``, and its share of the mini-batch's
+    ``grad_accum`` PPO-ptx micro-batches; the loss is Σ (policy + vf_coef·value) over the mini-batch's
+    response tokens / their number on every rank, plus ptx_coef · Σ NLL over its ptx labelled tokens /
+    their number (tether.loop.accumulate), so an update is one process's at any world size.
     """
-    device = batch.input_ids.device
-    B, mb = len(batch.prompts), cfg.step_rows() // distributed.env().world_size
-    micro = math.gcd(cfg.train.batch_size, mb)  # this rank's micro-batches tile its share of a mini-batch
+    e = distributed.env()
+    B = len(batch.prompts)  # this rank's rows: global rows [first, first + B)
+    first, mb, micro = e.rank * B, cfg.step_rows(), cfg.train.batch_size
     policy = ac.module.policy if hasattr(ac, "no_sync") else ac.policy  # under DDP: the wrapped model's
+    device = batch.input_ids.device
+    none = torch.zeros(0, dtype=torch.long)
 
     def count(part) -> dict[str, float]:
-        idx, ptx = part
-        ptx_tokens = {"ptx": float(labelled_tokens(ptx["labels"]))} if ptx else {}
-        return {"tokens": float(batch.mask[idx].sum()), **ptx_tokens}
+        idx, ptx_batch = part
+        n = {"tokens": float(batch.mask[idx].sum())}
+        if ptx is not None:  # the same terms on every rank, whatever it holds
+            n["ptx"] = float(labelled_tokens(ptx_batch["labels"])) if ptx_batch is not None else 0.0
+        return n
 
     def loss_fn(part):
-        idx, ptx = part
-        sub, mask = batch.rows(idx), batch.mask[idx].float()
+        idx, ptx_batch = part
+        rows = idx if len(idx) else torch.zeros(1, dtype=torch.long)  # a ptx-only part: row 0 at weight 0 (below)
+        sub, mask = batch.rows(rows), batch.mask[rows].float()
         logits, values = ac(sub.input_ids, sub.attention_mask)
         logp = token_logprobs(logits, sub.labels, cfg.sampling.temperature)  # (b, T-1)
-        pol = ppo_policy_loss(logp, s.old_logp[idx], s.advantages[idx], mask, cfg.clip_eps)
-        val = ppo_value_loss(values[:, :-1] * mask, s.values[idx], s.returns[idx], mask, cfg.value_clip)
-        terms = {"tokens": pol.total + cfg.vf_coef * val.total}
+        pol = ppo_policy_loss(logp, s.old_logp[rows], s.advantages[rows], mask, cfg.clip_eps)
+        val = ppo_value_loss(values[:, :-1] * mask, s.values[rows], s.returns[rows], mask, cfg.value_clip)
+        # with no PPO rows the pass still reaches every parameter, as DDP needs, and adds nothing
+        terms = {"tokens": (pol.total + cfg.vf_coef * val.total) * float(len(idx) > 0)}
         metrics = {"loss/policy": pol.loss.item(), "loss/value": val.loss.item(),
                    "policy/clip_fraction": pol.clip_fraction.item(), "policy/approx_kl": pol.approx_kl.item(),
                    "value/clip_fraction": val.clip_fraction.item()}
-        if ptx:
-            nll = sft_nll(*labelled_logits(policy, ptx["input_ids"], ptx["attention_mask"], ptx["labels"]))
+        if ptx_batch is not None:
+            nll = sft_nll(*labelled_logits(policy, ptx_batch["input_ids"], ptx_batch["attention_mask"],
+                                           ptx_batch["labels"]))
             terms["ptx"] = cfg.ptx_coef * nll.total
             metrics["loss/ptx"] = nll.mean().item()
         return terms, metrics
@@ -223,12 +234,16 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
     steps, stopped = 0, False
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + iteration)
     for _ in range(cfg.epochs):
-        perm = torch.randperm(B, generator=g)
-        for start in range(0, B, mb):
+        perm = torch.randperm(B * e.world_size, generator=g)  # every rank draws the same
+        for start in range(0, len(perm), mb):
             rows = perm[start : start + mb]
-            parts = [(rows[m : m + micro], {k: v.to(device) for k, v in next(ptx_batches).items()}
-                      if ptx_batches is not None else None) for m in range(0, mb, micro)]
-            out = accumulate(ac, parts, count, loss_fn, context=lambda: autocast(device, cfg.train.precision))
+            mine = rows[(rows >= first) & (rows < first + B)] - first  # this rank's, in the permutation's order
+            ppo_parts = [mine[m : m + micro] for m in range(0, len(mine), micro)]
+            ptx_parts = [{k: v.to(device) for k, v in b.items()} for b in ptx.take(cfg.train.grad_accum)] if ptx else []
+            parts = list(zip_longest(ppo_parts, ptx_parts, fillvalue=None))
+            parts = [(none if idx is None else idx, p) for idx, p in parts]
+            out = accumulate(ac, parts, count, loss_fn, filler=(none, None),
+                             context=lambda: autocast(device, cfg.train.precision))
             if out.nonfinite is not None:
                 raise TrainingDiverged(f"the PPO {out.nonfinite[4:]}", from_start=steps == 0)
             grad_norm = run.optimizer_step(confirm=False, first=steps == 0)
@@ -283,7 +298,7 @@ class PPO:
         return rollout(self.policy, self.tokenizer, prompts[lo:hi], max_new_tokens=s.max_new_tokens,
                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, stop_strings=s.stops(),
                        batch_size=s.gen_batch_size, seed=self.cfg.train.seed * 1_000_003 + it,
-                       index_offset=lo if distributed.env().active else None, backend=self.sampler).to(self.device)
+                       index_offset=lo, backend=self.sampler).to(self.device)
 
     def score(self, batch: Rollout):
         raw, terms = reward_terms(self.reward_fn, batch.prompts, batch.responses)  # (B,), each term's (B,)
@@ -336,14 +351,14 @@ def run_ppo(cfg: PPOConfig, reward: RewardFn | None = None) -> Path:
     policy = load_policy(cfg, "cpu")
     critic = load_critic(critic_init, cfg.lora) if critic_init is not None else None
     ac = ActorCritic(policy, critic).to(device).eval()  # eval: no dropout, so the ratio is 1 before the update
-    trained = distributed.Trainable(ac, cfg.train.strategy, device).module  # under torchrun: DDP around ac
+    net = distributed.Trainable(ac, cfg.train.strategy, device)  # under torchrun: DDP around ac, or shards
     reference = reference_for(policy, cfg.model, cfg.ref, cfg.lora.r, device, cfg.train)
     out = prepare_output(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)  # inputs and models have loaded
-    stage = PPO(cfg, inputs, ac, trained, reference, out, device, ptx)
+    stage = PPO(cfg, inputs, ac, net.module, reference, out, device, ptx)
     log.info("PPO of %s against reward %s (value: %s, β=%g%s): %d trainable parameters, %d prompts", cfg.model,
              inputs.cfg.reward, cfg.value, cfg.beta, f", KL target {cfg.kl_target}" if cfg.kl_target else "",
              count_parameters(ac, True), len(inputs.prompts))
-    final = train_rl(stage, trained, ac, cfg.train, out, resume=cfg.resume, run_config=to_dict(inputs.cfg),
+    final = train_rl(stage, net, cfg.train, out, resume=cfg.resume, run_config=to_dict(inputs.cfg),
                      n_samples=cfg.rollout_batch)
     return write_artifact(out, stage="ppo", cfg=inputs.cfg, model=policy, tokenizer=inputs.tokenizer,
                           data=data_record(cfg, inputs), metrics=final)

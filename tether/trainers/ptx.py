@@ -5,8 +5,6 @@ The stream is resumable: its position travels in every checkpoint (tether.traine
 
 from __future__ import annotations
 
-import math
-
 from tether import distributed
 from tether.data import chat_tokenizer, load_sft
 from tether.data.collate import encode_sft, nothing_left, pad
@@ -25,32 +23,31 @@ def ptx_rows(cfg, tokenizer) -> list:
 
 
 class PtxStream:
-    """An endless stream of padded PPO-ptx micro-batches whose ``position`` (micro-batches taken so far,
-    the same on every rank) is saved in each checkpoint: an update that stops early on ``target_kl``
-    takes fewer than an iteration's full share, so the position is not a function of the iteration."""
+    """A resumable stream of padded PPO-ptx micro-batches of ``batch_size`` rows, the same at every world size.
+
+    ``position`` counts the micro-batches taken so far by all ranks together (the same on every rank) and is
+    saved in each checkpoint: an update that stops early on ``target_kl`` takes fewer than an iteration's full
+    share, so the position is not a function of the iteration."""
 
     def __init__(self, rows: list, pad_id: int, micro: int, seed: int, position: int = 0):
         self.rows, self.pad_id, self.position = rows, pad_id, position
         self.order = DataOrder(len(rows), micro, seed)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
+    def take(self, k: int) -> list[dict]:
+        """The next ``k`` micro-batches of the stream, of which this rank trains numbers rank, rank + W, ..."""
         e = distributed.env()
-        idx = self.order.indices(self.position * e.world_size + e.rank)  # ranks interleave
-        self.position += 1
-        return pad([self.rows[i] for i in idx], self.pad_id)
+        mine = range(self.position + e.rank, self.position + k, e.world_size)
+        self.position += k
+        return [pad([self.rows[i] for i in self.order.indices(p)], self.pad_id) for p in mine]
 
 
 def ptx_stream(cfg, rows: list, pad_id: int, start_iteration: int,
-                 position: int | None = None) -> PtxStream | None:
+               position: int | None = None) -> PtxStream | None:
     """The resumable PPO-ptx stream (None when ptx is off), at ``position`` (a checkpoint's) if given, else at
-    the start of iteration ``start_iteration`` as an update that never stops early would have left it."""
+    the start of iteration ``start_iteration`` as an update that never stops early would have left it
+    (``grad_accum`` micro-batches a mini-batch, as in tether.trainers.ppo.ppo_update)."""
     if not rows:
         return None
-    per_rank = cfg.step_rows() // distributed.env().world_size
-    micro = math.gcd(cfg.train.batch_size, per_rank)  # as in ppo_update
-    per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.step_rows()) * (per_rank // micro)
-    return PtxStream(rows, pad_id, micro, cfg.train.seed + 1,
+    per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.step_rows()) * cfg.train.grad_accum
+    return PtxStream(rows, pad_id, cfg.train.batch_size, cfg.train.seed + 1,
                      start_iteration * per_iteration if position is None else position)

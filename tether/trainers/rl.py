@@ -68,9 +68,6 @@ class RLConfig:
         self.sampling.validate()
         self.lora.validate()
         self.train.validate()  # before the cross-field rules of each stage, which assume sane numbers
-        world = distributed.env().world_size
-        if world > 1 and self.train.strategy != "ddp":
-            raise ConfigError("RL stages run under torchrun with --strategy ddp (fsdp2 is not supported for them yet)")
 
 
 class Inputs(NamedTuple):

@@ -12,10 +12,11 @@ Strategies (``TrainConfig.strategy``):
 - ``ddp`` (default): every rank holds the whole model; DistributedDataParallel averages gradients.
   Checkpoints and the final model are written by rank 0 alone, in the single-process format.
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every decoder block, then on the root, so
-  parameters, gradients and optimiser state are split across ranks. The unsharded model the stage
-  handed in stays on the CPU during training and receives the trained weights at the end (see
-  :func:`Trainable`); checkpoints go through ``torch.distributed.checkpoint`` (every rank writes its
-  shard), which can be read back at any world size.
+  parameters, gradients and optimiser state are split across ranks (LoRA too). The unsharded model
+  the stage handed in stays where it is (the CPU for a supervised stage, the device for an RL one,
+  which samples with it) and receives the trained weights after every RL update and at the end
+  (:class:`Trainable`); checkpoints go through ``torch.distributed.checkpoint`` (every rank writes its
+  shard), which can be read back at any world size and under either strategy.
 
 Data: :func:`step_pieces` says which examples of a global step this rank trains on; the global
 batch (``batch_size × grad_accum``) is the config's at every world size, and tether.loop.accumulate

@@ -27,7 +27,7 @@ Where this departs from the named algorithms:
   mini-batch (a mini-batch with none left takes no step); DAPO instead samples more prompts until the
   batch is full. tether keeps the data position a function of the iteration, so that resume stays exact.
 - The learning rate follows the schedule per iteration: constant over one batch's optimiser steps.
-- Under torchrun (DDP) each rank samples, scores and trains on its block of whole prompts (a group
+- Under torchrun (DDP or FSDP2) each rank samples, scores and trains on its block of whole prompts (a group
   never straddles ranks); advantages are computed on the rewards gathered from all ranks (so "batch"
   scaling is global), loss counts are global, and metrics are gathered. A prompt's samples are seeded
   by its global position, so the run matches one process when ``gen_batch_size`` divides every rank's rows.

@@ -22,10 +22,10 @@ kl_estimate, adaptive_kl_coef); this file gathers their inputs.
 Where this departs from the papers: the episode is the response (no discount, γ = 1 by default)
 and the value after the last token is 0; the learning-rate schedule runs per iteration. With LoRA
 the reference is the policy with its adapters switched off, so no second copy of the model is
-held. Under torchrun (DDP) each rank samples ``rollout_batch / world`` prompts and shuffles its own
-rows into its share of every mini-batch (so the grouping of rows into mini-batches differs from
-one process); advantage and reward whitening, the early-stop KL, the KL the controller sees and the
-logged metrics are over all ranks.
+held. Under torchrun (DDP or FSDP2) each rank samples ``rollout_batch / world`` prompts, and the
+mini-batches are cut from one permutation of every rank's rows (:func:`ppo_update`), so an
+update is one process's; advantage and reward whitening, the early-stop KL, the KL the controller
+sees and the logged metrics are over all ranks.
 """
 
 from __future__ import annotations

@@ -275,3 +275,26 @@ def test_asking_for_vllm_without_it_names_the_extra(tiny_folder, monkeypatch):
 def test_python_dash_m_tether_is_the_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tether", "sft", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--strategy" in out.stdout
+
+
+def test_another_strategy_or_device_on_resume_is_not_a_change_of_what_is_learnt(tmp_path):
+    """A run moves between DDP and FSDP2 (and devices) on --resume without --allow-resume-changes; a seed does not."""
+    from tether.errors import ConfigError
+    from tether.loop.checkpoints import resume_changes
+
+    saved = {"train": {"strategy": "ddp", "device": "cuda", "seed": 0}}
+    assert resume_changes(tmp_path, saved, {"train": {"strategy": "fsdp2", "device": "cpu", "seed": 0}}, False) == set()
+    with pytest.raises(ConfigError, match="--seed 0 → 1"):
+        resume_changes(tmp_path, saved, {"train": {"strategy": "fsdp2", "device": "cpu", "seed": 1}}, False)
+
+
+def test_fsdp2_shards_an_actor_critics_policy_and_critic_as_units_of_their_own(tiny_folder):
+    """PPO-ptx calls the policy alone, outside the root's forward: it must be a sharded unit of its own."""
+    from tether.models import load_model
+    from tether.models.value import ActorCritic, ValueModel
+
+    policy = load_model(tiny_folder)
+    ac = ActorCritic(policy, ValueModel(policy.model))
+    blocks = distributed.decoder_blocks(ac)
+    assert distributed._units_between(ac, blocks) == [ac.policy, ac.critic]
+    assert distributed._units_between(policy, distributed.decoder_blocks(policy)) == []  # a HF model: blocks, root

@@ -298,3 +298,15 @@ def test_fsdp2_shards_an_actor_critics_policy_and_critic_as_units_of_their_own(t
     blocks = distributed.decoder_blocks(ac)
     assert distributed._units_between(ac, blocks) == [ac.policy, ac.critic]
     assert distributed._units_between(policy, distributed.decoder_blocks(policy)) == []  # a HF model: blocks, root
+
+
+def test_asking_for_the_world_joins_nothing_before_a_stage_chose_its_device(monkeypatch):
+    """A config check reads the world size before the stage's --device is known: joining then would pick the
+    default device's backend (nccl on a GPU machine, for a run asked to use the CPU)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    e = distributed.env()
+    assert (e.world_size, e.rank, e.main, e.active) == (2, 1, False, True)
+    assert not dist.is_initialized()

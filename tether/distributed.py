@@ -70,7 +70,7 @@ def setup(device: str = "auto") -> tuple[Env, torch.device]:
     More ranks on a machine than GPUs: nccl refuses two ranks on one GPU (NCCL ≥ 2.5: "Duplicate GPU
     detected"), so that is an error naming the fix, unless ``TETHER_DIST_BACKEND=gloo`` is set: then rank r
     shares ``cuda:(LOCAL_RANK mod GPUs)`` and gloo carries DDP's all-reduce and broadcast of CUDA tensors
-    (slower than nccl; for checks such as bench/gpu_check.py on one GPU). FSDP2 needs nccl on GPUs.
+    (slower than nccl; for checks such as bench/gpu_check.py on one GPU; FSDP2 over gloo on GPUs is untested).
     """
     env = _from_environment()
     if device == "auto":
@@ -102,7 +102,13 @@ def _teardown() -> None:
 
 
 def env() -> Env:
-    """The world, joining it first (with the device's default backend) if torchrun started us and nobody has."""
+    """This process's place in the world, from torchrun's variables; joins nothing (a stage joins with its
+    ``--device`` through :func:`setup`, so that a config check before it cannot pick the wrong backend)."""
+    return _from_environment()
+
+
+def _world() -> Env:
+    """The world for a collective: joined first (the default device's backend) if no stage has joined it."""
     e = _from_environment()
     if e.active and not dist.is_initialized():
         setup("auto")
@@ -110,7 +116,7 @@ def env() -> Env:
 
 
 def barrier() -> None:
-    if env().active:
+    if _world().active:
         dist.barrier()
 
 
@@ -126,7 +132,7 @@ def _device() -> torch.device:
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max, min) of ``x`` over ranks, returned on ``x``'s device; ``x`` itself is left alone."""
-    if not env().active:
+    if not _world().active:
         return x
     y = x.detach().to(_device(), copy=True)
     dist.all_reduce(y, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
@@ -139,9 +145,9 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     Callers pass per-rank shares (a mean's terms already divided by the global count), so the sum is
     the global value.
     """
-    if not env().active:
+    if not _world().active:
         return dict(metrics)
-    keys: list[list[str]] = [None] * env().world_size  # type: ignore[list-item]
+    keys: list[list[str]] = [None] * _world().world_size  # type: ignore[list-item]
     dist.all_gather_object(keys, sorted(metrics))
     union = sorted(set().union(*keys))
     values = torch.tensor([float(metrics.get(k, 0.0)) for k in union], dtype=torch.float64)
@@ -150,18 +156,18 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (equal shapes on every rank) along dim 0 in rank order."""
-    if not env().active:
+    if not _world().active:
         return x
-    parts = [torch.empty_like(x, device=_device()) for _ in range(env().world_size)]
+    parts = [torch.empty_like(x, device=_device()) for _ in range(_world().world_size)]
     dist.all_gather(parts, x.detach().to(_device()).contiguous())
     return torch.cat(parts).to(x.device)
 
 
 def gather_objects(items: list) -> list:
     """Concatenate picklable lists from every rank in rank order."""
-    if not env().active:
+    if not _world().active:
         return list(items)
-    out: list[list] = [None] * env().world_size  # type: ignore[list-item]
+    out: list[list] = [None] * _world().world_size  # type: ignore[list-item]
     dist.all_gather_object(out, list(items))
     return [x for part in out for x in part]
 
@@ -171,7 +177,7 @@ def gather_objects(items: list) -> list:
 
 def shard_bounds(n: int, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
     """This rank's contiguous block [start, stop) of n items, blocks of ceil(n / world) (the last ones may be short)."""
-    e = env()
+    e = _world()
     rank, world = e.rank if rank is None else rank, e.world_size if world is None else world
     per = -(-n // world)
     return min(rank * per, n), min((rank + 1) * per, n)
@@ -184,7 +190,7 @@ def map_rows(fn: Callable[[list], torch.Tensor], rows: Sequence) -> torch.Tensor
     row, dropped afterwards), so ranks make the same number of forward passes, which FSDP2's
     collectives need. Shape: fn(list of k rows) -> (k, ...); result (len(rows), ...) on every rank.
     """
-    e = env()
+    e = _world()
     if not e.active or not rows:
         return fn(list(rows))
     per = -(-len(rows) // e.world_size)
@@ -278,7 +284,7 @@ class Trainable:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.plain, self.strategy, self.device = model, strategy, device
-        e = env()
+        e = _world()
         if not e.active:
             self.module = model.to(device)
         elif strategy == "ddp":

@@ -199,7 +199,7 @@ def run_label(cfg: LabelConfig) -> Path:
     from tether.instruments.shard import map_blocks
 
     cfg.validate()
-    main = distributed.env().main  # under torchrun: joins the world
+    main = distributed.env().main
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")

@@ -75,7 +75,7 @@ def grpo(model, data, out, strategy, stage="grpo", lora=0):
     run(cfg, digits)
 
 
-def ppo(model, data, out, strategy, resume=False):
+def ppo(model, data, out, strategy, resume=False, ptx=False):
     from tether.rollout import SamplingConfig
     from tether.trainers.ppo import PPOConfig, run_ppo
 
@@ -86,6 +86,8 @@ def ppo(model, data, out, strategy, resume=False):
                            kl_target=1.0, reward_norm="batch", resume=resume),
                  steps=3, batch_size=1, grad_accum=2, lr=1e-3, warmup_steps=0, schedule="constant", save_every=1,
                  strategy=strategy)
+    if ptx:  # PPO-ptx: the 2 ptx micro-batches of every mini-batch are one global stream, one a rank
+        cfg.ptx_data, cfg.ptx_coef, cfg.max_len = str(data / "sft.jsonl"), 0.5, 64
     run_ppo(cfg, digits)
 
 
@@ -125,6 +127,7 @@ RUNS = {
     "rloo_fsdp2": lambda *a: grpo(*a, "fsdp2", stage="rloo"),
     "ppo_ddp": lambda *a: ppo(*a, "ddp"),
     "ppo_fsdp2": lambda *a: ppo(*a, "fsdp2"),
+    "ppo_ptx_ddp": lambda *a: ppo(*a, "ddp", ptx=True),
     # (world size 2 only) checkpoints that change strategy on resume; compared with the uninterrupted runs
     "sft_ddp_to_fsdp2": resumed("sft_ddp", sft, "fsdp2"),
     "sft_fsdp2_to_ddp": resumed("sft_fsdp2", sft, "ddp"),

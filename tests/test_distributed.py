@@ -1,7 +1,7 @@
 """Past one machine: the stages at world size 2 (torchrun, gloo, 2 CPU processes) against world size 1.
 
 One torchrun job runs SFT (DDP and FSDP2, through the command line), the reward model (DDP), DPO
-(DDP and FSDP2), KTO (FSDP2), GRPO (DDP, FSDP2, FSDP2 with LoRA), RLOO and PPO (DDP and FSDP2) at world
+(DDP and FSDP2), KTO (FSDP2), GRPO (DDP, FSDP2, FSDP2 with LoRA), RLOO and PPO (DDP and FSDP2; PPO-ptx) at world
 size 2 on the same global batches as the world-size-1 runs in this process (tests/distributed_runner.py;
 at world size 1 the strategy changes nothing, so each FSDP2 run is compared with its DDP twin's). Loss
 curves must agree to a relative 1e-5 (what is left is the order of floating-point sums across ranks:
@@ -30,12 +30,12 @@ from tests.conftest import CORPUS
 
 RTOL = 1e-5
 STAGES = ["sft_ddp", "sft_fsdp2", "rm_ddp", "dpo_ddp", "dpo_fsdp2", "kto_fsdp2", "grpo_ddp", "grpo_fsdp2",
-          "grpo_lora_fsdp2", "rloo_ddp", "rloo_fsdp2", "ppo_ddp", "ppo_fsdp2"]
+          "grpo_lora_fsdp2", "rloo_ddp", "rloo_fsdp2", "ppo_ddp", "ppo_fsdp2", "ppo_ptx_ddp"]
 # world size 2 only: a split batch, and checkpoints resumed under the other strategy (after the runs they cut)
 ONLY_W2 = ["sft_split_ddp", "sft_ddp_to_fsdp2", "sft_fsdp2_to_ddp", "ppo_ddp_to_fsdp2", "ppo_fsdp2_to_ddp"]
 COMPARED = ("train/loss", "train/grad_norm", "eval/loss", "eval/accuracy", "eval/reward", "eval/reward_margin",
             "eval/kl", "reward/mean", "kl/k1", "kl/beta", "loss/policy", "loss/value", "policy/clip_fraction",
-            "policy/approx_kl")
+            "policy/approx_kl", "loss/ptx")
 
 
 def w1_twin(stage: str) -> str:

@@ -130,3 +130,18 @@ def test_terms_with_no_unit_in_the_step_add_nothing():
 
     out = accumulate(model, [batch], lambda b: {"rows": 3.0, "tokens": 0.0}, loss_fn)
     assert out.nonfinite is None and out.loss == pytest.approx(model(batch["x"]).sum().item() / 3, rel=1e-6)
+
+
+def test_each_terms_step_mean_is_reported_and_they_add_up_to_the_loss():
+    """terms[k] = Σ S_k / N_k over the step's micro-batches (PPO logs loss/ptx from it); their sum is the loss."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    batches = [{"x": torch.ones(1, 2), "n": 1.0}, {"x": 2 * torch.ones(3, 2), "n": 3.0}]  # rows 2 and 4 each
+
+    def loss_fn(b):
+        y = model(b["x"]).sum()
+        return {"rows": y, "other": 10 * y}, {}
+
+    out = accumulate(model, batches, lambda b: {"rows": b["n"], "other": 2.0}, loss_fn)
+    assert out.terms["rows"] == pytest.approx((2 + 12) / 4) and out.terms["other"] == pytest.approx(140 / 4)
+    assert out.loss == pytest.approx(sum(out.terms.values()))

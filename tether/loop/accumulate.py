@@ -50,19 +50,21 @@ def step_counts(counts: Sequence[Counts], keys: Sequence[str] = ()) -> Counts:
             local[k] = local.get(k, 0.0) + float(v)
     if not distributed.env().active:
         return local
-    keys = sorted(local)
-    total = distributed.all_reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64))
-    return dict(zip(keys, total.tolist()))
+    keys = sorted(local)  # the same order on every rank
+    total = dict(zip(keys, distributed.all_reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64)).tolist()))
+    return {k: total[k] for k in local}  # in the loss's own order, as in one process: the first term weighs metrics
 
 
 class Accumulated(NamedTuple):
     """One step's gradient is in the parameters' ``.grad``. loss: L over the whole step (every rank);
     metrics: the step means of what ``loss_fn`` reported (reduced over ranks); nonfinite: what went
-    wrong when a micro-batch's loss was not finite on this or another rank (None when all were finite)."""
+    wrong when a micro-batch's loss was not finite on this or another rank (None when all were finite);
+    terms: each term's own step mean Σ S_k / N_k (every rank; L is their sum)."""
 
     loss: float
     metrics: dict[str, float]
     nonfinite: str | None
+    terms: dict[str, float] = {}
 
 
 def accumulate(module: torch.nn.Module, batches: Sequence, count: Callable[[object], Counts], loss_fn: LossFn,
@@ -100,6 +102,9 @@ def accumulate(module: torch.nn.Module, batches: Sequence, count: Callable[[obje
                 bad = loss.item()
             share = counts[i][primary] / totals[primary] if primary and totals[primary] > 0 else 0.0
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for k, v in terms.items():
+                if totals[k] > 0:
+                    sums[f"_term/{k}"] = sums.get(f"_term/{k}", 0.0) + float(v.detach()) / totals[k]
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v * share)
         with distributed.accumulating(module, last=i == n - 1):
@@ -110,5 +115,6 @@ def accumulate(module: torch.nn.Module, batches: Sequence, count: Callable[[obje
     flagged = sums.pop("_nonfinite", 0.0)
     nonfinite = f"the loss is {bad}" if bad is not None else ("the loss is not finite on another rank" if flagged
                                                                else None)
-    return Accumulated(sums.get("loss", 0.0), sums, nonfinite)
+    terms = {k[6:]: sums.pop(k) for k in [k for k in sums if k.startswith("_term/")]}
+    return Accumulated(sums.get("loss", 0.0), sums, nonfinite, terms)
 

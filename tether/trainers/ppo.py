@@ -226,8 +226,7 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
         if ptx_batch is not None:
             nll = sft_nll(*labelled_logits(policy, ptx_batch["input_ids"], ptx_batch["attention_mask"],
                                            ptx_batch["labels"]))
-            terms["ptx"] = cfg.ptx_coef * nll.total
-            metrics["loss/ptx"] = nll.mean().item()
+            terms["ptx"] = cfg.ptx_coef * nll.total  # its mean over the mini-batch: loss/ptx (below)
         return terms, metrics
 
     sums: dict[str, float] = {}
@@ -248,7 +247,8 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
                 raise TrainingDiverged(f"the PPO {out.nonfinite[4:]}", from_start=steps == 0)
             grad_norm = run.optimizer_step(confirm=False, first=steps == 0)
             steps += 1
-            for k, v in {**out.metrics, "train/grad_norm": grad_norm}.items():
+            ptx_nll = {"loss/ptx": out.terms["ptx"] / cfg.ptx_coef} if "ptx" in out.terms else {}
+            for k, v in {**out.metrics, **ptx_nll, "train/grad_norm": grad_norm}.items():
                 sums[k] = sums.get(k, 0.0) + v
             if cfg.target_kl and out.metrics["policy/approx_kl"] > cfg.target_kl:
                 stopped = True

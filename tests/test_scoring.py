@@ -199,26 +199,34 @@ def test_token_logprobs_is_log_softmax_at_the_label_with_temperature_and_gradien
     torch.testing.assert_close(sft_nll(logits, labels).total, expected)
 
 
-def test_logits_only_from_the_first_labelled_position_score_the_same(tiny):
-    """labelled_logits asks the model for logits_to_keep positions: fewer logits, the same log-probs and grads."""
+def test_labelled_logprobs_score_the_same_without_the_logits(tiny):
+    """labelled_logprobs runs the output layer from the first labelled position (logits_to_keep) and only at the
+    labelled positions, a chunk at a time, never materialising the logits: the same log-probs and gradients."""
     from tether.data.collate import pad
     from tether.losses.lm import sequence_logprobs as of_logits
-    from tether.scoring import labelled_logits
+    from tether.losses.lm import sequence_sum
+    from tether.scoring import labelled_logprobs
 
     model, tok = tiny
     batch = pad(_rows(tok), tok.pad_token_id)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    logits, kept = labelled_logits(model, ids, mask, labels)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    logp, kept = labelled_logprobs(model, ids, mask, labels)
+    hook.remove()
     first = int((labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[0])
-    assert first > 0 and logits.shape[1] == kept.shape[1] == ids.shape[1] - first  # the shortest prompt's length - 1
+    assert first > 0 and logp.shape[1] == kept.shape[1] - 1 == ids.shape[1] - first - 1  # the shortest prompt - 1
+    assert seen == [(int((labels[:, 1:] != IGNORE_INDEX).sum()), model.config.vocab_size)]  # labelled positions only
+    assert model.lm_head is model.get_output_embeddings() and type(model.lm_head) is torch.nn.Linear  # put back
     full = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(of_logits(logits, kept), of_logits(full, labels), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sequence_sum(logp, kept), of_logits(full, labels), rtol=1e-5, atol=1e-5)
     model.zero_grad()
-    of_logits(logits, kept).sum().backward()
-    kept_grads = [p.grad.clone() for p in model.parameters()]
+    sequence_sum(*labelled_logprobs(model, ids, mask, labels, temperature=0.7)).sum().backward()
+    chunked = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    of_logits(model(input_ids=ids, attention_mask=mask).logits, labels).sum().backward()
-    for a, p in zip(kept_grads, model.parameters()):
+    from tether.losses.lm import token_logprobs
+    token_logprobs(model(input_ids=ids, attention_mask=mask).logits, labels, 0.7).sum().backward()
+    for a, p in zip(chunked, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
     model.zero_grad()
     # response_logprobs keeps its (B, T - 1) shape: zeros before the first kept position
@@ -226,6 +234,31 @@ def test_logits_only_from_the_first_labelled_position_score_the_same(tiny):
     assert per_token.shape == (ids.shape[0], ids.shape[1] - 1) and not per_token[:, :first].any()
     for i, row in enumerate(_rows(tok)):
         torch.testing.assert_close(per_token[i].sum(), _alone(model, row).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_whose_logits_are_not_its_output_layers_is_scored_from_its_logits(tiny, monkeypatch):
+    """Soft-capped or scaled logits (Gemma 2, Cohere), a compiled or sharded model: the logits path, same numbers."""
+    from tether.data.collate import pad
+    from tether.scoring import _output_layer, labelled_logprobs
+
+    model, tok = tiny
+    assert _output_layer(model) == (model, "lm_head", model.lm_head)
+    batch = pad(_rows(tok), tok.pad_token_id)
+    chunked, _ = labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
+    assert _output_layer(model) is None
+    monkeypatch.setattr(model.config, "final_logit_softcapping", None)
+    monkeypatch.setattr(model.config, "logit_scale", 0.0625, raising=False)
+    assert _output_layer(model) is None
+    monkeypatch.setattr(model.config, "logit_scale", None)
+    assert _output_layer(torch.compile(model)) is None
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    monkeypatch.setattr("tether.scoring._output_layer", lambda m: None)
+    plain, _ = labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    hook.remove()
+    assert len(seen[0]) == 3  # (B, K, V): the logits
+    torch.testing.assert_close(plain, chunked, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

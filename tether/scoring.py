@@ -34,8 +34,7 @@ import torch
 
 from tether import distributed
 from tether.data.collate import Encoded, pad, prompt_ids
-from tether.losses.lm import IGNORE_INDEX, token_logprobs
-from tether.losses.lm import sequence_logprobs as _sequence_logprobs_of_logits
+from tether.losses.lm import IGNORE_INDEX, output_logprobs, sequence_sum, token_entropy, token_logprobs
 
 log = logging.getLogger("tether.scoring")
 
@@ -105,23 +104,88 @@ def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
 
 
-def labelled_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits a loss over the labelled tokens needs, and the labels they line up with.
+def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      temperature: float = 1.0, *, entropy: torch.Tensor | None = None,
+                      **forward) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_t | x, y_<t) of the labelled tokens, and the labels they line up with.
 
     Position t's logits predict token t + 1, so the positions before the batch's first labelled
     token minus one (the prompts, in a batch of prompt + response rows) are never read: the model
-    computes its output layer from that position on (transformers' ``logits_to_keep``), which on a
-    large vocabulary spares B × (prompt length) × V logits. Returns (logits (B, K, V), labels
-    (B, K)) with K ≤ T, for tether.losses.lm's functions; a model without ``logits_to_keep``
-    gives every position (K = T).
+    runs its output layer from that position on (transformers' ``logits_to_keep``). And the logits
+    are never materialised: for the pass, the model's output layer is stood in for by one that
+    scores only the labelled positions, a chunk at a time, and returns their log-probs
+    (tether.losses.lm.output_logprobs; on a 49k vocabulary that spares B × K × V logits and, with
+    gradient, their gradient). A model where that is not known to be exact (an output layer that is
+    not one linear map, logits scaled or soft-capped after it, a compiled or FSDP2-sharded module)
+    gives its logits to tether.losses.lm.token_logprobs instead: the same numbers.
+
+    Returns (log-probs (B, K − 1), labels (B, K)) with K ≤ T; 0 off the labelled positions.
+    ``entropy``: a (B, T − 1) tensor whose last K − 1 columns receive the entropy of each labelled
+    position's distribution (no gradient). ``forward``: further arguments of the model's forward pass
+    (:func:`labelled_pass` also returns its output, e.g. its hidden states).
     """
+    logp, kept, _ = labelled_pass(model, input_ids, attention_mask, labels, temperature, entropy=entropy, **forward)
+    return logp, kept
+
+
+def labelled_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  temperature: float = 1.0, *, entropy: torch.Tensor | None = None, **forward):
+    """:func:`labelled_logprobs` and the model's whole output (for its hidden states): (logp, labels, output)."""
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
     first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
-    if first == 0 or not _keeps_logits(model):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits, labels
-    keep = labels.shape[1] - first
-    return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits, labels[:, first:]
+    keep = {"logits_to_keep": labels.shape[1] - first} if first > 0 and _keeps_logits(model) else {}
+    kept = labels[:, first:] if keep else labels
+    place = _output_layer(model)
+    if place is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **keep, **forward)
+        if entropy is not None:
+            with torch.no_grad():
+                entropy[:, entropy.shape[1] - kept.shape[1] + 1:] = token_entropy(out.logits[:, :-1], temperature) \
+                    * (kept[:, 1:] != IGNORE_INDEX)
+        return token_logprobs(out.logits, kept, temperature), kept, out
+    owner, name, head = place
+    kept_entropy = None if entropy is None else torch.zeros(kept.shape[0], kept.shape[1] - 1, device=entropy.device)
+    setattr(owner, name, _LabelledHead(head, kept, temperature, kept_entropy))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **keep, **forward)
+    finally:
+        setattr(owner, name, head)
+    if entropy is not None:
+        entropy[:, entropy.shape[1] - kept_entropy.shape[1]:] = kept_entropy
+    return out.logits, kept, out
+
+
+class _LabelledHead(torch.nn.Module):
+    """Stands in for a causal LM's output layer for one pass: hidden (B, K, H) -> log-probs (B, K − 1)."""
+
+    def __init__(self, head: torch.nn.Linear, labels: torch.Tensor, temperature: float, entropy=None):
+        super().__init__()
+        self.head, self.labels, self.temperature, self.entropy = head, labels, temperature, entropy
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return output_logprobs(hidden, self.head, self.labels, self.temperature, entropy=self.entropy)
+
+
+def _output_layer(model) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
+    """(the module holding it, its attribute name, the output layer) of the transformers model inside ``model``
+    (a LoRA or DDP wrapper), when the logits are that layer's output as they are; None otherwise."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or distributed._is_fsdp(model):
+        return None
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None or any(distributed._is_fsdp(m) for m in hf.children()) or not _plain_logits(type(hf), hf.config):
+        return None
+    head = hf.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return None
+    return next(((hf, name, head) for name, child in hf.named_children() if child is head), None)
+
+
+def _plain_logits(cls: type, config) -> bool:
+    """Whether ``cls`` returns its output layer's values as the logits (no soft-capping or scaling after it)."""
+    scaled = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+    return _forward_takes(cls, "logits_to_keep") and all(getattr(config, k, None) in (None, 1, 1.0) for k in scaled)
 
 
 def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int | None = None,
@@ -145,8 +209,8 @@ def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int
     for s in range(0, n, size):
         rows = slice(s, s + size)
         with _autocast(device, precision):
-            logits, kept = labelled_logits(model, ids[rows].to(device), mask[rows].to(device), labels[rows].to(device))
-        logp = token_logprobs(logits, kept, temperature)  # (b, K-1): the last positions
+            logp, kept = labelled_logprobs(model, ids[rows].to(device), mask[rows].to(device), labels[rows].to(device),
+                                           temperature)  # (b, K-1): the last positions
         logps.append(torch.nn.functional.pad(logp, (width - logp.shape[1], 0)))  # (b, T-1), 0 before them
     return torch.cat(logps) if logps else torch.zeros(0, width, device=device)
 
@@ -155,8 +219,11 @@ def response_logprobs(model, batch, temperature: float = 1.0, *, batch_size: int
 
 
 def _score_rows(model, rows: Sequence[Encoded], pad_id: int, batch_size: int, precision: str,
-                score: Callable[[torch.Tensor, dict], torch.Tensor], width: tuple[int, ...] = ()) -> torch.Tensor:
-    """``score(logits, batch)`` of every row, in batches of rows of like length. Shape: N rows -> (N, *width), CPU.
+                score: Callable[[torch.Tensor, dict], torch.Tensor], width: tuple[int, ...] = (),
+                logits: bool = False) -> torch.Tensor:
+    """``score(logp, batch)`` of every row (logp: its labelled tokens' log-probs, :func:`labelled_logprobs`; with
+    ``logits``, the model's logits (b, T, V) instead), in batches of rows of like length. Shape: N rows -> (N, *width),
+    CPU.
 
     Rows are sorted by length so that a batch carries little padding; results come back in the
     rows' own order. Under torchrun each rank scores its block and the blocks are gathered.
@@ -172,9 +239,14 @@ def _score_rows(model, rows: Sequence[Encoded], pad_id: int, batch_size: int, pr
             idx = order[s : s + batch_size]
             batch = {k: v.to(device) for k, v in pad([part[i] for i in idx], pad_id).items()}
             with _autocast(device, precision):
-                logits, labels = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            kept = {k: v[:, v.shape[1] - labels.shape[1]:] for k, v in batch.items()}  # the columns the logits cover
-            value = score(logits, kept).cpu()  # (b, *width)
+                if logits:
+                    scored, labels = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, \
+                        batch["labels"]
+                else:
+                    scored, labels = labelled_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                       batch["labels"])
+            kept = {k: v[:, v.shape[1] - labels.shape[1]:] for k, v in batch.items()}  # the columns scored
+            value = score(scored, kept).cpu()  # (b, *width)
             if out is None:
                 out = torch.zeros((len(part), *value.shape[1:]), dtype=value.dtype)
             out[idx] = value
@@ -194,7 +266,7 @@ def sequence_logprobs(model, rows: Sequence[Encoded], pad_id: int, *, batch_size
     Shape: N rows -> (N,) float32 on the CPU.
     """
     return _score_rows(model, rows, pad_id, batch_size, precision,
-                       lambda logits, b: _sequence_logprobs_of_logits(logits, b["labels"], average=average).float())
+                       lambda logp, b: sequence_sum(logp, b["labels"], average=average).float())
 
 
 def token_nll(model, rows: Sequence[Encoded], pad_id: int, *, batch_size: int,
@@ -204,9 +276,9 @@ def token_nll(model, rows: Sequence[Encoded], pad_id: int, *, batch_size: int,
     The held-out NLL per token is their ratio (token-weighted over the whole set). Sums are taken
     in float64. No gradient, eval mode, batched by length, sharded over ranks.
     """
-    def nll_and_count(logits: torch.Tensor, b: dict) -> torch.Tensor:  # (b, 2)
+    def nll_and_count(logp: torch.Tensor, b: dict) -> torch.Tensor:  # (b, 2)
         count = (b["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-        return torch.stack([-_sequence_logprobs_of_logits(logits, b["labels"]).double(), count.double()], -1)
+        return torch.stack([-sequence_sum(logp, b["labels"]).double(), count.double()], -1)
 
     total, count = _score_rows(model, rows, pad_id, batch_size, precision, nll_and_count, (2,)).sum(0).tolist()
     return float(total), int(count)
@@ -244,7 +316,7 @@ def next_token_logprobs(model, tokenizer, texts: Sequence[str | Sequence[int]], 
             return torch.log_softmax(rows, -1)[:, ids.to(rows.device)]
 
         return _score_rows(model, [Encoded(c, c) for c in contexts], pad_id, batch_size, precision,
-                           last_position, (len(ids),))
+                           last_position, (len(ids),), logits=True)
     rows = labelled_rows([(ctx, c) for ctx in contexts for c in candidates])  # candidate k of text i at i·K + k
     scores = sequence_logprobs(model, rows, pad_id, batch_size=batch_size, precision=precision)
     return scores.view(len(contexts), len(candidates))

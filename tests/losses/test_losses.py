@@ -300,3 +300,30 @@ def test_bradley_terry_soft_labels_by_hand():
         bradley_terry_loss(d, torch.zeros(1), target=torch.tensor([0.75])).loss.backward()
         opt.step()
     assert torch.sigmoid(d).item() == pytest.approx(0.75, abs=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_output_logprobs_equal_token_logprobs_of_the_output_layers_logits_forward_and_backward(chunk):
+    """Scored a chunk of labelled positions at a time from the hidden states (no B x T x V logits): the same
+    log-probs, and the same gradients for the hidden states and the output layer, whatever the chunk."""
+    from tether.losses.lm import IGNORE_INDEX, output_logprobs, token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 6, 8, generator=g, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    labels[0, :4] = IGNORE_INDEX  # a prompt
+    labels[2, :] = IGNORE_INDEX  # a row with nothing labelled
+    upstream = torch.randn(3, 5, generator=g)
+
+    def grads(logp):
+        hidden.grad, head.weight.grad = None, None
+        (logp * upstream).sum().backward()
+        return hidden.grad.clone(), head.weight.grad.clone()
+
+    expected = token_logprobs(head(hidden), labels, temperature=0.7)
+    got = output_logprobs(hidden, head, labels, temperature=0.7, chunk=chunk)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert not got[2].any() and not got[0, :3].any()
+    for a, b in zip(grads(got), grads(token_logprobs(head(hidden), labels, temperature=0.7))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

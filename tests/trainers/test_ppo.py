@@ -181,3 +181,34 @@ def test_bad_config_is_an_error_before_anything_is_written(tmp_path, tiny_folder
     with pytest.raises(ValueError, match="ptx.jsonl"):
         run_ppo(cfg, reward=digits)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("value", ["critic", "head"])
+def test_the_actor_critic_scores_labelled_tokens_without_logits_as_from_its_logits(tiny_folder, value):
+    """PPO's passes ask for log-probs and entropies of the response tokens, not B x T x V logits: the same numbers,
+    the same values, and the same gradient as token_logprobs of the logits."""
+    from tether.losses.lm import IGNORE_INDEX, token_entropy, token_logprobs
+    from tether.models import load_model
+    from tether.models.value import ActorCritic, ValueModel
+
+    policy = load_model(tiny_folder)
+    ac = ActorCritic(policy, ValueModel(load_model(tiny_folder).model) if value == "critic" else None)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, policy.config.vocab_size, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX  # prompts
+    labels[1, 7:] = IGNORE_INDEX  # a shorter response
+    entropies = torch.zeros(3, 8)
+    logp, values = ac(ids, mask, labels, 0.8, entropies)
+    logits, values_from_logits = ac(ids, mask)
+    response = labels[:, 1:] != IGNORE_INDEX
+    torch.testing.assert_close(logp, token_logprobs(logits, labels, 0.8), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropies, token_entropy(logits[:, :-1], 0.8) * response, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values, values_from_logits)
+    logp.sum().backward()
+    chunked = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    token_logprobs(ac(ids, mask)[0], labels, 0.8).sum().backward()
+    for a, p in zip(chunked, policy.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)

@@ -4,9 +4,19 @@ Each function's docstring states its equation, its source and the shapes it take
 gather inputs and call these; nothing here touches a model or an optimiser.
 """
 
-from tether.losses.lm import Summed, labelled_tokens, sequence_logprobs, sft_nll, token_logprobs
+from tether.losses.lm import (
+    Summed,
+    labelled_tokens,
+    output_logprobs,
+    sequence_logprobs,
+    sequence_sum,
+    sft_nll,
+    summed_nll,
+    token_logprobs,
+)
 
-__all__ = ["Summed", "labelled_tokens", "sequence_logprobs", "sft_nll", "token_logprobs"]
+__all__ = ["Summed", "labelled_tokens", "output_logprobs", "sequence_logprobs", "sequence_sum", "sft_nll",
+           "summed_nll", "token_logprobs"]
 from tether.losses.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_estimate
 from tether.losses.policy import (
     AGGREGATIONS,

@@ -123,8 +123,9 @@ def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> float:
     """Masked mean of the per-token entropy of softmax(logits / T). logits (B, T, V), mask (B, T − 1)."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask).item()
+    from tether.losses.lm import token_entropy
+
+    return masked_mean(token_entropy(logits[:, :-1], temperature), mask).item()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -75,13 +75,27 @@ class ActorCritic(nn.Module):
         self.policy, self.critic = policy, critic
         self.value_head = None if critic is not None else _zero_head(policy.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shape: (B, T) -> logits (B, T, V), values (B, T)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                temperature: float = 1.0, entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape: (B, T) -> logits (B, T, V), values (B, T).
+
+        With ``labels`` (B, T) the policy's log-probs of the labelled tokens at ``temperature`` (B, T − 1), 0
+        elsewhere, come instead of the logits, never materialised (tether.scoring.labelled_logprobs; ``entropy``,
+        a (B, T − 1) tensor, then receives each labelled position's entropy).
+        """
+        from tether.scoring import labelled_pass
+
+        hidden = {} if self.critic is not None else {"output_hidden_states": True}
+        if labels is None:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, **hidden)
+            first = out.logits
+        else:
+            logp, _, out = labelled_pass(self.policy, input_ids, attention_mask, labels, temperature, entropy=entropy,
+                                         **hidden)
+            first = torch.nn.functional.pad(logp, (labels.shape[1] - 1 - logp.shape[1], 0))  # (B, T-1)
         if self.critic is not None:
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
-            return logits, self.critic(input_ids, attention_mask)
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+            return first, self.critic(input_ids, attention_mask)
+        return first, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
 
 
 def critic_source(cfg, reward=None) -> str | None:

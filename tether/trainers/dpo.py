@@ -50,7 +50,7 @@ from tether.data.collate import (
 from tether.errors import ConfigError
 from tether.instruments.kl import HeldOutKL
 from tether.loop import DataOrder, TrainConfig, train
-from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, labelled_tokens, sequence_logprobs, sft_nll, simpo_loss
+from tether.losses import PREFERENCE_LOSSES, PreferenceOutput, labelled_tokens, sequence_sum, simpo_loss, summed_nll
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 
@@ -143,15 +143,15 @@ def dpo_step(model, batch: dict, cfg: DPOConfig) -> tuple[dict[str, torch.Tensor
     L_pref a mean over the step's pairs and L_NLL ``sft_nll`` over its chosen rows' response tokens
     (:func:`pair_count` gives both counts).
     """
-    logits, labels = scoring.labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    logps = sequence_logprobs(logits, labels, average=cfg.loss == "simpo")  # (2B,)
+    logp, labels = scoring.labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps = sequence_sum(logp, labels, average=cfg.loss == "simpo")  # (2B,)
     chosen, rejected = logps.chunk(2)  # (B,), (B,)
     out = preference_output(cfg, chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], batch.get("soft_label"))
     metrics = {**preference_metrics(out, chosen, rejected), "tokens": float(batch["attention_mask"].sum())}
     if not cfg.rpo_alpha:
         return {"pairs": out.losses.sum()}, metrics
     n = chosen.numel()
-    nll = sft_nll(logits[:n], labels[:n])
+    nll = summed_nll(logp[:n], labels[:n])
     return ({"pairs": out.losses.sum(), "chosen_tokens": cfg.rpo_alpha * nll.total},
             {**metrics, "nll_chosen": nll.mean().item()})
 

@@ -40,7 +40,7 @@ from tether.data.collate import (
 from tether.errors import ConfigError
 from tether.instruments.kl import HeldOutKL
 from tether.loop import DataOrder, TrainConfig, train
-from tether.losses import KTOOutput, kto_loss, sequence_logprobs
+from tether.losses import KTOOutput, kto_loss, sequence_sum
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 
@@ -117,11 +117,11 @@ def kto_metrics(out: KTOOutput, policy_logps: torch.Tensor, labels: torch.Tensor
 def kto_step(model, batch: dict, cfg: KTOConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One micro-batch. ``batch``: input_ids, attention_mask, labels (B, T) of matched rows and
     kl_input_ids, kl_attention_mask, kl_labels (B, T') of mismatched rows; ref, ref_kl, label (B,)."""
-    policy = sequence_logprobs(*scoring.labelled_logits(model, batch["input_ids"], batch["attention_mask"],
-                                                        batch["labels"]))  # (B,)
+    policy = sequence_sum(*scoring.labelled_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                     batch["labels"]))  # (B,)
     with torch.no_grad():  # z0 is detached: its rows need no graph
-        kl = sequence_logprobs(*scoring.labelled_logits(model, batch["kl_input_ids"], batch["kl_attention_mask"],
-                                                        batch["kl_labels"]))  # (B,)
+        kl = sequence_sum(*scoring.labelled_logprobs(model, batch["kl_input_ids"], batch["kl_attention_mask"],
+                                                     batch["kl_labels"]))  # (B,)
         z0 = (kl - batch["ref_kl"]).mean().clamp(min=0)  # ()
     labels = batch["label"].bool()
     out = kto_loss(policy, batch["ref"], labels, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)

@@ -47,23 +47,22 @@ from tether.loop.rl import clear_samples, evaluate_policy, gold_known, gold_metr
 from tether.losses import (
     KL_ESTIMATORS,
     adaptive_kl_coef,
-    entropy,
     explained_variance,
     gae,
     kl_estimate,
     labelled_tokens,
+    masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
-    sft_nll,
     shaped_rewards,
+    summed_nll,
     whiten,
 )
-from tether.losses.lm import token_logprobs
 from tether.models import count_parameters
 from tether.models.value import ActorCritic, critic_source, load_critic
 from tether.rewards import RewardFn
 from tether.rollout import Rollout, SamplingConfig, rollout
-from tether.scoring import labelled_logits, reference_for
+from tether.scoring import labelled_logprobs, reference_for
 from tether.trainers.artifact import check_output, prepare_output, write_artifact
 from tether.trainers.ptx import PtxStream, ptx_rows, ptx_stream
 from tether.trainers.rl import RLConfig, data_record, load_inputs, load_policy
@@ -166,8 +165,9 @@ def score_rollout(ac: ActorCritic, reference, batch: Rollout, score: torch.Tenso
                   beta: float) -> tuple[Scored, dict[str, float]]:
     """Log-probs, values, the shaped reward and GAE for one batch (no gradients)."""
     mask = batch.mask.float()  # (B, T-1)
-    logits, values = ac(batch.input_ids, batch.attention_mask)  # (B, T, V), (B, T)
-    old_logp = token_logprobs(logits, batch.labels, cfg.sampling.temperature)  # (B, T-1), 0 off the response
+    entropies = torch.zeros(mask.shape, device=mask.device)  # (B, T-1)
+    old_logp, values = ac(batch.input_ids, batch.attention_mask, batch.labels, cfg.sampling.temperature,
+                          entropies)  # (B, T-1), 0 off the response; (B, T)
     values = values[:, :-1] * mask  # (B, T-1): V of the state before each response token
     ref_logp = reference.response_logprobs(batch, cfg.sampling.temperature, precision=cfg.train.precision)
     per_token = {k: kl_estimate(old_logp, ref_logp, k) * mask for k in KL_ESTIMATORS}  # each (B, T-1)
@@ -176,7 +176,7 @@ def score_rollout(ac: ActorCritic, reference, batch: Rollout, score: torch.Tenso
     total = distributed.all_reduce if distributed.env().active else None  # whiten over every rank's batch
     s = Scored(old_logp, values, whiten(advantages, mask, total=total), returns)
     metrics = {f"kl/{k}": v.sum(-1).mean().item() for k, v in per_token.items()}  # per response
-    metrics["objective/entropy"] = entropy(logits, mask, cfg.sampling.temperature)
+    metrics["objective/entropy"] = masked_mean(entropies, mask).item()
     metrics["objective/non_score_reward"] = (rewards.sum(-1) - score).mean().item()
     return s, metrics
 
@@ -214,8 +214,7 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
         idx, ptx_batch = part
         rows = idx if len(idx) else torch.zeros(1, dtype=torch.long)  # a ptx-only part: row 0 at weight 0 (below)
         sub, mask = batch.rows(rows), batch.mask[rows].float()
-        logits, values = ac(sub.input_ids, sub.attention_mask)
-        logp = token_logprobs(logits, sub.labels, cfg.sampling.temperature)  # (b, T-1)
+        logp, values = ac(sub.input_ids, sub.attention_mask, sub.labels, cfg.sampling.temperature)  # (b, T-1), (b, T)
         pol = ppo_policy_loss(logp, s.old_logp[rows], s.advantages[rows], mask, cfg.clip_eps)
         val = ppo_value_loss(values[:, :-1] * mask, s.values[rows], s.returns[rows], mask, cfg.value_clip)
         # with no PPO rows the pass still reaches every parameter, as DDP needs, and adds nothing
@@ -224,8 +223,8 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
                    "policy/clip_fraction": pol.clip_fraction.item(), "policy/approx_kl": pol.approx_kl.item(),
                    "value/clip_fraction": val.clip_fraction.item()}
         if ptx_batch is not None:
-            nll = sft_nll(*labelled_logits(policy, ptx_batch["input_ids"], ptx_batch["attention_mask"],
-                                           ptx_batch["labels"]))
+            nll = summed_nll(*labelled_logprobs(policy, ptx_batch["input_ids"], ptx_batch["attention_mask"],
+                                                ptx_batch["labels"]))
             terms["ptx"] = cfg.ptx_coef * nll.total  # its mean over the mini-batch: loss/ptx (below)
         return terms, metrics
 

@@ -18,9 +18,9 @@ from tether.data import chat_tokenizer, fingerprint, load_sft, split_eval
 from tether.data.collate import OVERFLOW_CHOICES, Encoded, encode_sft, nothing_left, pack, pad
 from tether.loop import TrainConfig, TrainResult, train
 from tether.errors import ConfigError
-from tether.losses import labelled_tokens, sft_nll
+from tether.losses import labelled_tokens, summed_nll
 from tether.models import LoraConfig, apply_lora, count_parameters, load_model, load_tokenizer
-from tether.scoring import labelled_logits, token_nll
+from tether.scoring import labelled_logprobs, token_nll
 from tether.trainers.artifact import check_output, data_info, prepare_output, write_artifact
 
 log = logging.getLogger("tether.sft")
@@ -60,7 +60,7 @@ class SFTConfig:
 
 def lm_loss(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The summed NLL of a micro-batch's labelled tokens (the step divides by all of its tokens: lm_count)."""
-    nll = sft_nll(*labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+    nll = summed_nll(*labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
     return {"labelled": nll.total}, {"tokens": float(batch["attention_mask"].sum())}
 
 

@@ -117,7 +117,8 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     (tether.losses.lm.output_logprobs; on a 49k vocabulary that spares B × K × V logits and, with
     gradient, their gradient). A model where that is not known to be exact (an output layer that is
     not one linear map, logits scaled or soft-capped after it, a compiled or FSDP2-sharded module)
-    gives its logits to tether.losses.lm.token_logprobs instead: the same numbers.
+    gives its logits to tether.losses.lm.token_logprobs instead: the same numbers (as every model does with
+    ``TETHER_SCORE_FROM_LOGITS=1`` in the environment, for comparison).
 
     Returns (log-probs (B, K − 1), labels (B, K)) with K ≤ T; 0 off the labelled positions.
     ``entropy``: a (B, T − 1) tensor whose last K − 1 columns receive the entropy of each labelled
@@ -171,6 +172,8 @@ def _output_layer(model) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
     (a LoRA or DDP wrapper), when the logits are that layer's output as they are; None otherwise."""
     from transformers import PreTrainedModel
 
+    if os.environ.get("TETHER_SCORE_FROM_LOGITS") == "1":  # the logits path everywhere, for comparison (bench/)
+        return None
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or distributed._is_fsdp(model):
         return None
     hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)

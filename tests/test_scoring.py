@@ -237,7 +237,7 @@ def test_labelled_logprobs_score_the_same_without_the_logits(tiny):
 
 
 def test_a_model_whose_logits_are_not_its_output_layers_is_scored_from_its_logits(tiny, monkeypatch):
-    """Soft-capped or scaled logits (Gemma 2, Cohere), a compiled or sharded model: the logits path, same numbers."""
+    """Soft-capped or scaled logits (Gemma 2, Cohere), a compiled model: the logits path, same numbers."""
     from tether.data.collate import pad
     from tether.scoring import _output_layer, labelled_logprobs
 

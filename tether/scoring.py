@@ -116,7 +116,7 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     scores only the labelled positions, a chunk at a time, and returns their log-probs
     (tether.losses.lm.output_logprobs; on a 49k vocabulary that spares B × K × V logits and, with
     gradient, their gradient). A model where that is not known to be exact (an output layer that is
-    not one linear map, logits scaled or soft-capped after it, a compiled or FSDP2-sharded module)
+    not one linear map, logits scaled or soft-capped after it, a module behind torch.compile)
     gives its logits to tether.losses.lm.token_logprobs instead: the same numbers (as every model does with
     ``TETHER_SCORE_FROM_LOGITS=1`` in the environment, for comparison).
 
@@ -174,10 +174,10 @@ def _output_layer(model) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
 
     if os.environ.get("TETHER_SCORE_FROM_LOGITS") == "1":  # the logits path everywhere, for comparison (bench/)
         return None
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or distributed._is_fsdp(model):
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         return None
     hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    if hf is None or any(distributed._is_fsdp(m) for m in hf.children()) or not _plain_logits(type(hf), hf.config):
+    if hf is None or not _plain_logits(type(hf), hf.config):
         return None
     head = hf.get_output_embeddings()
     if type(head) is not torch.nn.Linear:

@@ -81,12 +81,21 @@ def runs(tiny_folder, tmp_path_factory):
         os.environ.pop("TETHER_CACHE") if saved is None else os.environ.__setitem__("TETHER_CACHE", saved)
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-5000:]
+    (root / "w2.log").write_text(output)
     return root / "w1", root / "w2", data
 
 
 def _curves(folder: Path) -> dict[tuple[int, str], float]:
     rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
     return {(r["step"], k): v for r in rows for k, v in r.items() if k in COMPARED}
+
+
+@pytest.mark.slow
+def test_a_command_under_torchrun_prints_its_result_once(runs):
+    """Rank 0 alone speaks: each of the five SFT runs through the command line says where its model is once."""
+    _, w2, _ = runs
+    said = [line for line in (w2.parent / "w2.log").read_text().splitlines() if line.startswith("SFT model in ")]
+    assert len(said) == 5 and len(set(said)) == 5
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:

@@ -6,18 +6,23 @@ import json
 
 import click
 
-from tether.cli.stages import _run
+from tether import distributed
+from tether.cli.stages import _run, _say
 from tether.config import options
 from tether.trainers.bon import BoNConfig, run_bon
 from tether.trainers.grpo import GRPOConfig, run_grpo
 from tether.trainers.rloo import RLOOConfig, run_rloo
 
 
-def _show(out, prefixes: tuple[str, ...]) -> None:
+def _show(out, prefixes: tuple[str, ...]) -> bool:
+    """Print the run's final metrics with these prefixes; under torchrun rank 0 alone speaks (returns whether it did)."""
+    if not distributed.env().main:
+        return False
     metrics = json.loads((out / "tether.json").read_text())["metrics"]
     for key, value in metrics.items():
         if key.startswith(prefixes) and isinstance(value, float):
             click.echo(f"  {key:<32}{value:>10.4f}")
+    return True
 
 
 @click.command()
@@ -31,7 +36,7 @@ def grpo(cfg: GRPOConfig) -> None:
     """
     out = _run(run_grpo, cfg)
     _show(out, ("reward/", "kl/", "eval/", "objective/"))
-    click.echo(f"GRPO policy in {out}")
+    _say(f"GRPO policy in {out}")
 
 
 @click.command()
@@ -40,7 +45,7 @@ def rloo(cfg: RLOOConfig) -> None:
     """RLOO: k samples a prompt, leave-one-out baseline, −β·KL per token summed into the reward (k1)."""
     out = _run(run_rloo, cfg)
     _show(out, ("reward/", "kl/", "eval/", "objective/"))
-    click.echo(f"RLOO policy in {out}")
+    _say(f"RLOO policy in {out}")
 
 
 @click.command()
@@ -48,8 +53,8 @@ def rloo(cfg: RLOOConfig) -> None:
 def bon(cfg: BoNConfig) -> None:
     """Best-of-N sampling against a reward; reports the measured KL beside log N − (N − 1)/N."""
     out = _run(run_bon, cfg)
-    _show(out, ("bon/", "base/"))
-    click.echo(f"best-of-{cfg.n} responses in {out / 'responses.jsonl'}")
+    if _show(out, ("bon/", "base/")):
+        click.echo(f"best-of-{cfg.n} responses in {out / 'responses.jsonl'}")
 
 
 COMMANDS = [grpo, rloo, bon]

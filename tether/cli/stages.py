@@ -34,18 +34,26 @@ def _run(fn, cfg):
     return fn(cfg)
 
 
+def _say(text: str) -> None:
+    """Print a command's result: under torchrun rank 0 alone speaks."""
+    from tether import distributed
+
+    if distributed.env().main:
+        click.echo(text)
+
+
 @click.command()
 @options(PretrainConfig)
 def pretrain(cfg: PretrainConfig) -> None:
     """Stage 0: causal-LM pretraining (builds the tiny default with --model tiny)."""
-    click.echo(f"pretrained model in {_run(run_pretrain, cfg)}")
+    _say(f"pretrained model in {_run(run_pretrain, cfg)}")
 
 
 @click.command()
 @options(SFTConfig)
 def sft(cfg: SFTConfig) -> None:
     """Stage 1: supervised fine-tuning on demonstrations (prompt tokens masked)."""
-    click.echo(f"SFT model in {_run(run_sft, cfg)}")
+    _say(f"SFT model in {_run(run_sft, cfg)}")
 
 
 @click.command()
@@ -58,38 +66,38 @@ def rm(cfg: RMConfig) -> None:
     metrics = json.loads((out / "tether.json").read_text())["metrics"]
     shown = {k: v for k, v in metrics.items() if k.startswith(("eval/", "rm/norm")) and isinstance(v, float)}
     if shown:
-        click.echo("held-out evaluation (also in tether.json):")
+        _say("held-out evaluation (also in tether.json):")
         for key, value in shown.items():
-            click.echo(f"  {key:<40}{value:>10.4f}")
-    click.echo(f"reward model in {out}")
+            _say(f"  {key:<40}{value:>10.4f}")
+    _say(f"reward model in {out}")
 
 
 @click.command()
 @options(PPOConfig)
 def ppo(cfg: PPOConfig) -> None:
     """Stage 3: PPO with a KL penalty to the SFT policy (--steps counts iterations of rollout + update)."""
-    click.echo(f"PPO policy in {_run(run_ppo, cfg)}")
+    _say(f"PPO policy in {_run(run_ppo, cfg)}")
 
 
 @click.command()
 @options(DPOConfig)
 def dpo(cfg: DPOConfig) -> None:
     """Direct preference optimisation: DPO / cDPO / robust / IPO / hinge / SimPO (--loss) on preference pairs."""
-    click.echo(f"DPO policy in {_run(run_dpo, cfg)}")
+    _say(f"DPO policy in {_run(run_dpo, cfg)}")
 
 
 @click.command()
 @options(KTOConfig)
 def kto(cfg: KTOConfig) -> None:
     """Kahneman–Tversky optimisation on unpaired (desirable / undesirable) feedback."""
-    click.echo(f"KTO policy in {_run(run_kto, cfg)}")
+    _say(f"KTO policy in {_run(run_kto, cfg)}")
 
 
 @click.command()
 @options(DemoConfig)
 def demo(cfg: DemoConfig) -> None:
     """The whole pipeline on the embedded gold world, with a report at the end."""
-    click.echo(format_report(_run(run_demo, cfg)))
+    _say(format_report(_run(run_demo, cfg)))
 
 
 COMMANDS = [pretrain, sft, rm, ppo, dpo, kto, demo]

@@ -231,15 +231,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
         except (ValueError, AttributeError) as e:
             raise _bad_checkpoint(path, "optimizer.safetensors",
                                   f"not an optimiser state tether wrote ({_short(e)})") from None
+        sharded = distributed._is_fsdp(model)  # a whole-model checkpoint into shards: each rank takes its own
+        if not sharded:
+            _load_weights(path, model)
         try:
-            if distributed._is_fsdp(model):  # a whole-model checkpoint into shards: each rank takes its own
+            if sharded:
                 _load_whole_into_shards(path, model, optimizer, state, meta["param_groups"])
             else:
-                _load_weights(path, model)
                 optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        except (ValueError, KeyError, TypeError) as e:
-            raise _bad_checkpoint(path, "optimizer.safetensors", "does not fit this model's optimiser (was it written "
-                                  f"with another --model or --lora?): {_short(e)}") from None
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise _bad_checkpoint(path, "model.safetensors" if sharded else "optimizer.safetensors",
+                                  "does not fit this model (was it written with another --model or --lora?): "
+                                  f"{_short(e)}") from None
     try:
         scheduler.load_state_dict(meta["scheduler"])
         _set_rng_state(rng, meta["rng"])

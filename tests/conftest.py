@@ -33,6 +33,28 @@ def error_line(output: str) -> str:
     return lines[0]
 
 
+def eval_world(root: Path, **world) -> tuple[Path, Path]:
+    """A small exported gold world (``world``: WorldConfig sizes) in root/world, a tokenizer trained on it, two
+    tiny random models root/base and root/policy and a reward model root/rm on the base: what `tether eval` reads.
+    Returns (base, policy)."""
+    import json
+
+    from tether.models import TinyConfig, build_tiny, save_model, train_tokenizer
+    from tether.models.reward import load_reward_model
+    from tether.world import WorldConfig, export
+
+    files = export(root / "world", WorldConfig(**world))
+    texts = [json.loads(line)["text"] for line in open(files["pretrain"])]
+    tok = train_tokenizer(texts + [" A B yes no"], vocab_size=400)
+    size = TinyConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, max_positions=256)
+    base = save_model(build_tiny(tok, size, seed=0), tok, root / "base")
+    policy = save_model(build_tiny(tok, size, seed=1), tok, root / "policy")
+    rm = load_reward_model(base, tok)
+    rm.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    return base, policy
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """A saved tiny model (random weights) and its tokenizer, trained on a small arithmetic corpus."""

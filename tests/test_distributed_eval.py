@@ -21,6 +21,7 @@ import pytest
 from tether.instruments.shard import block, map_blocks
 
 from tests import distributed_eval_runner
+from tests.conftest import eval_world
 
 RTOL = 1e-5
 
@@ -28,21 +29,8 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def eval_root(tmp_path_factory) -> Path:
     """A small exported world, a tokenizer trained on it, two tiny models (base, policy) and a reward model."""
-    from tether.models import TinyConfig, build_tiny, save_model, train_tokenizer
-    from tether.models.reward import load_reward_model
-    from tether.world import WorldConfig, export
-
     root = tmp_path_factory.mktemp("distevalworld")
-    files = export(root / "world", WorldConfig(pretrain_docs=200, sft_train=20, sft_eval=10, pref_train=20,
-                                               pref_test=40, feedback=10))
-    texts = [json.loads(line)["text"] for line in open(files["pretrain"])]
-    tok = train_tokenizer(texts + [" A B yes no"], vocab_size=400)
-    size = TinyConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, max_positions=256)
-    base = save_model(build_tiny(tok, size, seed=0), tok, root / "base")
-    save_model(build_tiny(tok, size, seed=1), tok, root / "policy")
-    rm = load_reward_model(base, tok)
-    rm.save_pretrained(root / "rm")
-    tok.save_pretrained(root / "rm")
+    eval_world(root, pretrain_docs=200, sft_train=20, sft_eval=10, pref_train=20, pref_test=40, feedback=10)
     return root
 
 

@@ -105,8 +105,7 @@ def _forward_takes(cls: type, name: str) -> bool:
 
 
 def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      temperature: float = 1.0, *, entropy: torch.Tensor | None = None,
-                      **forward) -> tuple[torch.Tensor, torch.Tensor]:
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y_t | x, y_<t) of the labelled tokens, and the labels they line up with.
 
     Position t's logits predict token t + 1, so the positions before the batch's first labelled
@@ -121,17 +120,16 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     ``TETHER_SCORE_FROM_LOGITS=1`` in the environment, for comparison).
 
     Returns (log-probs (B, K − 1), labels (B, K)) with K ≤ T; 0 off the labelled positions.
-    ``entropy``: a (B, T − 1) tensor whose last K − 1 columns receive the entropy of each labelled
-    position's distribution (no gradient). ``forward``: further arguments of the model's forward pass
-    (:func:`labelled_pass` also returns its output, e.g. its hidden states).
     """
-    logp, kept, _ = labelled_pass(model, input_ids, attention_mask, labels, temperature, entropy=entropy, **forward)
+    logp, kept, _ = labelled_pass(model, input_ids, attention_mask, labels, temperature)
     return logp, kept
 
 
 def labelled_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                   temperature: float = 1.0, *, entropy: torch.Tensor | None = None, **forward):
-    """:func:`labelled_logprobs` and the model's whole output (for its hidden states): (logp, labels, output)."""
+    """:func:`labelled_logprobs`, and the model's whole output: (logp, labels, output). ``forward``: further
+    arguments of the model's forward pass (``output_hidden_states``: PPO's value head reads them); ``entropy``: a
+    (B, T − 1) tensor whose last K − 1 columns receive each labelled position's entropy (no gradient)."""
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
     first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
     keep = {"logits_to_keep": labels.shape[1] - first} if first > 0 and _keeps_logits(model) else {}

@@ -11,26 +11,15 @@ from click.testing import CliRunner
 from tether.cli import main
 
 from tests.conftest import SHARED_DATA as SHARED
+from tests.conftest import eval_world
 
 
 @pytest.fixture(scope="module")
 def world_models(tmp_path_factory):
     """A small exported world, a tokenizer trained on it, two tiny models (base, policy) and a reward model."""
-    from tether.models import TinyConfig, build_tiny, save_model, train_tokenizer
-    from tether.models.reward import load_reward_model
-    from tether.world import WorldConfig, export
-
     root = tmp_path_factory.mktemp("evalworld")
-    files = export(root / "world", WorldConfig(pretrain_docs=300, sft_train=50, sft_eval=10, pref_train=50,
-                                               pref_test=40, feedback=20))
-    texts = [json.loads(line)["text"] for line in open(files["pretrain"])]
-    tok = train_tokenizer(texts + [" A B yes no"], vocab_size=400)
-    size = TinyConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, max_positions=256)
-    base = save_model(build_tiny(tok, size, seed=0), tok, root / "base")
-    policy = save_model(build_tiny(tok, size, seed=1), tok, root / "policy")
-    rm = load_reward_model(base, tok)
-    rm.save_pretrained(root / "rm")
-    tok.save_pretrained(root / "rm")
+    base, policy = eval_world(root, pretrain_docs=300, sft_train=50, sft_eval=10, pref_train=50, pref_test=40,
+                              feedback=20)
     return root, base, policy
 
 

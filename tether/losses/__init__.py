@@ -12,11 +12,12 @@ from tether.losses.lm import (
     sequence_sum,
     sft_nll,
     summed_nll,
+    token_entropy,
     token_logprobs,
 )
 
 __all__ = ["Summed", "labelled_tokens", "output_logprobs", "sequence_logprobs", "sequence_sum", "sft_nll",
-           "summed_nll", "token_logprobs"]
+           "summed_nll", "token_entropy", "token_logprobs"]
 from tether.losses.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_estimate
 from tether.losses.policy import (
     AGGREGATIONS,
@@ -25,7 +26,6 @@ from tether.losses.policy import (
     GRPOOutput,
     PolicyLossOutput,
     ValueLossOutput,
-    entropy,
     explained_variance,
     last_token,
     shaped_rewards,
@@ -55,7 +55,7 @@ from tether.losses.preference import (
 
 __all__ += [
     "AGGREGATIONS", "aggregation_count", "GAEOutput", "adaptive_kl_coef", "GRPOOutput", "KL_ESTIMATORS", "KTOOutput", "PREFERENCE_LOSSES",
-    "PolicyLossOutput", "PreferenceOutput", "entropy", "explained_variance", "last_token", "shaped_rewards", "RewardModelOutput", "ValueLossOutput", "bradley_terry_loss",
+    "PolicyLossOutput", "PreferenceOutput", "explained_variance", "last_token", "shaped_rewards", "RewardModelOutput", "ValueLossOutput", "bradley_terry_loss",
     "dpo_loss", "gae", "grpo_advantages", "grpo_loss", "hinge_loss", "ipo_loss", "kl_estimate", "kto_loss", "reward_centering",
     "masked_mean", "ppo_policy_loss", "ppo_value_loss", "rloo_advantages", "robust_dpo_loss", "simpo_loss",
     "whiten",

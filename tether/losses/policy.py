@@ -121,13 +121,6 @@ def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     return rewards
 
 
-def entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> float:
-    """Masked mean of the per-token entropy of softmax(logits / T). logits (B, T, V), mask (B, T − 1)."""
-    from tether.losses.lm import token_entropy
-
-    return masked_mean(token_entropy(logits[:, :-1], temperature), mask).item()
-
-
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 − Var(G − V) / Var(G) over response tokens: 1 is a perfect critic, 0 no better than a constant."""
     var = masked_mean((returns - masked_mean(returns, mask)).square(), mask)

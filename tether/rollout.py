@@ -1,4 +1,5 @@
-"""Batched generation with a KV cache (Hugging Face ``generate``), prompts left-padded.
+"""Batched generation with a KV cache, prompts left-padded: tether's decoding loop (tether.decoding) for the
+Llama family, Hugging Face ``generate`` for every other model; the same tokens from the same seed either way.
 
 This is tether's own sampler, the default generation backend; tether.generation defines the
 backend interface (and an optional vLLM engine) that :func:`rollout` accepts. Sampling is plain temperature sampling by default: top-k / top-p are off,
@@ -7,6 +8,7 @@ because they change the distribution the KL to the reference is measured on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,17 +46,21 @@ def sample(
     first prompt), so a prompt's sample does not depend on which rank generates it, as long as
     chunk boundaries fall at the same global positions (the first chunk's seed is ``seed`` itself).
 
-    ``compile``: decode with a static key/value cache through ``torch.compile`` (Hugging Face's
-    own compiled decoding, which it turns on by itself only on accelerators): the same tokens from
-    the same seed, about 1.4x faster per token on the tiny model once two prompt widths have been
-    compiled. Ignored for architectures Hugging Face cannot compile whole.
+    Decoding: :func:`tether.decoding.decode` (the model's own layers over key/value buffers allocated
+    once) when it supports the model, else ``generate``; ``TETHER_DECODE=generate`` in the environment
+    asks for ``generate`` always (for comparisons). ``compile``: decode with a static key/value cache
+    through ``torch.compile`` (Hugging Face's own compiled decoding, which it turns on by itself only on
+    accelerators): the same tokens from the same seed, about 1.4x faster per token on the tiny model
+    once two prompt widths have been compiled. Ignored for architectures Hugging Face cannot compile whole.
     """
     from transformers import GenerationConfig
 
+    from tether.decoding import decode, decoder_of
     from tether.scoring import eval_mode
 
     device = next(model.parameters()).device
     static = _compiled_decoding() if compile and getattr(model, "_can_compile_fullgraph", False) else {}
+    lean = None if static or os.environ.get("TETHER_DECODE") == "generate" else decoder_of(model)
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the HF model
     own_config = hf.generation_config
     # tether's settings only: transformers fills every option a call leaves unset from the model's own
@@ -71,17 +77,15 @@ def sample(
                 if index_offset is not None:
                     torch.manual_seed(chunk_seed(seed, index_offset + i))
                 enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(device)
-                ids = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=not greedy,
-                    temperature=temperature if not greedy else None,
-                    top_k=None if greedy else top_k,
-                    top_p=None if greedy else top_p,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    **static,
-                )  # (B, T_prompt + T_new)
+                if lean is not None:
+                    ids = decode(lean, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad, greedy=greedy, temperature=temperature,
+                                 top_k=top_k, top_p=top_p)
+                else:
+                    ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                         temperature=temperature if not greedy else None,
+                                         top_k=None if greedy else top_k, top_p=None if greedy else top_p,
+                                         pad_token_id=pad, eos_token_id=eos, **static)  # (B, T_prompt + T_new)
                 width = enc["input_ids"].shape[1]
                 for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist()):
                     prompt = [t for t, m in zip(row[:width], mask) if m]

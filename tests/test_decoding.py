@@ -1,0 +1,107 @@
+"""tether's decoding loop gives generate's tokens from the same seed: left padding, EOS stops, warpers, greedy,
+eager attention, LoRA; and models it cannot drive go to generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from tether.decoding import decode, decoder_of
+from tether.models import load_model, load_tokenizer
+from tether.rollout import sample
+
+SETTINGS = [dict(greedy=False), dict(greedy=False, temperature=0.7, top_k=20, top_p=0.9), dict(greedy=True)]
+PROMPTS = ["1 + 2 =", "12 + 30 = 42 ; 7 + 8 =", "3", "40 + 2 = 42 ; 5 + 5 = 10 ; 9 +"]  # left padding, 4 widths
+
+
+def _generate(model, enc, new, eos, pad, greedy=False, temperature=1.0, top_k=0, top_p=1.0):
+    model.generation_config = GenerationConfig()  # tether's settings only, as rollout.sample has it
+    sampling = {} if greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    return model.generate(**enc, max_new_tokens=new, do_sample=not greedy, pad_token_id=pad, eos_token_id=eos,
+                          **sampling)
+
+
+def _both(model, tok, prompts, new, eos, settings, seed=3):
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    expected = _generate(model, enc, new, eos, tok.pad_token_id, **settings)
+    torch.manual_seed(seed)
+    got = decode(decoder_of(model), enc["input_ids"], enc["attention_mask"], max_new_tokens=new, eos_token_id=eos,
+                 pad_token_id=tok.pad_token_id, **settings)
+    return expected, got
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["sampled", "warped", "greedy"])
+def test_the_decoding_loop_gives_generates_tokens(tiny_folder, settings):
+    model, tok = load_model(tiny_folder).eval(), load_tokenizer(tiny_folder)
+    expected, got = _both(model, tok, PROMPTS, 24, None, settings)  # no stop: every row 24 new tokens
+    assert torch.equal(got, expected)
+    eos = int(got[:, -24:].flatten().bincount().argmax())  # a token sampled often, made the EOS:
+    expected, got = _both(model, tok, PROMPTS, 24, eos, settings)  # rows end at their own steps
+    assert torch.equal(got, expected)
+    assert (got[:, -got.shape[1] + enc_width(tok):] == eos).any()
+
+
+def enc_width(tok) -> int:
+    return tok(PROMPTS, return_tensors="pt", padding=True)["input_ids"].shape[1]
+
+
+def test_eager_attention_and_lora_give_generates_tokens(tiny_folder):
+    from peft import LoraConfig, get_peft_model
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, attn_implementation="eager").float().eval()
+    tok = load_tokenizer(tiny_folder)
+    assert model.config._attn_implementation == "eager"
+    expected, got = _both(model, tok, PROMPTS, 16, None, {"greedy": False})
+    assert torch.equal(got, expected)
+    lora = get_peft_model(load_model(tiny_folder).eval(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                                      init_lora_weights=False))
+    expected, got = _both(lora, tok, PROMPTS, 16, None, {"greedy": False})
+    plain, _ = _both(load_model(tiny_folder).eval(), tok, PROMPTS, 16, None, {"greedy": False})
+    assert torch.equal(got, expected) and not torch.equal(got, plain)  # the adapters count, in both
+
+
+def test_sample_decodes_as_generate_and_falls_back_where_unsupported(tiny_folder, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model, tok = load_model(tiny_folder), load_tokenizer(tiny_folder)
+    prompts = PROMPTS * 3
+    ours = sample(model, tok, prompts, max_new_tokens=12, batch_size=5, seed=1, index_offset=0)
+    monkeypatch.setenv("TETHER_DECODE", "generate")
+    assert sample(model, tok, prompts, max_new_tokens=12, batch_size=5, seed=1, index_offset=0) == ours
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2))
+    assert decoder_of(gpt2) is None and decoder_of(model) is model
+    monkeypatch.delenv("TETHER_DECODE")
+    pairs = sample(gpt2, tok, PROMPTS, max_new_tokens=4, batch_size=4, seed=1)  # generate's path
+    assert [len(r) for _, r in pairs] and all(len(r) <= 4 for _, r in pairs)
+
+
+@pytest.mark.slow
+def test_smollm2_decodes_as_generate(smollm2_folder):
+    """The real vocabulary and grouped-query attention: chat prompts, sampled until the end of turn."""
+    model, tok = load_model(smollm2_folder).eval(), load_tokenizer(smollm2_folder)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+               for c in ("Say hi.", "Name a colour in one word.", "What is 2 + 2? Answer with the number only.")]
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    expected, got = _both(model, tok, prompts, 24, tok.eos_token_id, {"greedy": False})
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_other_members_of_the_family_decode_as_generate(tiny_folder, family):
+    """Qwen2 (attention biases) and Qwen3 (query/key norms), grouped-query attention, random small weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_folder)
+    config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert decoder_of(model) is model
+    expected, got = _both(model, tok, PROMPTS, 16, None, {"greedy": False})
+    assert torch.equal(got, expected)

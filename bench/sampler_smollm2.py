@@ -7,7 +7,8 @@ the fraction of the memory-bandwidth bound, SmolLM2-135M-Instruct on the CPU.
 HH-RLHF harmless-base prompts (../shared/data) rendered with the model's chat template, at most ``--max-prompt``
 tokens each, are continued at temperature 1 for at most ``--new`` tokens (a row stops at its end of turn) by:
 
-- ``tether``: tether.rollout.sample, the sampler every RL stage, best-of-N and the instruments use;
+- ``tether``: tether.rollout.sample, the sampler every RL stage, best-of-N and the instruments use (tether's
+  decoding loop, tether/decoding.py, for this Llama-family model);
 - ``hf``: ``model.generate`` called directly, the same arguments. TRL's trainers sample through this same call
   (GRPO/RLOO/online DPO: ``unwrap_model_for_generation`` then ``generate``, without vLLM), so it stands for
   TRL's generation path here; TRL itself is not installed in this environment.
@@ -17,7 +18,10 @@ batch): the generated tokens a CPU-second and a wall-second (best of ``--rounds`
 memory-bandwidth bound: a decoding step reads every weight once (fp32: 4 bytes a parameter), so at most
 bandwidth / weight bytes steps run a second, the bandwidth being a measured single-thread copy of a 1 GiB tensor
 (read + write counted); the steps are the longest response's tokens, and the time includes the prompts' prefill
-(one pass over up to B × ``--max-prompt`` tokens), so the fraction is a lower bound on the decoding steps'. Results:
+(one pass over up to B × ``--max-prompt`` tokens), so the fraction is a lower bound on the decoding steps'. The
+decoding steps alone are also shown: a 1-token run times the prefill, and (total − prefill) / (steps − 1) is the
+CPU time of one step. (On one core at batch 32 a step's 2 × N × B FLOPs, not its weight reads, are the tighter
+bound.) Results:
 bench/results/sampler_smollm2-DATE.json and .md.
 """
 
@@ -108,25 +112,34 @@ def main() -> None:
         batch = texts[:b]
         ref = hf_generate(model, tokenizer, batch, args.new, seed=0)
         for name in ("tether", "hf"):
-            best_cpu, best_wall, tokens = float("inf"), float("inf"), 0
+            def run(new: int):
+                if name == "hf":
+                    return hf_generate(model, tokenizer, batch, new, seed=0)
+                return [r for _, r in sample(model, tokenizer, batch, max_new_tokens=new, batch_size=b, seed=0)]
+
+            best_cpu, best_wall, prefill_cpu, tokens = float("inf"), float("inf"), float("inf"), 0
             for _ in range(args.rounds):
                 c, w = time.process_time(), time.perf_counter()
-                if name == "hf":
-                    got = hf_generate(model, tokenizer, batch, args.new, seed=0)
-                else:
-                    got = [r for _, r in sample(model, tokenizer, batch, max_new_tokens=args.new, batch_size=b, seed=0)]
+                got = run(args.new)
                 best_cpu, best_wall = min(best_cpu, time.process_time() - c), min(best_wall, time.perf_counter() - w)
                 tokens = sum(len(r) for r in got)
+                c = time.process_time()
+                run(1)  # the prompts' prefill and the first token alone
+                prefill_cpu = min(prefill_cpu, time.process_time() - c)
             same = got == ref
             steps = max(len(r) for r in got)  # decoding steps of the batch
             bound = bandwidth / weight_bytes  # steps a second if a step only read the weights
+            step_cpu = (best_cpu - prefill_cpu) / max(steps - 1, 1)  # one decoding step after the first token
             rows.append({"sampler": name, "batch": b, "new_tokens": args.new, "tokens": tokens, "steps": steps,
+                         "prefill_cpu_s": prefill_cpu, "decode_step_cpu_ms": 1e3 * step_cpu,
+                         "decode_fraction_of_bound": 1 / step_cpu / bound,
                          "tokens_per_cpu_s": tokens / best_cpu, "tokens_per_s": tokens / best_wall,
                          "steps_per_s": steps / best_wall, "bandwidth_bound_steps_per_s": bound,
                          "fraction_of_bound": steps / best_wall / bound, "same_tokens_as_hf": same})
             print(f"{name:6s} batch {b:3d}: {tokens / best_cpu:7.1f} tokens/CPU-s, {tokens / best_wall:7.1f} tokens/s, "
-                  f"{steps / best_wall:.1f} steps/s = {steps / best_wall / bound:.1%} of the bandwidth bound; same tokens "
-                  f"as generate: {same}", flush=True)
+                  f"{steps / best_wall:.1f} steps/s = {steps / best_wall / bound:.1%} of the bandwidth bound (prefill "
+                  f"{prefill_cpu:.2f} CPU-s, then {1e3 * step_cpu:.0f} ms a step = {1 / step_cpu / bound:.1%}); same "
+                  f"tokens as generate: {same}", flush=True)
 
     import transformers
 
@@ -141,10 +154,12 @@ def main() -> None:
     lines = [f"SmolLM2-135M-Instruct ({meta['parameters'] / 1e6:.1f}M parameters, {weight_bytes / 1e9:.2f} GB fp32), "
              f"{args.new} new tokens after HH prompts of at most {args.max_prompt} tokens, {meta['threads']} thread(s), "
              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, load average {meta['load_average'][0]:.2f}", "",
-             "| sampler | batch | tokens / CPU-s | tokens / s | steps / s | bound (steps / s) | fraction | same tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| sampler | batch | tokens / CPU-s | tokens / s | steps / s | bound (steps / s) | fraction | prefill CPU-s "
+             "| decode step CPU-ms | decode fraction | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['batch']} | {r['tokens_per_cpu_s']:.1f} | {r['tokens_per_s']:.1f} | "
               f"{r['steps_per_s']:.1f} | {r['bandwidth_bound_steps_per_s']:.1f} | {r['fraction_of_bound']:.1%} | "
+              f"{r['prefill_cpu_s']:.2f} | {r['decode_step_cpu_ms']:.0f} | {r['decode_fraction_of_bound']:.1%} | "
               f"{r['same_tokens_as_hf']} |" for r in rows]
     (out / f"sampler_smollm2-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

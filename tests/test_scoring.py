@@ -212,7 +212,8 @@ def test_labelled_logprobs_score_the_same_without_the_logits(tiny):
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
-    logp, kept = labelled_logprobs(model, ids, mask, labels)
+    with torch.no_grad():  # (with gradient the same positions go through the layer's weight, not its forward)
+        logp, kept = labelled_logprobs(model, ids, mask, labels)
     hook.remove()
     first = int((labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[0])
     assert first > 0 and logp.shape[1] == kept.shape[1] - 1 == ids.shape[1] - first - 1  # the shortest prompt - 1

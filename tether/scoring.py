@@ -105,7 +105,7 @@ def _forward_takes(cls: type, name: str) -> bool:
 
 
 def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      temperature: float = 1.0, *, summed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y_t | x, y_<t) of the labelled tokens, and the labels they line up with.
 
     Position t's logits predict token t + 1, so the positions before the batch's first labelled
@@ -117,16 +117,18 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     gradient, their gradient). A model where that is not known to be exact (an output layer that is
     not one linear map, logits scaled or soft-capped after it, a module behind torch.compile)
     gives its logits to tether.losses.lm.token_logprobs instead: the same numbers (as every model does with
-    ``TETHER_SCORE_FROM_LOGITS=1`` in the environment, for comparison).
+    ``TETHER_SCORE_FROM_LOGITS=1`` in the environment, for comparison). ``summed``: the caller
+    differentiates only the sum of these log-probs (SFT's NLL), which lets the output layer's gradient
+    be formed in the same pass (output_logprobs).
 
     Returns (log-probs (B, K − 1), labels (B, K)) with K ≤ T; 0 off the labelled positions.
     """
-    logp, kept, _ = labelled_pass(model, input_ids, attention_mask, labels, temperature)
+    logp, kept, _ = labelled_pass(model, input_ids, attention_mask, labels, temperature, summed=summed)
     return logp, kept
 
 
 def labelled_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  temperature: float = 1.0, *, entropy: torch.Tensor | None = None, **forward):
+                  temperature: float = 1.0, *, entropy: torch.Tensor | None = None, summed: bool = False, **forward):
     """:func:`labelled_logprobs`, and the model's whole output: (logp, labels, output). ``forward``: further
     arguments of the model's forward pass (``output_hidden_states``: PPO's value head reads them); ``entropy``: a
     (B, T − 1) tensor whose last K − 1 columns receive each labelled position's entropy (no gradient)."""
@@ -144,7 +146,7 @@ def labelled_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         return token_logprobs(out.logits, kept, temperature), kept, out
     owner, name, head = place
     kept_entropy = None if entropy is None else torch.zeros(kept.shape[0], kept.shape[1] - 1, device=entropy.device)
-    setattr(owner, name, _LabelledHead(head, kept, temperature, kept_entropy))
+    setattr(owner, name, _LabelledHead(head, kept, temperature, kept_entropy, summed))
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, **keep, **forward)
     finally:
@@ -157,12 +159,14 @@ def labelled_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 class _LabelledHead(torch.nn.Module):
     """Stands in for a causal LM's output layer for one pass: hidden (B, K, H) -> log-probs (B, K − 1)."""
 
-    def __init__(self, head: torch.nn.Linear, labels: torch.Tensor, temperature: float, entropy=None):
+    def __init__(self, head: torch.nn.Linear, labels: torch.Tensor, temperature: float, entropy=None,
+                 summed: bool = False):
         super().__init__()
-        self.head, self.labels, self.temperature, self.entropy = head, labels, temperature, entropy
+        self.head, self.labels, self.temperature, self.entropy, self.summed = head, labels, temperature, entropy, summed
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return output_logprobs(hidden, self.head, self.labels, self.temperature, entropy=self.entropy)
+        return output_logprobs(hidden, self.head, self.labels, self.temperature, entropy=self.entropy,
+                               summed=self.summed)
 
 
 def _output_layer(model) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:

@@ -39,10 +39,13 @@ def compiles(monkeypatch) -> list:
 
 
 def assert_same_weights(eager, compiled):
+    """Equal up to the order of sums: the compiled pass takes its gradient through the logits, the eager one forms
+    it beside them (losses.lm.output_logprobs), and Adam divides by √v, so an element whose gradient is ~0 can move
+    a few 1e-5 more on one side (the RL tests step at lr 1e-2)."""
     a, b = load_file(str(eager / "model.safetensors")), load_file(str(compiled / "model.safetensors"))
     assert a.keys() == b.keys()  # the compiled wrapper leaves no trace in the saved names
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5)
 
 
 def test_compiled_sft_trains_the_same_weights(tiny_folder, sft_file, tmp_path, compiles):

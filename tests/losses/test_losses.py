@@ -303,27 +303,39 @@ def test_bradley_terry_soft_labels_by_hand():
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_output_logprobs_equal_token_logprobs_of_the_output_layers_logits_forward_and_backward(chunk):
-    """Scored a chunk of labelled positions at a time from the hidden states (no B x T x V logits): the same
-    log-probs, and the same gradients for the hidden states and the output layer, whatever the chunk."""
-    from tether.losses.lm import IGNORE_INDEX, output_logprobs, token_logprobs
+@pytest.mark.parametrize("case", ["trained", "frozen", "summed", "summed-uneven", "bias"])
+def test_output_logprobs_equal_token_logprobs_of_the_output_layers_logits_forward_and_backward(chunk, case):
+    """Scored a chunk of labelled positions at a time from the hidden states (no B x T x V logits), the gradient
+    formed in the same pass: the same log-probs, entropies, and gradients for the hidden states and the output
+    layer, whatever the chunk; for a frozen output layer (LoRA), and with ``summed`` (SFT: every upstream
+    gradient equal; and if they are not after all, still exact)."""
+    from tether.losses.lm import IGNORE_INDEX, output_logprobs, token_entropy, token_logprobs
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 6, 8, generator=g, requires_grad=True)
-    head = torch.nn.Linear(8, 11, bias=False)
+    head = torch.nn.Linear(8, 11, bias=case == "bias")
+    head.requires_grad_(case != "frozen")
     labels = torch.randint(0, 11, (3, 6), generator=g)
     labels[0, :4] = IGNORE_INDEX  # a prompt
     labels[2, :] = IGNORE_INDEX  # a row with nothing labelled
-    upstream = torch.randn(3, 5, generator=g)
+    upstream = torch.full((3, 5), -0.3) if case == "summed" else torch.randn(3, 5, generator=g)
 
     def grads(logp):
-        hidden.grad, head.weight.grad = None, None
+        hidden.grad = head.weight.grad = None
+        if head.bias is not None:
+            head.bias.grad = None
         (logp * upstream).sum().backward()
-        return hidden.grad.clone(), head.weight.grad.clone()
+        return [x.grad.clone() for x in (hidden, head.weight, head.bias) if x is not None and x.requires_grad]
 
     expected = token_logprobs(head(hidden), labels, temperature=0.7)
-    got = output_logprobs(hidden, head, labels, temperature=0.7, chunk=chunk)
+    entropy = torch.zeros(3, 5)
+    got = output_logprobs(hidden, head, labels, temperature=0.7, chunk=chunk, entropy=entropy,
+                          summed=case.startswith("summed"))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert not got[2].any() and not got[0, :3].any()
-    for a, b in zip(grads(got), grads(token_logprobs(head(hidden), labels, temperature=0.7))):
+    labelled = labels[:, 1:] != IGNORE_INDEX
+    torch.testing.assert_close(entropy, token_entropy(head(hidden)[:, :-1], 0.7) * labelled)
+    ours, theirs = grads(got), grads(token_logprobs(head(hidden), labels, temperature=0.7))
+    assert len(ours) == (1 if case == "frozen" else 3 if case == "bias" else 2)
+    for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -47,14 +47,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
 
 
 def output_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, temperature: float = 1.0,
-                    chunk: int | None = None, entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`token_logprobs` of ``head(hidden)`` (the output layer's logits) without materialising them.
+                    chunk: int | None = None, entropy: torch.Tensor | None = None, summed: bool = False) -> torch.Tensor:
+    """:func:`token_logprobs` of ``head(hidden)`` (a linear output layer's logits) without materialising them.
 
     Only the labelled positions are scored, ``chunk`` of them at a time (default: as many as make
     2^24 logits, 64 MB in float32): their logits z = head(h_t), then log softmax(z / T)[y_t]. With
-    gradient each chunk is recomputed in the backward pass (a torch checkpoint), so the memory beyond
+    gradient, the gradient is formed in the same pass (:class:`_OutputLogprobs`), so the memory beyond
     the hidden states is one chunk's logits, forward and backward, instead of B × T × V logits and
-    their gradient; the price is the output layer's matmul once more in the backward pass.
+    their gradient. ``summed``: the caller differentiates only the sum of the log-probs (SFT's NLL),
+    so the output layer's weight gradient is formed in the forward pass as well.
 
     ``entropy``: a (B, T − 1) tensor that receives, without gradient, :func:`token_entropy` at the same
     positions (PPO's objective/entropy), from the same chunks of logits.
@@ -68,26 +69,86 @@ def output_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.T
     if not len(y):
         return out + hidden.sum() * 0.0  # no labelled token: 0, still connected to the graph
     chunk = chunk or max(1, 2**24 // head.out_features)
-
-    def scored(h_c: torch.Tensor, y_c: torch.Tensor) -> torch.Tensor:
-        return _logprobs(head(h_c), y_c, temperature)
-
-    grad = torch.is_grad_enabled() and h.requires_grad
-    parts, entropies = [], []
-    for h_c, y_c in zip(h.split(chunk), y.split(chunk)):
-        if grad:  # recomputed in the backward pass
-            parts.append(checkpoint(scored, h_c, y_c, use_reentrant=False))
-            if entropy is not None:
-                with torch.no_grad():
-                    entropies.append(token_entropy(head(h_c), temperature))
-        else:
+    entropies: list[torch.Tensor] = []
+    if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
+        logp = _OutputLogprobs.apply(h, head.weight, head.bias, y, temperature, chunk, summed, entropies)
+    else:
+        parts = []
+        for h_c, y_c in zip(h.split(chunk), y.split(chunk)):
             z = head(h_c)  # (c, V)
             parts.append(_logprobs(z, y_c, temperature))
             if entropy is not None:
                 entropies.append(token_entropy(z, temperature))
+        logp = torch.cat(parts)
     if entropy is not None:
         entropy.masked_scatter_(mask, torch.cat(entropies))
-    return out.masked_scatter(mask, torch.cat(parts))
+    return out.masked_scatter(mask, logp)
+
+
+class _OutputLogprobs(torch.autograd.Function):
+    """log p_t = log softmax(z_t / T)[y_t], z_t = W h_t + b, for N positions, a chunk at a time, with its gradient
+    formed in the forward pass: ∂ log p_t / ∂z_t = (e_{y_t} − softmax(z_t / T)) / T =: d_t, so
+
+        ∂L/∂h_t = g_t · d_t W        ∂L/∂W = Σ_t g_t · d_t h_tᵀ        ∂L/∂b = Σ_t g_t · d_t
+
+    for the upstream gradient g_t = ∂L/∂ log p_t. d_t W (N × H) is kept from the forward pass and scaled by
+    g_t in the backward pass: a frozen output layer (LoRA) costs one matmul for the logits and one for the
+    gradient, where recomputing the logits in the backward pass would cost two more. ``summed`` (the caller
+    differentiates Σ_t log p_t alone: every g_t equal) keeps Σ_t d_t h_tᵀ too, a V × H sum, and the
+    backward pass only scales it; otherwise, or if the g_t differ after all, the backward pass
+    recomputes each chunk's d_t for W's gradient. No B × T × V tensor is kept either way."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, temperature, chunk, summed, entropies):
+        trains_w = weight.requires_grad or (bias is not None and bias.requires_grad)
+        logp, grad_h = torch.empty(len(y), device=h.device), torch.empty_like(h)
+        sum_w = torch.zeros_like(weight, dtype=torch.float32) if summed and trains_w else None
+        sum_b = None if sum_w is None or bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        for s in range(0, len(y), chunk):
+            h_c, y_c = h[s : s + chunk], y[s : s + chunk]
+            d, logp[s : s + chunk] = _chunk_grad(h_c, weight, bias, y_c, temperature, entropies)
+            grad_h[s : s + chunk] = d.to(weight.dtype) @ weight
+            if sum_w is not None:
+                sum_w += d.T @ h_c.float()
+                if sum_b is not None:
+                    sum_b += d.sum(0)
+        ctx.save_for_backward(h, weight, bias, y, grad_h, sum_w, sum_b)
+        ctx.temperature, ctx.chunk, ctx.trains_w = temperature, chunk, trains_w
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, bias, y, grad_h, sum_w, sum_b = ctx.saved_tensors
+        gh = (g.unsqueeze(-1) * grad_h).to(h.dtype) if ctx.needs_input_grad[0] else None
+        gw = gb = None
+        if ctx.trains_w and sum_w is not None and bool((g == g[0]).all()):
+            gw, gb = g[0] * sum_w, None if sum_b is None else g[0] * sum_b
+        elif ctx.trains_w:  # each chunk's d_t once more, weighted by its own g_t
+            gw = torch.zeros_like(weight, dtype=torch.float32)
+            gb = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+            for s in range(0, len(y), ctx.chunk):
+                d, _ = _chunk_grad(h[s : s + ctx.chunk], weight, bias, y[s : s + ctx.chunk], ctx.temperature, None)
+                d = d * g[s : s + ctx.chunk].unsqueeze(-1)
+                gw += d.T @ h[s : s + ctx.chunk].float()
+                if gb is not None:
+                    gb += d.sum(0)
+        gw = gw.to(weight.dtype) if gw is not None and weight.requires_grad else None
+        gb = gb.to(bias.dtype) if gb is not None and bias.requires_grad else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _chunk_grad(h, weight, bias, y, temperature, entropies) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d = ∂ log p / ∂z (c, V), log p (c,)) of one chunk, as :func:`_logprobs` computes log p; its entropies
+    appended to ``entropies`` (a list) when given."""
+    z = torch.nn.functional.linear(h, weight, bias).float()
+    logsm = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+    logp = logsm.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    p = logsm.exp()
+    if entropies is not None:
+        entropies.append(-(p * logsm).sum(-1))
+    d = p.neg_()
+    d[torch.arange(len(y), device=y.device), y] += 1.0
+    return (d if temperature == 1.0 else d / temperature), logp
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:

@@ -224,7 +224,7 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
                    "value/clip_fraction": val.clip_fraction.item()}
         if ptx_batch is not None:
             nll = summed_nll(*labelled_logprobs(policy, ptx_batch["input_ids"], ptx_batch["attention_mask"],
-                                                ptx_batch["labels"]))
+                                                ptx_batch["labels"], summed=True))
             terms["ptx"] = cfg.ptx_coef * nll.total  # its mean over the mini-batch: loss/ptx (below)
         return terms, metrics
 

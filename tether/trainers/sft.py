@@ -60,7 +60,8 @@ class SFTConfig:
 
 def lm_loss(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The summed NLL of a micro-batch's labelled tokens (the step divides by all of its tokens: lm_count)."""
-    nll = summed_nll(*labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+    nll = summed_nll(*labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        summed=True))
     return {"labelled": nll.total}, {"tokens": float(batch["attention_mask"].sum())}
 
 

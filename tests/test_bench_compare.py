@@ -48,13 +48,33 @@ def test_every_row_is_a_prompt_a_completion_and_eos_in_tethers_encoding(bench, t
 def test_model_flops_per_step_by_hand(bench):
     """6·N per trained token, 2·N per forward token; N = 1000 parameters, 8 rows of 65 tokens."""
     a = type("A", (), {"batch": 8, "rl_batch": 16, "new_tokens": 40})()
-    n = 1000
-    assert bench.flops_per_step("sft", n, a) == 6 * 8 * 65 * n
-    assert bench.flops_per_step("dpo", n, a) == (6 + 2) * 2 * 8 * 65 * n  # train both sides + reference forward
-    assert bench.flops_per_step("kto", n, a) == (6 + 2 + 2 + 2) * 8 * 65 * n  # + the mismatched row through both
-    assert bench.flops_per_step("grpo", n, a) == (2 + 2 + 6) * 16 * (16 + 40) * n  # generate, reference, train
-    assert bench.items_per_step("sft", a) == 8 * 65 and bench.items_per_step("grpo", a) == 16
+    n, lens = 1000, bench.make_data(2)["lens"]  # the lengths the data say: prompts of 16, rows of 65 tokens
+    assert lens == {"prompt": 16, "row": 65, "max_len": 65}
+    assert bench.flops_per_step("sft", n, a, lens) == 6 * 8 * 65 * n
+    assert bench.flops_per_step("dpo", n, a, lens) == (6 + 2) * 2 * 8 * 65 * n  # train both sides + reference forward
+    assert bench.flops_per_step("kto", n, a, lens) == (6 + 2 + 2 + 2) * 8 * 65 * n  # + the mismatched row through both
+    assert bench.flops_per_step("grpo", n, a, lens) == (2 + 2 + 6) * 16 * (16 + 40) * n  # generate, reference, train
+    assert bench.items_per_step("sft", a, lens) == 8 * 65 and bench.items_per_step("grpo", a, lens) == 16
 
 
 def test_the_diversity_reward_is_the_share_of_distinct_words(bench):
     assert bench.diversity_reward([], ["w1 w1 w2 w3", "", "w4"]) == [0.75, 0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_smollm2_rows_are_hh_chat_prompts_and_replies_of_one_length(bench, smollm2_folder):
+    """The real-model data: chat-template prompts of HH_PROMPT tokens, replies of HH_COMPLETION tokens closed by the
+    end of turn, so tether encodes every row whole (no truncation) at the data's max_len."""
+    from tether.data.collate import encode_pairs, prompt_ids
+    from tether.models import load_tokenizer
+
+    tok = load_tokenizer(smollm2_folder)
+    d = bench.make_hh_data(6, smollm2_folder)
+    lo, hi = bench.HH_PROMPT
+    assert all(p.startswith("<|im_start|>") and p.endswith("<|im_start|>assistant\n") for p in d["prompt"])
+    assert all(lo <= len(prompt_ids(tok, p)) <= hi for p in d["prompt"])
+    assert all(c.endswith(tok.eos_token) and c.count(tok.eos_token) == 1 for c in d["chosen"] + d["rejected"])
+    pairs, count = encode_pairs([bench._Rec(prompt=p, chosen=c, rejected=r) for p, c, r in
+                                 zip(d["prompt"], d["chosen"], d["rejected"])], tok, d["lens"]["max_len"])
+    assert len(pairs) == 6 and count.truncated == count.dropped == 0
+    assert all(abs(len(s) - p.prompt_len - 1 - bench.HH_COMPLETION) <= 2 for p in pairs for s in (p.chosen, p.rejected))

@@ -41,11 +41,8 @@ def test_the_decoding_loop_gives_generates_tokens(tiny_folder, settings):
     eos = int(got[:, -24:].flatten().bincount().argmax())  # a token sampled often, made the EOS:
     expected, got = _both(model, tok, PROMPTS, 24, eos, settings)  # rows end at their own steps
     assert torch.equal(got, expected)
-    assert (got[:, -got.shape[1] + enc_width(tok):] == eos).any()
-
-
-def enc_width(tok) -> int:
-    return tok(PROMPTS, return_tensors="pt", padding=True)["input_ids"].shape[1]
+    width = tok(PROMPTS, return_tensors="pt", padding=True)["input_ids"].shape[1]
+    assert (got[:, width:] == eos).any()
 
 
 def test_eager_attention_and_lora_give_generates_tokens(tiny_folder):

@@ -335,6 +335,11 @@ def test_output_logprobs_equal_token_logprobs_of_the_output_layers_logits_forwar
     assert not got[2].any() and not got[0, :3].any()
     labelled = labels[:, 1:] != IGNORE_INDEX
     torch.testing.assert_close(entropy, token_entropy(head(hidden)[:, :-1], 0.7) * labelled)
+    with torch.no_grad():  # without gradient: the same log-probs and entropies
+        plain_entropy = torch.zeros(3, 5)
+        plain = output_logprobs(hidden, head, labels, temperature=0.7, chunk=chunk, entropy=plain_entropy)
+    torch.testing.assert_close(plain, expected.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plain_entropy, entropy)
     ours, theirs = grads(got), grads(token_logprobs(head(hidden), labels, temperature=0.7))
     assert len(ours) == (1 if case == "frozen" else 3 if case == "bias" else 2)
     for a, b in zip(ours, theirs):

@@ -10,16 +10,31 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
+def _log_softmax(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(z / T) over the last dimension, in float32: (..., V) -> (..., V)."""
+    z = z.float()
+    return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+
+
 def _logprobs(z: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(z / T)[y] over the last dimension: (..., V), (...) -> (...), float32."""
-    z = z.float() if temperature == 1.0 else z.float() / temperature
-    return torch.log_softmax(z, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return _gather(_log_softmax(z, temperature), y)
+
+
+def _gather(logsm: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """logsm[..., y]: (..., V), (...) -> (...)."""
+    return logsm.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logsm: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """H = −Σ_v p_v log p_v from log-probabilities ``logsm`` and probabilities ``p`` = exp(logsm): (..., V) -> (...)."""
+    return -(p * logsm).sum(-1)
 
 
 def token_entropy(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """H(softmax(z / T)) = −Σ_v p_v log p_v over the last dimension: (..., V) -> (...), float32."""
-    logp = torch.log_softmax(z.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    logsm = _log_softmax(z, temperature)
+    return _entropy(logsm, logsm.exp())
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -75,10 +90,10 @@ def output_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.T
     else:
         parts = []
         for h_c, y_c in zip(h.split(chunk), y.split(chunk)):
-            z = head(h_c)  # (c, V)
-            parts.append(_logprobs(z, y_c, temperature))
+            logsm = _log_softmax(head(h_c), temperature)  # (c, V): one log-softmax for both
+            parts.append(_gather(logsm, y_c))
             if entropy is not None:
-                entropies.append(token_entropy(z, temperature))
+                entropies.append(_entropy(logsm, logsm.exp()))
         logp = torch.cat(parts)
     if entropy is not None:
         entropy.masked_scatter_(mask, torch.cat(entropies))
@@ -140,12 +155,10 @@ class _OutputLogprobs(torch.autograd.Function):
 def _chunk_grad(h, weight, bias, y, temperature, entropies) -> tuple[torch.Tensor, torch.Tensor]:
     """(d = ∂ log p / ∂z (c, V), log p (c,)) of one chunk, as :func:`_logprobs` computes log p; its entropies
     appended to ``entropies`` (a list) when given."""
-    z = torch.nn.functional.linear(h, weight, bias).float()
-    logsm = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
-    logp = logsm.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    p = logsm.exp()
+    logsm = _log_softmax(torch.nn.functional.linear(h, weight, bias), temperature)
+    logp, p = _gather(logsm, y), logsm.exp()
     if entropies is not None:
-        entropies.append(-(p * logsm).sum(-1))
+        entropies.append(_entropy(logsm, p))
     d = p.neg_()
     d[torch.arange(len(y), device=y.device), y] += 1.0
     return (d if temperature == 1.0 else d / temperature), logp

@@ -39,9 +39,8 @@ def compiles(monkeypatch) -> list:
 
 
 def assert_same_weights(eager, compiled):
-    """Equal up to the order of sums: the compiled pass takes its gradient through the logits, the eager one forms
-    it beside them (losses.lm.output_logprobs), and Adam divides by √v, so an element whose gradient is ~0 can move
-    a few 1e-5 more on one side (the RL tests step at lr 1e-2)."""
+    """Equal up to the order of sums: the compiled backbone fuses its kernels, and Adam divides by √v, so an element
+    whose gradient is ~0 can move a few 1e-5 more on one side (the RL tests step at lr 1e-2)."""
     a, b = load_file(str(eager / "model.safetensors")), load_file(str(compiled / "model.safetensors"))
     assert a.keys() == b.keys()  # the compiled wrapper leaves no trace in the saved names
     for k in a:
@@ -102,3 +101,28 @@ def test_compiled_decoding_samples_the_same_tokens(tiny_folder, compiles):
     assert not compiles
     assert sample(model, tok, prompts, max_new_tokens=12, seed=3, compile=True) == eager
     assert compiles and hasattr(model, "_compiled_call")  # transformers compiled its decoding call
+
+
+def test_compiled_scoring_keeps_the_output_layer_out_of_the_graph(tiny_folder, compiles):
+    """Only the backbone is compiled: the scoring pass still stands the output layer in for the chunked one (no
+    B × T × V logits), with the eager pass's log-probs and gradients, and the model is left as it was."""
+    from tether.loop import compiled
+    from tether.models import load_model
+    from tether.scoring import _output_layer, labelled_logprobs
+
+    model = load_model(tiny_folder)
+    fast = compiled(model, TrainConfig(compile=True))
+    assert [type(m).__name__ for m in compiles] == ["LlamaModel"]  # the decoder stack, not the causal LM
+    assert _output_layer(fast) is not None and fast.config is model.config
+    ids = torch.randint(3, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask, labels = torch.ones_like(ids), ids.clone()
+    labels[:, :4] = -100
+    results = []
+    for m in (model, fast):
+        model.zero_grad()
+        logp, _ = labelled_logprobs(m, ids, mask, labels)
+        logp.sum().backward()
+        results.append((logp.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone(), model.lm_head.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert type(model.model).__name__ == "LlamaModel"  # the swap is undone after the pass

@@ -144,17 +144,62 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 
 def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """``model`` behind ``torch.compile`` when ``cfg.compile``, else ``model`` itself.
+    """``model`` with its transformer backbones behind ``torch.compile`` when ``cfg.compile``, else ``model`` itself.
 
-    The compiled module shares the parameters (optimiser, checkpoints and the saved model keep
-    using ``model``); stages call it for the passes that train (and the no-grad passes that score
+    The result shares the parameters (optimiser, checkpoints and the saved model keep using
+    ``model``); stages call it for the passes that train (and the no-grad passes that score
     a batch), not for sampling, whose KV-cache shapes change every token (the RL stages' sampler
     decodes from a static cache compiled by transformers instead: tether.rollout.sample). A micro-batch of a new
     sequence length costs one recompilation, after which the length is a dynamic dimension. Where it
     pays: the elementwise work between matmuls (norms, rotary, SiLU, softmax) is fused, so a
     small, overhead-bound model gains most (bench/compare_trl.py --compile).
+
+    Only the backbones are compiled (:class:`CompiledBackbones`), not the output layer after them: the
+    scoring passes stand that layer in for one that never materialises the logits (tether.scoring.
+    labelled_logprobs), which a graph compiled whole would hide. A model without a transformers backbone is
+    compiled whole.
     """
-    return torch.compile(model) if cfg.compile else model
+    if not cfg.compile:
+        return model
+    backbones = _backbones(model)
+    return CompiledBackbones(model, backbones) if backbones else torch.compile(model)
+
+
+def _backbones(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute name, module) of every transformers base model inside ``model`` (a causal LM's decoder
+    stack, a reward model's or a critic's backbone): the modules whose ``base_model`` is themselves."""
+    from transformers import PreTrainedModel
+
+    bases = {id(m) for m in model.modules() if isinstance(m, PreTrainedModel) and m.base_model is m}
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if id(child) in bases]
+
+
+class CompiledBackbones(torch.nn.Module):
+    """``model``, with each backbone swapped for its ``torch.compile``d self for the length of a call.
+
+    Attributes other than its own come from ``model`` (as a ``torch.compile``d module's do).
+    """
+
+    def __init__(self, model: torch.nn.Module, backbones: list[tuple[torch.nn.Module, str, torch.nn.Module]]):
+        super().__init__()
+        self.model = model
+        self._swaps = [(parent, name, child, torch.compile(child)) for parent, name, child in backbones]  # unregistered
+
+    def forward(self, *args, **kwargs):
+        for parent, name, _, fast in self._swaps:
+            parent._modules[name] = fast
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for parent, name, child, _ in self._swaps:
+                parent._modules[name] = child
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -156,6 +156,24 @@ class Rollout(NamedTuple):
         return Rollout(**out, prompts=[self.prompts[i] for i in keep.tolist()],
                        responses=[self.responses[i] for i in keep.tolist()])
 
+    def width(self) -> int:
+        """Columns up to the longest row's last token: past it every row is padding (rows are right-padded)."""
+        return int(self.attention_mask.sum(1).max())
+
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in all of them (:meth:`width`)."""
+        w = self.width()
+        return self._replace(input_ids=self.input_ids[:, :w], attention_mask=self.attention_mask[:, :w],
+                             labels=self.labels[:, :w], mask=self.mask[:, : w - 1])
+
+    def passes(self, rows: torch.Tensor, cost: int) -> list[torch.Tensor]:
+        """``rows`` (one micro-batch's row numbers) cut into forward passes of like-length rows, each of which
+        then runs :meth:`trimmed` (tether.loop.accumulate.length_passes: the same update, less padding)."""
+        from tether.loop.accumulate import length_passes
+
+        lengths = self.attention_mask[rows.to(self.attention_mask.device)].sum(1).tolist()
+        return [rows[torch.tensor(p, dtype=torch.long, device=rows.device)] for p in length_passes(lengths, cost)]
+
 
 def _cut_at_stop(tokenizer, response: list[int], stop_strings: Sequence[str]) -> tuple[list[int], bool]:
     """Shorten ``response`` to the fewest tokens whose text contains a stop string (kept)."""

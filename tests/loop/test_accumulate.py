@@ -95,8 +95,9 @@ def test_rpo_gradient_is_the_same_for_any_micro_batch_split(tiny_folder):
 
 
 def test_ppo_ptx_gradient_is_the_same_for_any_micro_batch_split(tmp_path, tiny_folder):
-    """One PPO mini-batch of 4 rows with the ptx term, run as 1 x 4, 2 x 2 and 4 x 1 micro-batches: the same
-    gradient (the ptx mean runs over the labelled tokens of all of the mini-batch's ptx rows, of unequal length)."""
+    """One PPO mini-batch of 4 rows with the ptx term, run as 1 x 4, 2 x 2 and 4 x 1 micro-batches, and with each
+    micro-batch cut into passes of like-length rows (pass_cost 1): the same gradient (the ptx mean runs over the
+    labelled tokens of all of the mini-batch's ptx rows, of unequal length)."""
     ptx_file = tmp_path / "ptx.jsonl"
     ptx_file.write_text("".join(json.dumps({"prompt": "\n\nHuman: Count.\n\nAssistant:", "completion": c}) + "\n"
                                 for c in [" 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16", " 1.", " 1 2 3 4 5 6 7 8", " 0."]))
@@ -104,17 +105,24 @@ def test_ppo_ptx_gradient_is_the_same_for_any_micro_batch_split(tmp_path, tiny_f
     ac = ActorCritic(model)  # a value head on the policy
     cfg = PPOConfig(model=str(tiny_folder), prompts="p", rollout_batch=4, epochs=1, value="head", ptx_coef=5.0,
                     ptx_data=str(ptx_file), sampling=SamplingConfig(max_new_tokens=8))
-    batch = rollout(model, tokenizer, PROMPTS[:4], max_new_tokens=8, seed=0)
+    prompts = PROMPTS[:2] + ["\n\nHuman: What is 1 plus 2? Say it in words, please, and then in digits.\n\nAssistant:"] * 2
+    batch = rollout(model, tokenizer, prompts, max_new_tokens=8, seed=0)
     scored, _ = score_rollout(ac, Reference.frozen(load_model(tiny_folder).eval()), batch,
                               torch.tensor([1.0, 0.0, 0.5, -1.0]), cfg, beta=0.05)
     rows = ptx_rows(cfg, tokenizer)
-    grads = []
-    for size, accum in ((4, 1), (2, 2), (1, 4)):
-        cfg.train.batch_size, cfg.train.grad_accum = size, accum
-        run = FakeRun(ac)
+    assert len(set(batch.attention_mask.sum(1).tolist())) > 1  # rollout rows of unequal length too
+    grads, widths = [], []
+    for size, accum, cost in ((4, 1, 0), (2, 2, 0), (1, 4, 0), (4, 1, 1)):
+        cfg.train.batch_size, cfg.train.grad_accum, cfg.train.pass_cost = size, accum, cost
+        run, seen = FakeRun(ac), []
+        forward = ac.forward
+        ac.forward = lambda ids, mask, *a, **k: seen.append(ids.shape) or forward(ids, mask, *a, **k)
         metrics = ppo_update(ac, run, batch, scored, cfg, 0, ptx_stream(cfg, rows, tokenizer.pad_token_id, 0))
+        del ac.forward
         assert len(run.grads) == 1 and metrics["loss/ptx"] > 0
         grads.append(torch.cat([g.flatten() for g in run.grads[0]]))
+        widths.append(seen)
+    assert len(widths[3]) > 1 and sum(r * w for r, w in widths[3]) < 4 * batch.input_ids.shape[1]  # less padding
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
 

@@ -135,9 +135,10 @@ def test_without_the_old_logp_pass_the_step_and_the_logged_kl_are_the_same(tiny_
 @pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
 def test_any_micro_batch_split_gives_the_gradient_of_the_whole_batch(tiny_folder, prompt_file, tmp_path, aggregation):
     grads, losses = [], []
-    for size, accum in ((16, 1), (1, 16), (4, 4), (2, 8)):  # one optimiser step of 16 rows, split four ways
+    # one optimiser step of 16 rows, split four ways, and in passes of like-length rows (pass_cost 1)
+    for size, accum, cost in ((16, 1, 0), (1, 16, 0), (4, 4, 0), (2, 8, 0), (16, 1, 1)):
         stage, batch, scored, _ = _scored("grpo", tiny_folder, prompt_file, tmp_path, aggregation=aggregation)
-        stage.cfg.train.batch_size, stage.cfg.train.grad_accum = size, accum
+        stage.cfg.train.batch_size, stage.cfg.train.grad_accum, stage.cfg.train.pass_cost = size, accum, cost
         run = FakeRun(stage.model)
         losses.append(stage.update(batch, scored, run)["loss/policy"])
         assert len(run.grads) == 1
@@ -145,7 +146,7 @@ def test_any_micro_batch_split_gives_the_gradient_of_the_whole_batch(tiny_folder
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert torch.allclose(a, b, atol=1e-6)
-    assert losses[1:] == pytest.approx([losses[0]] * 3, abs=1e-6)
+    assert losses[1:] == pytest.approx([losses[0]] * 4, abs=1e-6)
 
 
 def test_a_smaller_optimiser_step_takes_several_steps_a_pass(tiny_folder, prompt_file, tmp_path):

@@ -168,6 +168,11 @@ class EncodedPair:
     margin: float = 0.0
     label: float = 1.0  # P(chosen ≻ rejected): 1 for a hard label, a soft label in [0, 1] otherwise
 
+    @property
+    def width(self) -> int:
+        """The columns its batch needs: the longer side's tokens."""
+        return max(len(self.chosen), len(self.rejected))
+
 
 def encode_pairs(records: Sequence, tokenizer, max_len: int, overflow: str = "truncate",
                  margin_field: str = "", label_field: str = "") -> tuple[list[EncodedPair], OverflowCount]:

@@ -3,7 +3,8 @@
     pieces.py       TrainConfig (the optimisation options of every stage), device and bf16 autocast,
                     AdamW, warm-up + decay, torch.compile, the seeded data order, metrics.jsonl + TensorBoard
     accumulate.py   the one accumulation rule: loss terms as sums and counts, divided by the step's
-                    global count across micro-batches and ranks (the gradient does not depend on the split)
+                    global count across micro-batches and ranks (the gradient does not depend on the split, so
+                    a micro-batch runs as passes of like-length rows: length_passes)
     guards.py       TrainingDiverged, the rising-loss rule (LossGuard), the finite-weights check
     checkpoints.py  atomic checkpoints that resume exactly, written only once their weights have worked;
                     the resume guard (a resumed run with other options is refused, or accepted when safe)
@@ -18,7 +19,7 @@ that blows up without becoming NaN stops the run too (:class:`LossGuard`, ``--di
 Under torchrun the same loops run on every rank with DDP or FSDP2 (tether.distributed).
 """
 
-from tether.loop.accumulate import Accumulated, Counts, accumulate, rows, step_counts
+from tether.loop.accumulate import Accumulated, Counts, accumulate, length_passes, rows, step_counts
 from tether.loop.checkpoints import (
     Checkpoints,
     checkpoint_extra,
@@ -53,6 +54,6 @@ __all__ = [
     "PRECISIONS", "SCHEDULES", "Accumulated", "Checkpoints", "Counts", "DataOrder", "LossFn", "LossGuard",
     "MetricsLog", "Run", "TrainConfig", "TrainResult", "TrainingDiverged", "accumulate", "autocast",
     "build_optimizer", "checkpoint_extra", "checkpoint_metrics", "checkpoint_state", "compiled", "diverged_error",
-    "latest_checkpoint", "load_checkpoint", "logged_until", "lr_factor", "nonfinite_weights", "resolve_device",
+    "latest_checkpoint", "length_passes", "load_checkpoint", "logged_until", "lr_factor", "nonfinite_weights", "resolve_device",
     "resume_changes", "resume_from", "rows", "save_checkpoint", "step_counts", "train", "with_metrics",
 ]

@@ -16,6 +16,10 @@ more than one of a long one, so the gradient depended on the split (rows with 18
 tokens, batch 4 × 1 against 2 × 2: cosine 0.56). Hugging Face's Trainer passes the same global count
 as ``num_items_in_batch``.
 
+Because the split does not matter, a micro-batch of rows of unequal length can itself be cut into
+forward passes of like-length rows (:func:`length_passes`): each pass pads only to its own longest
+row, so less padding is computed, and the gradient is the same.
+
 Metrics a ``loss_fn`` reports are means over its micro-batch; they are weighted by the micro-batch's
 share of the first term's count, so that they too are means over the step (a ``tokens`` entry is
 summed instead: it feeds the throughput figure).
@@ -24,6 +28,7 @@ summed instead: it feeds the throughput figure).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -53,6 +58,35 @@ def step_counts(counts: Sequence[Counts], keys: Sequence[str] = ()) -> Counts:
     keys = sorted(local)  # the same order on every rank
     total = dict(zip(keys, distributed.all_reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64)).tolist()))
     return {k: total[k] for k in local}  # in the loss's own order, as in one process: the first term weighs metrics
+
+
+def length_passes(lengths: Sequence[int], cost: int) -> list[list[int]]:
+    """One micro-batch's rows (positions into ``lengths``, each row's length in tokens) cut into forward passes.
+
+    A pass pads its rows to its longest, so it computes rows × longest tokens, and costs about ``cost`` tokens'
+    worth more for being a pass of its own (kernel launches, per-operator overhead: a forward and backward pass of
+    the demo's 1M-parameter model costs 7.5 ms + 0.056 ms a token on two CPU cores, so about 135 tokens; a PPO
+    pass runs policy, critic and loss, and its update was fastest at 256-512). Over the rows sorted by length, the cut into runs that minimises
+        Σ_pass (cost + rows · longest)
+    is found by dynamic programming (n ≤ a micro-batch: O(n²)). Rows of one length, or ``cost`` 0: one pass, in
+    the given order. The update is the same for any cut (the module's docstring); only the padding differs.
+    """
+    n = len(lengths)
+    if cost <= 0 or n < 2:
+        return [list(range(n))]
+    order = sorted(range(n), key=lambda i: lengths[i])
+    best, start = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[j]: the cheapest cut of the j shortest rows
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):  # the last pass: sorted rows i .. j - 1
+            c = best[i] + cost + (j - i) * longest
+            if c < best[j]:
+                best[j], start[j] = c, i
+    passes, j = [], n
+    while j > 0:
+        passes.append(order[start[j] : j])
+        j = start[j]
+    return [list(range(n))] if len(passes) == 1 else passes[::-1]
 
 
 class Accumulated(NamedTuple):

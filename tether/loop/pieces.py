@@ -30,6 +30,9 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward pass "
                                               "instead of keeping them (less memory, about a third more compute)")
     grad_accum: int = opt(1, "micro-batches per optimiser step (effective batch = batch_size x grad_accum)")
+    pass_cost: int = opt(256, "cut a micro-batch into forward passes of like-length rows when that spares more "
+                              "padding than this many tokens a pass costs (the same update: tether.loop."
+                              "length_passes); 0: one pass a micro-batch")
     lr: float = opt(3e-4, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay on matrices (not on norms, biases or embeddings)")
     warmup_steps: int = opt(10, "steps of linear warm-up from 0 to lr")
@@ -56,7 +59,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_fields(self, "steps batch_size grad_accum keep_checkpoints", ge=1, integer=True)
-        check_fields(self, "warmup_steps eval_every save_every score_batch_size", ge=0, integer=True)
+        check_fields(self, "warmup_steps eval_every save_every score_batch_size pass_cost", ge=0, integer=True)
         check("lr", self.lr, gt=0)
         check("weight_decay", self.weight_decay, ge=0)
         check("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)

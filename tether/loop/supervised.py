@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tether import distributed
-from tether.loop.accumulate import Counts, accumulate, rows
+from tether.loop.accumulate import Counts, accumulate, length_passes, rows
 from tether.loop.guards import LossGuard, TrainingDiverged
 from tether.loop.pieces import DataOrder, TrainConfig, autocast, compiled
 from tether.loop.run import Run
@@ -42,6 +42,7 @@ def train(
     out_dir: Path,
     *,
     count: Callable[[dict], Counts] = rows,
+    lengths: Sequence[int] | None = None,
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     resume: bool = False,
     desc: str = "train",
@@ -57,6 +58,10 @@ def train(
     (tether.loop.accumulate). ``eval_fn(model)`` returns evaluation metrics; under torchrun every
     rank calls it. Checkpoints go to ``out_dir/checkpoints``; with ``resume`` the latest one there is
     loaded first. Under torchrun ``model`` holds the trained weights on every rank at the end.
+
+    ``lengths``: each example's width in its micro-batch (tokens; a pair: its longer side), for a loss that is
+    a sum over examples (not KTO's, whose reference point is a micro-batch mean); given, each micro-batch is
+    cut into forward passes of like-length examples (tether.loop.accumulate.length_passes, ``cfg.pass_cost``).
 
     ``run_config`` is the stage's whole config as a dict (``tether.config.to_dict``), stored in every
     checkpoint (tether.loop.run.Run). The run stops with :class:`TrainingDiverged` when a loss or
@@ -79,8 +84,11 @@ def train(
         for step in range(run.start, cfg.steps):
             tick = time.perf_counter()
             micro = [order.indices(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
-            batches = [{k: v.to(device) for k, v in collate(idx).items()}
-                       for idx in distributed.step_pieces(micro, env.rank, env.world_size)]
+            pieces = distributed.step_pieces(micro, env.rank, env.world_size)
+            if lengths is not None:  # each micro-batch in passes of like-length rows: less padding, the same update
+                pieces = [[idx[i] for i in p] for idx in pieces
+                          for p in length_passes([lengths[i] for i in idx], cfg.pass_cost)]
+            batches = [{k: v.to(device) for k, v in collate(idx).items()} for idx in pieces]
             filler = None if batches else {k: v.to(device) for k, v in collate(micro[0][:1]).items()}  # weight 0
             out = accumulate(net.module, batches, count, lambda b: loss_fn(forward, b), filler=filler,
                              context=lambda: autocast(device, cfg.precision))

@@ -226,6 +226,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         return {**evaluate_pairs(m_, eval_pairs, eval_ref_c, eval_ref_r, cfg, pad_id), **kl(m_)}
 
     result = train(model, n, collate, lambda m_, b: dpo_step(m_, b, cfg), cfg.train, out, count=pair_count,
+                   lengths=[p.width for p in pairs],
                    eval_fn=eval_fn if eval_pairs else None, resume=cfg.resume, desc=f"dpo {cfg.loss}",
                    run_config=to_dict(cfg))
     metrics = {**result.train, **result.eval, "ref/cache_hit": float(hit), "data/truncated": overflow.truncated,

@@ -262,10 +262,11 @@ class CriticFree:
             return {"units": aggregation_count(batch.mask[rows], cfg.aggregation)}
 
         def loss_fn(rows):
-            sub = batch.rows(rows.cpu()).to(self.device)
-            logp = response_logprobs(self.training, sub, cfg.sampling.temperature)  # (b, T-1), with grad
-            old = s.old_logp[rows] if s.old_logp is not None else logp.detach()  # see needs_old_logp
-            ref = s.ref_logp[rows] if s.ref_logp is not None else old  # unused when β = 0
+            sub = batch.rows(rows.cpu()).trimmed().to(self.device)  # the batch's other columns: padding here
+            w = sub.mask.shape[1]
+            logp = response_logprobs(self.training, sub, cfg.sampling.temperature)  # (b, w), with grad
+            old = s.old_logp[rows, :w] if s.old_logp is not None else logp.detach()  # see needs_old_logp
+            ref = s.ref_logp[rows, :w] if s.ref_logp is not None else old  # unused when β = 0
             if s.kl is None and s.ref_logp is not None:
                 first_pass_kl[rows] = ((old - ref) * sub.mask).sum(-1)
             out = grpo_loss(logp, old, ref, s.advantages[rows], sub.mask, max_tokens=cfg.sampling.max_new_tokens,
@@ -281,7 +282,8 @@ class CriticFree:
                 mine = kept[(kept >= lo) & (kept < hi)] if hi > lo else kept[:0]
                 if not distributed.all_reduce(torch.tensor(len(mine))).item():
                     continue  # nothing kept in this mini-batch on any rank
-                parts = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+                parts = [p for i in range(0, len(mine), micro)
+                         for p in batch.passes(mine[i : i + micro], cfg.train.pass_cost)]
                 out = accumulate(self.training, parts, count, loss_fn, filler=filler,
                                  context=lambda: autocast(self.device, cfg.train.precision))
                 if out.nonfinite is not None:

@@ -198,7 +198,7 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
     """
     e = distributed.env()
     B = len(batch.prompts)  # this rank's rows: global rows [first, first + B)
-    first, mb, micro = e.rank * B, cfg.step_rows(), cfg.train.batch_size
+    first, mb, micro, cost = e.rank * B, cfg.step_rows(), cfg.train.batch_size, cfg.train.pass_cost
     policy = ac.module.policy if hasattr(ac, "no_sync") else ac.policy  # under DDP: the wrapped model's
     device = batch.input_ids.device
     none = torch.zeros(0, dtype=torch.long)
@@ -213,10 +213,11 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
     def loss_fn(part):
         idx, ptx_batch = part
         rows = idx if len(idx) else torch.zeros(1, dtype=torch.long)  # a ptx-only part: row 0 at weight 0 (below)
-        sub, mask = batch.rows(rows), batch.mask[rows].float()
-        logp, values = ac(sub.input_ids, sub.attention_mask, sub.labels, cfg.sampling.temperature)  # (b, T-1), (b, T)
-        pol = ppo_policy_loss(logp, s.old_logp[rows], s.advantages[rows], mask, cfg.clip_eps)
-        val = ppo_value_loss(values[:, :-1] * mask, s.values[rows], s.returns[rows], mask, cfg.value_clip)
+        sub = batch.rows(rows).trimmed()  # w columns: the batch's others are padding in these rows
+        mask, w = sub.mask.float(), sub.mask.shape[1]
+        logp, values = ac(sub.input_ids, sub.attention_mask, sub.labels, cfg.sampling.temperature)  # (b, w), (b, w+1)
+        pol = ppo_policy_loss(logp, s.old_logp[rows, :w], s.advantages[rows, :w], mask, cfg.clip_eps)
+        val = ppo_value_loss(values[:, :-1] * mask, s.values[rows, :w], s.returns[rows, :w], mask, cfg.value_clip)
         # with no PPO rows the pass still reaches every parameter, as DDP needs, and adds nothing
         terms = {"tokens": (pol.total + cfg.vf_coef * val.total) * float(len(idx) > 0)}
         metrics = {"loss/policy": pol.loss.item(), "loss/value": val.loss.item(),
@@ -236,7 +237,7 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
         for start in range(0, len(perm), mb):
             rows = perm[start : start + mb]
             mine = rows[(rows >= first) & (rows < first + B)] - first  # this rank's, in the permutation's order
-            ppo_parts = [mine[m : m + micro] for m in range(0, len(mine), micro)]
+            ppo_parts = [p for m in range(0, len(mine), micro) for p in batch.passes(mine[m : m + micro], cost)]
             ptx_parts = [{k: v.to(device) for k, v in b.items()} for b in ptx.take(cfg.train.grad_accum)] if ptx else []
             parts = list(zip_longest(ppo_parts, ptx_parts, fillvalue=None))
             parts = [(none if idx is None else idx, p) for idx, p in parts]

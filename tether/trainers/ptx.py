@@ -8,7 +8,7 @@ from __future__ import annotations
 from tether import distributed
 from tether.data import chat_tokenizer, load_sft
 from tether.data.collate import encode_sft, nothing_left, pad
-from tether.loop import DataOrder
+from tether.loop import DataOrder, length_passes
 
 
 def ptx_rows(cfg, tokenizer) -> list:
@@ -29,16 +29,19 @@ class PtxStream:
     saved in each checkpoint: an update that stops early on ``target_kl`` takes fewer than an iteration's full
     share, so the position is not a function of the iteration."""
 
-    def __init__(self, rows: list, pad_id: int, micro: int, seed: int, position: int = 0):
-        self.rows, self.pad_id, self.position = rows, pad_id, position
+    def __init__(self, rows: list, pad_id: int, micro: int, seed: int, position: int = 0, pass_cost: int = 0):
+        self.rows, self.pad_id, self.position, self.pass_cost = rows, pad_id, position, pass_cost
         self.order = DataOrder(len(rows), micro, seed)
 
     def take(self, k: int) -> list[dict]:
-        """The next ``k`` micro-batches of the stream, of which this rank trains numbers rank, rank + W, ..."""
+        """The next ``k`` micro-batches of the stream, of which this rank trains numbers rank, rank + W, ...,
+        each as forward passes of like-length rows (tether.loop.accumulate.length_passes, ``pass_cost``)."""
         e = distributed.env()
-        mine = range(self.position + e.rank, self.position + k, e.world_size)
+        mine = [self.order.indices(p) for p in range(self.position + e.rank, self.position + k, e.world_size)]
         self.position += k
-        return [pad([self.rows[i] for i in self.order.indices(p)], self.pad_id) for p in mine]
+        passes = [[idx[i] for i in p] for idx in mine
+                  for p in length_passes([len(self.rows[i].input_ids) for i in idx], self.pass_cost)]
+        return [pad([self.rows[i] for i in idx], self.pad_id) for idx in passes]
 
 
 def ptx_stream(cfg, rows: list, pad_id: int, start_iteration: int,
@@ -50,4 +53,4 @@ def ptx_stream(cfg, rows: list, pad_id: int, start_iteration: int,
         return None
     per_iteration = cfg.epochs * (cfg.rollout_batch // cfg.step_rows()) * cfg.train.grad_accum
     return PtxStream(rows, pad_id, cfg.train.batch_size, cfg.train.seed + 1,
-                     start_iteration * per_iteration if position is None else position)
+                     start_iteration * per_iteration if position is None else position, cfg.train.pass_cost)

@@ -198,6 +198,7 @@ def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: li
         return {f"eval/{k}": v for k, v in evaluate_rm(m, eval_pairs, eval_records, pad_id, cfg.train.score_rows()).items()}
 
     result = train(model, len(pairs), collate, loss_fn, cfg.train, out, count=lambda b: {"pairs": len(b["input_ids"]) / 2},
+                   lengths=[p.width for p in pairs],
                    eval_fn=eval_fn if eval_pairs else None,
                    resume=cfg.resume, desc=f"rm {out.name}", run_config=to_dict(cfg))
     model.eval()

@@ -86,6 +86,7 @@ def fit_causal_lm(model, tokenizer, rows: list[Encoded], eval_rows: list[Encoded
     pad_id = tokenizer.pad_token_id
     return train(
         model, len(rows), lambda idx: pad([rows[i] for i in idx], pad_id), lm_loss, cfg, out, count=lm_count,
+        lengths=[len(r.input_ids) for r in rows],
         eval_fn=(lambda m: eval_nll(m, eval_rows, pad_id, cfg.score_rows())) if eval_rows else None,
         resume=resume, desc=desc, run_config=run_config,
     )

@@ -21,7 +21,7 @@ TRAIN_BAD = [  # TrainConfig, shared by every stage that trains
     ("--keep-checkpoints", "-1"), ("--keep-checkpoints", "0"),
     ("--weight-decay", "nan"), ("--weight-decay", "-0.1"),
     ("--steps", "0"), ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--seed", "4294967296"),
-    ("--divergence-factor", "nan"), ("--score-batch-size", "-1"),
+    ("--divergence-factor", "nan"), ("--score-batch-size", "-1"), ("--pass-cost", "-1"),
 ]
 LORA_BAD = [("--r", "-1"), ("--alpha", "nan"), ("--alpha", "0"), ("--dropout", "1"), ("--dropout", "nan")]
 

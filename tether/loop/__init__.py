@@ -54,6 +54,6 @@ __all__ = [
     "PRECISIONS", "SCHEDULES", "Accumulated", "Checkpoints", "Counts", "DataOrder", "LossFn", "LossGuard",
     "MetricsLog", "Run", "TrainConfig", "TrainResult", "TrainingDiverged", "accumulate", "autocast",
     "build_optimizer", "checkpoint_extra", "checkpoint_metrics", "checkpoint_state", "compiled", "diverged_error",
-    "latest_checkpoint", "length_passes", "load_checkpoint", "logged_until", "lr_factor", "nonfinite_weights", "resolve_device",
-    "resume_changes", "resume_from", "rows", "save_checkpoint", "step_counts", "train", "with_metrics",
+    "latest_checkpoint", "length_passes", "load_checkpoint", "logged_until", "lr_factor", "nonfinite_weights",
+    "resolve_device", "resume_changes", "resume_from", "rows", "save_checkpoint", "step_counts", "train", "with_metrics",
 ]

@@ -66,7 +66,8 @@ def length_passes(lengths: Sequence[int], cost: int) -> list[list[int]]:
     A pass pads its rows to its longest, so it computes rows × longest tokens, and costs about ``cost`` tokens'
     worth more for being a pass of its own (kernel launches, per-operator overhead: a forward and backward pass of
     the demo's 1M-parameter model costs 7.5 ms + 0.056 ms a token on two CPU cores, so about 135 tokens; a PPO
-    pass runs policy, critic and loss, and its update was fastest at 256-512). Over the rows sorted by length, the cut into runs that minimises
+    pass runs policy, critic and loss, and its update was fastest at 256-512). Over the rows sorted by length,
+    the cut into runs that minimises
         Σ_pass (cost + rows · longest)
     is found by dynamic programming (n ≤ a micro-batch: O(n²)). Rows of one length, or ``cost`` 0: one pass, in
     the given order. The update is the same for any cut (the module's docstring); only the padding differs.

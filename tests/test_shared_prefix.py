@@ -1,0 +1,93 @@
+"""Rows that share a prompt (a GRPO group, DPO's chosen and rejected) run it once: the same log-probs, entropies and
+gradients as the plain pass (tether.scoring.shared_prefix_hidden)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tether.scoring as scoring
+from tether.losses.lm import IGNORE_INDEX
+from tether.models import load_model
+
+
+def _rows(vocab: int, seed: int = 0):
+    """A group of 4 rows on one 12-token prompt, 2 rows on a 7-token prompt, 1 row on its own; responses of 3 to 9
+    tokens, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (12,), generator=g), torch.randint(3, vocab, (7,), generator=g),
+               torch.randint(3, vocab, (10,), generator=g)]
+    spec = [(0, 9), (0, 3), (0, 6), (0, 5), (1, 8), (1, 4), (2, 6)]
+    width = max(len(prompts[p]) + n for p, n in spec)
+    ids = torch.ones(len(spec), width, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX)
+    for r, (p, n) in enumerate(spec):
+        row = torch.cat([prompts[p], torch.randint(3, vocab, (n,), generator=g)])
+        ids[r, : len(row)], mask[r, : len(row)] = row, 1
+        labels[r, len(prompts[p]) : len(row)] = row[len(prompts[p]):]
+    return ids, mask, labels
+
+
+def _pass(model, params, ids, mask, labels, shared: bool, monkeypatch, summed=False):
+    monkeypatch.setattr(scoring, "SHARED_PREFIX_MIN_TOKENS", 0 if shared else 10**9)
+    calls = []
+    real = scoring.shared_prefix_hidden
+    monkeypatch.setattr(scoring, "shared_prefix_hidden", lambda *a: calls.append(r := real(*a)) or r)
+    for p in params:
+        p.grad = None
+    entropy = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    logp, kept, _ = scoring.labelled_pass(model, ids, mask, labels, 0.9, entropy=entropy, summed=summed)
+    (logp.sum() if summed else (logp * torch.linspace(0.5, 1.5, logp.shape[1])).sum()).backward()
+    assert (calls[0] is not None) == shared  # the path asked for is the one taken
+    return logp.detach(), kept, entropy, [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("summed", [False, True])
+def test_shared_prompts_give_the_plain_pass_log_probs_and_gradients(tiny_folder, monkeypatch, summed):
+    model = load_model(tiny_folder).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, mask, labels = _rows(model.config.vocab_size)
+    plain = _pass(model, params, ids, mask, labels, False, monkeypatch, summed)
+    shared = _pass(model, params, ids, mask, labels, True, monkeypatch, summed)
+    torch.testing.assert_close(shared[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(shared[1], plain[1])
+    torch.testing.assert_close(shared[2], plain[2], rtol=1e-5, atol=1e-5)
+    for a, b in zip(shared[3], plain[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "lora"])
+def test_grouped_query_attention_and_lora_share_prompts_exactly(tiny_folder, monkeypatch, family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if family == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(load_model(tiny_folder).eval(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                           init_lora_weights=False))
+    else:  # query/key norms, grouped-query attention
+        config = AutoConfig.for_model(family, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=128, pad_token_id=1)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, mask, labels = _rows(300)
+    plain = _pass(model, params, ids, mask, labels, False, monkeypatch)
+    shared = _pass(model, params, ids, mask, labels, True, monkeypatch)
+    torch.testing.assert_close(shared[0], plain[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(shared[3], plain[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_prompts_are_shared_only_where_it_pays_and_can_be_done(tiny_folder):
+    model = load_model(tiny_folder).eval()
+    ids, mask, labels = _rows(model.config.vocab_size)
+    hf = model
+    assert scoring.shared_prefix_hidden(model, hf, ids, mask, labels) is None  # 4·12 - 12 + 7 = 43 tokens spared
+    long_ids = torch.cat([ids[:, :1].expand(-1, 300), ids], 1)  # the same 300 tokens before every prompt
+    long_mask, long_labels = torch.cat([mask[:, :1].expand(-1, 300), mask], 1), \
+        torch.cat([torch.full((len(ids), 300), IGNORE_INDEX), labels], 1)
+    assert scoring.shared_prefix_hidden(model, hf, long_ids, long_mask, long_labels) is not None
+    model.gradient_checkpointing_enable()
+    assert scoring.shared_prefix_hidden(model, hf, long_ids, long_mask, long_labels) is None

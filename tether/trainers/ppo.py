@@ -191,7 +191,8 @@ def ppo_update(ac, run, batch: Rollout, s: Scored, cfg: PPOConfig, iteration: in
     Each epoch is one permutation of the whole rollout batch (all ranks' rows), drawn from (seed,
     iteration) and the same on every rank, cut into mini-batches of ``batch_size × grad_accum`` rows,
     one optimiser step each. A rank trains the rows of each mini-batch it sampled (global rows
-    [rank·B, (rank + 1)·B)), in micro-batches of ``batch_size``, and its share of the mini-batch's
+    [rank·B, (rank + 1)·B)), in micro-batches of ``batch_size`` (each run as passes of like-length rows,
+    ``pass_cost``: tether.loop.accumulate.length_passes), and its share of the mini-batch's
     ``grad_accum`` PPO-ptx micro-batches; the loss is Σ (policy + vf_coef·value) over the mini-batch's
     response tokens / their number on every rank, plus ptx_coef · Σ NLL over its ptx labelled tokens /
     their number (tether.loop.accumulate), so an update is one process's at any world size.

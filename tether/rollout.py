@@ -156,13 +156,10 @@ class Rollout(NamedTuple):
         return Rollout(**out, prompts=[self.prompts[i] for i in keep.tolist()],
                        responses=[self.responses[i] for i in keep.tolist()])
 
-    def width(self) -> int:
-        """Columns up to the longest row's last token: past it every row is padding (rows are right-padded)."""
-        return int(self.attention_mask.sum(1).max())
-
     def trimmed(self) -> Rollout:
-        """The same rows without the columns that are padding in all of them (:meth:`width`)."""
-        w = self.width()
+        """The same rows without the columns that are padding in all of them: those past the longest row's last
+        token (rows are right-padded)."""
+        w = int(self.attention_mask.sum(1).max())
         return self._replace(input_ids=self.input_ids[:, :w], attention_mask=self.attention_mask[:, :w],
                              labels=self.labels[:, :w], mask=self.mask[:, : w - 1])
 

@@ -147,20 +147,20 @@ def labelled_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         return token_logprobs(out.logits, kept, temperature), kept, out
     owner, name, head = place
     kept_entropy = None if entropy is None else torch.zeros(kept.shape[0], kept.shape[1] - 1, device=entropy.device)
-    if not forward and (hidden := shared_prefix_hidden(model, owner, input_ids, attention_mask, labels)) is not None:
-        logp = output_logprobs(hidden[:, labels.shape[1] - kept.shape[1]:], head, kept, temperature,
-                               entropy=kept_entropy, summed=summed)
-        if entropy is not None:
-            entropy[:, entropy.shape[1] - kept_entropy.shape[1]:] = kept_entropy
-        return logp, kept, None
-    setattr(owner, name, _LabelledHead(head, kept, temperature, kept_entropy, summed))
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **keep, **forward)
-    finally:
-        setattr(owner, name, head)
+    hidden = None if forward else shared_prefix_hidden(model, owner, input_ids, attention_mask, labels)
+    if hidden is not None:  # the prompts were run once: the output layer reads the hidden states itself
+        logp, out = output_logprobs(hidden[:, labels.shape[1] - kept.shape[1]:], head, kept, temperature,
+                                    entropy=kept_entropy, summed=summed), None
+    else:
+        setattr(owner, name, _LabelledHead(head, kept, temperature, kept_entropy, summed))
+        try:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, **keep, **forward)
+        finally:
+            setattr(owner, name, head)
+        logp = out.logits
     if entropy is not None:
         entropy[:, entropy.shape[1] - kept_entropy.shape[1]:] = kept_entropy
-    return out.logits, kept, out
+    return logp, kept, out
 
 
 # What a forward pass of its own costs, in tokens of a 1M-parameter model (the demo's: 7.5 ms against 0.056 ms a
@@ -185,12 +185,14 @@ def shared_prefix_hidden(model, hf, input_ids: torch.Tensor, attention_mask: tor
     FSDP2 run the model whole), a model whose backbone is called as it is (not compiled, no gradient checkpointing);
     ``TETHER_SHARED_PREFIX=0`` in the environment turns it off (for comparison).
     """
+    from tether.loop.pieces import CompiledBackbones
+
     if os.environ.get("TETHER_SHARED_PREFIX") == "0":
         return None
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in hf.modules())
     backbone = hf.base_model
-    if distributed.env().active or isinstance(model, torch._dynamo.eval_frame.OptimizedModule) \
-            or type(model).__name__ == "CompiledBackbones" or checkpointing or backbone is hf or not hf.can_generate():
+    if distributed.env().active or isinstance(model, (torch._dynamo.eval_frame.OptimizedModule, CompiledBackbones)) \
+            or checkpointing or backbone is hf or not hf.can_generate():
         return None
     labelled = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t + 1
     starts = torch.where(labelled.any(1), labelled.int().argmax(1) + 1, 0).tolist()  # each row's prompt length

@@ -348,7 +348,8 @@ def tether_run(a, clock: Clock) -> dict:
 
             def loss_fn(m, batch):
                 clock.tick()
-                r_w, r_l = raw_scores(m, batch["input_ids"], batch["attention_mask"]).chunk(2)
+                r_w, r_l = raw_scores(m, batch["input_ids"], batch["attention_mask"],
+                                      batch["prompt_lengths"].tolist()).chunk(2)  # a pair's prompt run once
                 return {"pairs": bradley_terry_loss(r_w, r_l).losses.sum()}, {}
 
             def count(batch):

@@ -84,10 +84,55 @@ def test_prompts_are_shared_only_where_it_pays_and_can_be_done(tiny_folder):
     model = load_model(tiny_folder).eval()
     ids, mask, labels = _rows(model.config.vocab_size)
     hf = model
-    assert scoring.shared_prefix_hidden(model, hf, ids, mask, labels) is None  # 4·12 - 12 + 7 = 43 tokens spared
+    starts = scoring.prompt_lengths(labels)
+    assert starts == [12, 12, 12, 12, 7, 7, 10]
+    assert scoring.shared_prefix_hidden(model, hf, ids, mask, starts) is None  # 7·21 − 3·12 − 7·9 = 48 tokens spared
     long_ids = torch.cat([ids[:, :1].expand(-1, 300), ids], 1)  # the same 300 tokens before every prompt
     long_mask, long_labels = torch.cat([mask[:, :1].expand(-1, 300), mask], 1), \
         torch.cat([torch.full((len(ids), 300), IGNORE_INDEX), labels], 1)
-    assert scoring.shared_prefix_hidden(model, hf, long_ids, long_mask, long_labels) is not None
+    long_starts = scoring.prompt_lengths(long_labels)
+    assert scoring.shared_prefix_hidden(model, hf, long_ids, long_mask, long_starts) is not None
+    whole = [int(m.sum()) for m in long_mask]  # a "prompt" that is the whole row leaves nothing to run after it
+    assert scoring.shared_prefix_hidden(model, hf, long_ids, long_mask, whole) is None
     model.gradient_checkpointing_enable()
-    assert scoring.shared_prefix_hidden(model, hf, long_ids, long_mask, long_labels) is None
+    assert scoring.shared_prefix_hidden(model, hf, long_ids, long_mask, long_starts) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "lora"])
+def test_a_reward_model_scores_pairs_the_same_with_their_prompt_run_once(tiny_folder, monkeypatch, family):
+    from tether.models import load_tokenizer
+    from tether.models.reward import load_reward_model, raw_scores
+
+    tokenizer = load_tokenizer(tiny_folder)
+    torch.manual_seed(0)
+    model = load_reward_model(tiny_folder, tokenizer)
+    if family == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"],
+                                                 init_lora_weights=False))
+    model.config.pad_token_id = tokenizer.eos_token_id  # hub-style: rows ending in EOS = pad are read there all the same
+    ids, mask, labels = _rows(model.config.vocab_size)
+    ends = mask.sum(1) - 1
+    ids[torch.arange(len(ids))[::2], ends[::2]] = tokenizer.eos_token_id
+    ids[mask == 0] = tokenizer.eos_token_id
+    starts = scoring.prompt_lengths(labels)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def scores(shared: bool):
+        monkeypatch.setattr(scoring, "SHARED_PREFIX_MIN_TOKENS", 0 if shared else 10**9)
+        calls = []
+        real = scoring.shared_prefix_hidden
+        monkeypatch.setattr(scoring, "shared_prefix_hidden", lambda *a: calls.append(r := real(*a)) or r)
+        for p in params:
+            p.grad = None
+        r = raw_scores(model, ids, mask, starts)
+        (r * torch.linspace(-1, 1, len(r))).sum().backward()
+        assert (calls[0] is not None) == shared
+        return r.detach(), [p.grad.clone() for p in params]
+
+    plain, shared = scores(False), scores(True)
+    torch.testing.assert_close(shared[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain[0], raw_scores(model, ids, mask).detach(), rtol=0, atol=0)  # no lengths: plain
+    for a, b in zip(shared[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

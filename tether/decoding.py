@@ -46,13 +46,13 @@ def decoder_of(model: torch.nn.Module):
         return None
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return None
-    if _cache_keyword(inner.layers[0]) is None:
+    if cache_keyword(inner.layers[0]) is None:
         return None
     return hf
 
 
-def _cache_keyword(layer: torch.nn.Module) -> str | None:
-    """The name a decoder layer takes its key/value cache by (transformers renamed it over versions)."""
+def cache_keyword(layer: torch.nn.Module) -> str | None:
+    """The name a decoder layer (or a backbone) takes its key/value cache by (transformers renamed it over versions)."""
     names = inspect.signature(type(layer).forward).parameters
     return next((n for n in ("cache", "past_key_values", "past_key_value") if n in names), None)
 
@@ -110,7 +110,7 @@ def decode(hf, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new
         warpers.append(TopKLogitsWarper(top_k))
     if not greedy and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
-    cache, keyword = _Buffers(input_ids.shape[1] + max_new_tokens), _cache_keyword(inner.layers[0])
+    cache, keyword = _Buffers(input_ids.shape[1] + max_new_tokens), cache_keyword(inner.layers[0])
     dtype = inner.embed_tokens.weight.dtype
 
     def last_logits(tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -69,12 +69,13 @@ class LearnedReward:
         from tether.models.reward import normalised, raw_scores
 
         device = next(self.model.parameters()).device
-        rows = [(prompt_ids(self.tokenizer, p) + response_ids(self.tokenizer, r))[: self.max_len]
-                for p, r in zip(prompts, responses)]
+        heads = [prompt_ids(self.tokenizer, p) for p in prompts]
+        rows = [(h + response_ids(self.tokenizer, r))[: self.max_len] for h, r in zip(heads, responses)]
         out = []
         for i in range(0, len(rows), self.batch_size):
             batch = pad([Encoded(ids, ids) for ids in rows[i : i + self.batch_size]], self.tokenizer.pad_token_id)
-            scores = raw_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            scores = raw_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                [len(h) for h in heads[i : i + self.batch_size]])  # samples of one prompt share it
             out.append(normalised(self.model, scores) if self.normalise else scores)
         return torch.cat(out).cpu() if out else torch.zeros(0)
 

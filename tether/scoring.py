@@ -147,7 +147,7 @@ def labelled_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         return token_logprobs(out.logits, kept, temperature), kept, out
     owner, name, head = place
     kept_entropy = None if entropy is None else torch.zeros(kept.shape[0], kept.shape[1] - 1, device=entropy.device)
-    hidden = None if forward else shared_prefix_hidden(model, owner, input_ids, attention_mask, labels)
+    hidden = None if forward else shared_prefix_hidden(model, owner, input_ids, attention_mask, prompt_lengths(labels))
     if hidden is not None:  # the prompts were run once: the output layer reads the hidden states itself
         logp, out = output_logprobs(hidden[:, labels.shape[1] - kept.shape[1]:], head, kept, temperature,
                                     entropy=kept_entropy, summed=summed), None
@@ -169,64 +169,75 @@ def labelled_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 SHARED_PREFIX_MIN_TOKENS = 256
 
 
-def shared_prefix_hidden(model, hf, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         labels: torch.Tensor) -> torch.Tensor | None:
-    """The last hidden states (B, T, H) of ``hf`` (the transformers causal LM inside ``model``) on right-padded rows,
-    with each prompt shared by several rows computed once; None where that would not pay or cannot be done.
+def prompt_lengths(labels: torch.Tensor) -> list[int]:
+    """Each row's tokens before its first labelled one (0 for a row with none). Shape: (B, T) -> B."""
+    labelled = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t + 1
+    return torch.where(labelled.any(1), labelled.int().argmax(1) + 1, 0).tolist()
 
-    A GRPO or RLOO group samples G responses to one prompt, and DPO's chosen and rejected rows share theirs: a
-    plain pass computes the prompt's P tokens G times. Here rows whose tokens before their first labelled one
-    are the same (no padding among them) form a group: its prompt runs once through the backbone (one row, its
-    keys and values kept), the G responses then run after it with those keys and values repeated (positions
-    P, P + 1, ...), and the prompt's hidden states are repeated beside theirs. The hidden states are the plain
-    pass's (a causal model's position t sees tokens ≤ t alone), so are the log-probs and, through the repeated
-    keys and values, the gradient; (G − 1) · P tokens are spared a group. Rows in no group run in one plain
-    pass. Done only where the saving exceeds SHARED_PREFIX_MIN_TOKENS a pass (scaled), for one process (DDP and
-    FSDP2 run the model whole), a model whose backbone is called as it is (not compiled, no gradient checkpointing);
-    ``TETHER_SHARED_PREFIX=0`` in the environment turns it off (for comparison).
+
+def shared_prefix_hidden(model, hf, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         starts: Sequence[int]) -> torch.Tensor | None:
+    """The last hidden states (B, T, H) of ``hf`` (the transformers model inside ``model``: a causal LM or a reward
+    model) on right-padded rows whose first ``starts[r]`` tokens are their prompt, with each prompt shared by several
+    rows computed once; None where that would not pay or cannot be done.
+
+    A GRPO or RLOO group samples G responses to one prompt, and a preference pair's chosen and rejected rows share
+    theirs: a plain pass computes the prompt's P tokens G times. Here two passes replace it. The first runs each
+    distinct prompt once (one row a prompt, right-padded, keys and values kept); the second runs every row's
+    response after its prompt's keys and values (gathered to the row; the mask hides the prompt's padding, the
+    positions go on from P). A causal model's position t sees tokens ≤ t alone, so the hidden states gathered back
+    to (B, T, H) are the plain pass's, and so are the log-probs and, through the gathered keys and values, the
+    gradient. Done only where the tokens spared exceed SHARED_PREFIX_MIN_TOKENS (scaled: the second pass's cost),
+    for one process (DDP and FSDP2 run the model whole), a backbone called as it is (not compiled, no gradient
+    checkpointing) whose layers all attend to the whole sequence; ``TETHER_SHARED_PREFIX=0`` in the environment
+    turns it off (for comparison).
     """
+    from tether.decoding import cache_keyword
     from tether.loop.pieces import CompiledBackbones
 
     if os.environ.get("TETHER_SHARED_PREFIX") == "0":
         return None
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in hf.modules())
-    backbone = hf.base_model
+    backbone, config = hf.base_model, hf.config
     if distributed.env().active or isinstance(model, (torch._dynamo.eval_frame.OptimizedModule, CompiledBackbones)) \
-            or checkpointing or backbone is hf or not hf.can_generate():
+            or checkpointing or backbone is hf:
         return None
-    labelled = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t + 1
-    starts = torch.where(labelled.any(1), labelled.int().argmax(1) + 1, 0).tolist()  # each row's prompt length
+    keyword = cache_keyword(backbone)  # "cache" (transformers ≥ 5.2x) or "past_key_values"
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    if keyword not in ("cache", "past_key_values") or windowed \
+            or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return None
     mask_rows, id_rows = attention_mask.tolist(), input_ids.tolist()
-    groups: dict[tuple, list[int]] = {}
-    for r, p in enumerate(starts):
-        if p > 0 and all(mask_rows[r][:p]):
-            groups.setdefault(tuple(id_rows[r][:p]), []).append(r)
-    shared = {k: rows for k, rows in groups.items() if len(rows) > 1}
-    passes = 2 * len(shared) + (len(input_ids) > sum(map(len, shared.values())))
-    spared = sum((len(rows) - 1) * len(k) for k, rows in shared.items())
-    per_pass = SHARED_PREFIX_MIN_TOKENS * min(1.0, 1e6 / sum(p.numel() for p in hf.parameters()))
-    if not shared or spared < per_pass * (passes - 1):
+    lengths = [sum(m) for m in mask_rows]
+    if any(not all(m[:n]) or n < 2 for m, n in zip(mask_rows, lengths)):
+        return None  # left padding or holes, or a row too short to split
+    cuts = [min(max(p, 1), n - 1) for p, n in zip(starts, lengths)]  # a row in no group keeps its own prompt
+    prompts: dict[tuple, int] = {}
+    group = [prompts.setdefault(tuple(ids[:c]), len(prompts)) for ids, c in zip(id_rows, cuts)]
+    width, tail_width = max(map(len, prompts)), max(n - c for n, c in zip(lengths, cuts))
+    spared = len(id_rows) * input_ids.shape[1] - len(prompts) * width - len(id_rows) * tail_width
+    if len(prompts) == len(id_rows) or spared < SHARED_PREFIX_MIN_TOKENS * min(1.0, 1e6 / hf.num_parameters()):
         return None
     from transformers import DynamicCache
 
-    pieces, order = [], []
-    for prompt, rows in shared.items():
-        p, idx = len(prompt), torch.tensor(rows, device=input_ids.device)
-        cache = DynamicCache(config=hf.config)
-        prefix = backbone(input_ids=input_ids[idx[:1], :p], past_key_values=cache, use_cache=True).last_hidden_state
-        cache.batch_repeat_interleave(len(rows))  # (G, heads, P, d) a layer
-        tail = backbone(input_ids=input_ids[idx, p:], attention_mask=attention_mask[idx], past_key_values=cache,
-                        use_cache=True).last_hidden_state  # (G, T - P, H)
-        pieces.append(torch.cat([prefix.expand(len(rows), -1, -1), tail], dim=1))
-        order += rows
-    grouped = set(order)
-    rest = [r for r in range(len(input_ids)) if r not in grouped]
-    if rest:
-        idx = torch.tensor(rest, device=input_ids.device)
-        pieces.append(backbone(input_ids=input_ids[idx], attention_mask=attention_mask[idx]).last_hidden_state)
-        order += rest
-    hidden = torch.cat(pieces)  # (B, T, H) in ``order``
-    return hidden[torch.argsort(torch.tensor(order, device=hidden.device))]
+    device, rows = input_ids.device, torch.arange(len(id_rows), device=input_ids.device)
+    head_ids = torch.zeros(len(prompts), width, dtype=input_ids.dtype, device=device)  # (G, P): prompts, right-padded
+    for prompt, g in prompts.items():
+        head_ids[g, : len(prompt)] = torch.tensor(prompt, dtype=input_ids.dtype)
+    cache = DynamicCache(config=config)
+    heads = backbone(input_ids=head_ids, **{keyword: cache}, use_cache=True).last_hidden_state  # (G, P, H)
+    g, cut = torch.tensor(group, device=device), torch.tensor(cuts, device=device)
+    cache.reorder_cache(g)  # keys and values (B, heads, P, d) a layer: each row's prompt's
+    offset = torch.arange(tail_width, device=device)
+    at = (cut[:, None] + offset).clamp(max=input_ids.shape[1] - 1)  # (B, W): the columns each row's response holds
+    tail_mask = attention_mask.gather(1, at) * (cut[:, None] + offset < input_ids.shape[1])
+    seen = torch.cat([(torch.arange(width, device=device) < cut[:, None]).to(attention_mask.dtype), tail_mask], 1)
+    tails = backbone(input_ids=input_ids.gather(1, at), attention_mask=seen, position_ids=cut[:, None] + offset,
+                     **{keyword: cache}, use_cache=True).last_hidden_state  # (B, W, H)
+    t = torch.arange(input_ids.shape[1], device=device)[None]  # position t of row r is its prompt's or its response's
+    source = torch.where(t < cut[:, None], g[:, None] * width + t.clamp(max=width - 1),
+                         len(prompts) * width + rows[:, None] * tail_width + (t - cut[:, None]).clamp(0, tail_width - 1))
+    return torch.cat([heads.flatten(0, 1), tails.flatten(0, 1)])[source]  # (B, T, H)
 
 
 class _LabelledHead(torch.nn.Module):

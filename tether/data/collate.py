@@ -227,11 +227,13 @@ def encode_pairs(records: Sequence, tokenizer, max_len: int, overflow: str = "tr
 def pad_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """One batch of 2B rows, chosen first then rejected, so both sides share one forward pass.
 
-    ``input_ids`` and ``attention_mask`` are (2B, T), right-padded.
+    ``input_ids`` and ``attention_mask`` are (2B, T), right-padded; ``prompt_lengths`` (2B,) each row's prompt
+    tokens (a pair's two rows share them: :func:`tether.models.reward.raw_scores` runs them once).
     """
     rows = [Encoded(p.chosen, p.chosen) for p in pairs] + [Encoded(p.rejected, p.rejected) for p in pairs]
     batch = pad(rows, pad_id)
     del batch["labels"]
+    batch["prompt_lengths"] = torch.tensor([p.prompt_len for p in pairs] * 2)
     return batch
 
 

@@ -23,6 +23,7 @@ folder) is new. The RM stage also writes ``reward_head: "trained"`` into the con
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -77,9 +78,14 @@ def load_reward_model(name_or_path: str | Path, tokenizer, *, device: str | torc
     return model.to(device)
 
 
-def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prompt_lengths: Sequence[int] | None = None) -> torch.Tensor:
     """The head's output at the last position of each row that the attention mask keeps (its final EOS
     when the response ended), whatever the padding token is. Shape: (B, T) -> (B,).
+
+    ``prompt_lengths``: each row's prompt tokens, so that rows sharing a prompt (a pair's chosen and rejected,
+    several samples of one prompt) run it once (:func:`tether.scoring.shared_prefix_hidden`), the head then
+    read at the last positions alone; the same scores.
 
     transformers pools at the last token that is not ``pad_token_id``, so with pad = EOS it skips the
     EOS a finished response ends with. When a row's last real token is the padding id, the padding
@@ -91,6 +97,10 @@ def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     pad = config.pad_token_id
     positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
     last = (positions * attention_mask).argmax(-1)  # (B,) the last position each row keeps
+    if prompt_lengths is not None:
+        shared = _shared_prompt_scores(model, input_ids, attention_mask, prompt_lengths, last)
+        if shared is not None:
+            return shared
     ends = set(input_ids[torch.arange(len(last), device=last.device), last].tolist())
     if pad is None or pad not in ends:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
@@ -101,6 +111,22 @@ def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
                      attention_mask=attention_mask).logits[:, 0].float()
     finally:
         config.pad_token_id = pad
+
+
+def _shared_prompt_scores(model, input_ids, attention_mask, prompt_lengths, last) -> torch.Tensor | None:
+    """:func:`raw_scores` with shared prompts run once; None where they are not (the plain pass then runs)."""
+    from transformers import PreTrainedModel
+
+    from tether.scoring import shared_prefix_hidden
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    head = getattr(hf, "score", None)  # transformers' *ForSequenceClassification: logits = score(last hidden)
+    if not isinstance(head, torch.nn.Module):
+        return None
+    hidden = shared_prefix_hidden(model, hf, input_ids, attention_mask, prompt_lengths)
+    if hidden is None:
+        return None
+    return head(hidden[torch.arange(len(last), device=last.device), last])[:, 0].float()
 
 
 def _hf_config(model):

@@ -112,7 +112,8 @@ def pair_scores(model, pairs: list[EncodedPair], pad_id: int) -> tuple[torch.Ten
     """Raw rewards of chosen and rejected, one forward pass a batch. Shape: (2B, T) -> (B,), (B,)."""
     batch = pad_pairs(pairs, pad_id)
     device = next(model.parameters()).device
-    r = raw_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (2B,)
+    r = raw_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                   batch["prompt_lengths"].tolist())  # (2B,)
     return r[: len(pairs)], r[len(pairs) :]
 
 
@@ -185,7 +186,7 @@ def train_one(cfg: RMConfig, tokenizer, pairs: list[EncodedPair], eval_pairs: li
         return batch
 
     def loss_fn(m, batch):
-        r = raw_scores(m, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        r = raw_scores(m, batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"].tolist())  # (2B,)
         r_w, r_l = r.chunk(2)
         bt = bradley_terry_loss(r_w, r_l, batch["margin"], batch.get("target"))
         total = bt.losses.sum()  # over pairs (the step divides by all of them); centring is a mean over pairs too

@@ -56,8 +56,8 @@ def test_shared_prompts_give_the_plain_pass_log_probs_and_gradients(tiny_folder,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "lora"])
-def test_grouped_query_attention_and_lora_share_prompts_exactly(tiny_folder, monkeypatch, family):
+@pytest.mark.parametrize("family", ["qwen3", "gpt2", "lora"])
+def test_grouped_query_attention_learned_positions_and_lora_share_prompts_exactly(tiny_folder, monkeypatch, family):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if family == "lora":
@@ -65,10 +65,11 @@ def test_grouped_query_attention_and_lora_share_prompts_exactly(tiny_folder, mon
 
         model = get_peft_model(load_model(tiny_folder).eval(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                            init_lora_weights=False))
-    else:  # query/key norms, grouped-query attention
+    else:  # query/key norms and grouped-query attention; learned positions, as long as the rows (22 tokens)
         config = AutoConfig.for_model(family, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      max_position_embeddings=128, pad_token_id=1)
+                                      max_position_embeddings=128, pad_token_id=1) if family == "qwen3" else \
+            AutoConfig.for_model(family, vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=22, pad_token_id=1)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,3 +137,21 @@ def test_a_reward_model_scores_pairs_the_same_with_their_prompt_run_once(tiny_fo
     torch.testing.assert_close(plain[0], raw_scores(model, ids, mask).detach(), rtol=0, atol=0)  # no lengths: plain
     for a, b in zip(shared[1], plain[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_long_prompt_beside_a_long_response_stays_inside_a_learned_position_table(monkeypatch):
+    """The response pass is as wide as the longest response; a row with a long prompt and a short response pads
+    past the table's end (GPT-2: 18 positions, rows of 18 tokens) and must still run, with the plain pass's states."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt2", vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=18,
+                                  pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    short, long = torch.randint(3, 300, (3,)), torch.randint(3, 300, (15,))
+    ids = torch.stack([torch.cat([short, torch.randint(3, 300, (15,))]) for _ in range(2)]
+                      + [torch.cat([long, torch.randint(3, 300, (3,))]) for _ in range(10)])
+    monkeypatch.setattr(scoring, "SHARED_PREFIX_MIN_TOKENS", 0)
+    hidden = scoring.shared_prefix_hidden(model, model, ids, torch.ones_like(ids), [3] * 2 + [15] * 10)
+    assert hidden is not None
+    torch.testing.assert_close(hidden, model.transformer(input_ids=ids).last_hidden_state, rtol=1e-5, atol=1e-5)

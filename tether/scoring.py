@@ -232,7 +232,8 @@ def shared_prefix_hidden(model, hf, input_ids: torch.Tensor, attention_mask: tor
     at = (cut[:, None] + offset).clamp(max=input_ids.shape[1] - 1)  # (B, W): the columns each row's response holds
     tail_mask = attention_mask.gather(1, at) * (cut[:, None] + offset < input_ids.shape[1])
     seen = torch.cat([(torch.arange(width, device=device) < cut[:, None]).to(attention_mask.dtype), tail_mask], 1)
-    tails = backbone(input_ids=input_ids.gather(1, at), attention_mask=seen, position_ids=cut[:, None] + offset,
+    positions = (cut[:, None] + offset).clamp(max=input_ids.shape[1] - 1)  # a padded one's is any (learned tables end)
+    tails = backbone(input_ids=input_ids.gather(1, at), attention_mask=seen, position_ids=positions,
                      **{keyword: cache}, use_cache=True).last_hidden_state  # (B, W, H)
     t = torch.arange(input_ids.shape[1], device=device)[None]  # position t of row r is its prompt's or its response's
     source = torch.where(t < cut[:, None], g[:, None] * width + t.clamp(max=width - 1),

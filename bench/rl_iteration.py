@@ -3,6 +3,8 @@
     python bench/rl_iteration.py                        # PPO, GRPO and RLOO, the tiny default and a ~25M-parameter Llama
     python bench/rl_iteration.py --algos grpo --models tiny-default
     python bench/rl_iteration.py --device cuda          # the same on a GPU (bf16 autocast)
+    python bench/rl_iteration.py --models smollm2-135m --algos grpo --group-size 4 --prompts-per-step 1 \
+        --batch-size 4 --max-new-tokens 32               # SmolLM2-135M's shape and tokenizer, new weights
 
 One iteration = generate (prompts_per_step x group_size samples of max_new_tokens tokens with a KV
 cache), score (the reward, log π_old and log π_ref of every sample; PPO adds the critic's values
@@ -41,14 +43,38 @@ from train_throughput import MODELS  # noqa: E402  the same model sizes as the t
 PROMPTS = [f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:" for a in range(20) for b in range(20)]
 
 
+# a real model's architecture, vocabulary and tokenizer with freshly initialised weights: its FLOPs and memory are the
+# real model's, and with near-uniform next-token probabilities over 49,152 tokens every response runs to the end
+REAL_SHAPES = {"smollm2-135m": "smollm2"}
+
+
 def build(name: str, device: str, max_positions: int):
     """A freshly initialised model of MODELS[name] and a tokenizer trained on the world's corpus.
 
     The tokenizer has at most 1024 tokens; the model keeps the vocabulary size of MODELS (ids the
     tokenizer lacks decode to nothing), so its parameter count matches bench/train_throughput.py.
+    A name of REAL_SHAPES: that model's config (imported once from its GGUF file) and tokenizer, new weights.
     """
     from tether.models import TinyConfig, build_tiny, train_tokenizer
     from tether.world import WorldConfig, build_world
+
+    if name in REAL_SHAPES:
+        import tempfile
+
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from tether.models import load_tokenizer
+        from tether.models.gguf import import_gguf
+
+        folder = Path(tempfile.gettempdir()) / f"tether-rl-iteration-{name}"
+        if not (folder / "config.json").exists():
+            import_gguf(REAL_SHAPES[name], folder)
+        tokenizer = load_tokenizer(folder)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model.to(device), tokenizer
 
     vocab, hidden, layers, heads, inter = MODELS[name]
     world = build_world(WorldConfig(pretrain_docs=800, sft_train=10, sft_eval=1, pref_train=1, pref_test=1, feedback=1))
@@ -171,15 +197,16 @@ def run_one(name: str, algo: str, args) -> dict:
     state, stages = ALGOS[algo](name, args)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    seconds = {stage: 0.0 for stage, _ in stages}
+    seconds, cpu = {stage: 0.0 for stage, _ in stages}, 0.0
     for it in range(args.warmup + args.iters):
         for stage, fn in stages:
-            tick = time.perf_counter()
+            tick, cpu_tick = time.perf_counter(), time.process_time()
             fn(state)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if it >= args.warmup:
                 seconds[stage] += time.perf_counter() - tick
+                cpu += time.process_time() - cpu_tick
     if args.device.startswith("cuda"):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -189,14 +216,15 @@ def run_one(name: str, algo: str, args) -> dict:
     return {"model": name, "algo": algo, "parameters": count_parameters(state.get("model") or state["ac"].policy),
             "device": args.device,
             "samples_per_iter": args.group_size * args.prompts_per_step, "seconds": per_iter,
-            "seconds_per_iter": total, "samples_per_s": args.group_size * args.prompts_per_step / total,
+            "seconds_per_iter": total, "cpu_seconds_per_iter": cpu / args.iters,
+            "samples_per_s": args.group_size * args.prompts_per_step / total,
             "peak_memory_mb": peak_mb, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS), help=f"any of {', '.join([*MODELS, *REAL_SHAPES])}")
     ap.add_argument("--algos", default="ppo,grpo,rloo", help=f"any of {', '.join(ALGOS)}")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--prompts-per-step", type=int, default=8)
@@ -221,7 +249,7 @@ def main() -> None:
               str(args.batch_size), "--inner-iters", str(args.inner_iters), "--ppo-epochs", str(args.ppo_epochs),
               "--iters", str(args.iters),
               "--warmup", str(args.warmup)]
-    print(f"{'algo':<6}{'model':<14}{'params':>12}{'device':>8}{'samples/s':>11}{'s/iter':>9}"
+    print(f"{'algo':<6}{'model':<14}{'params':>12}{'device':>8}{'samples/s':>11}{'s/iter':>9}{'CPU-s/iter':>11}"
           f"{'generate':>10}{'score':>8}{'update':>8}{'peak MB':>9}")
     for algo, name in ((a, m) for a in args.algos.split(",") for m in args.models.split(",")):
         if algo not in ALGOS:
@@ -233,7 +261,8 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         s = r["seconds"]
         print(f"{algo:<6}{r['model']:<14}{r['parameters']:>12,}{r['device']:>8}{r['samples_per_s']:>11.1f}"
-              f"{r['seconds_per_iter']:>9.2f}{s['generate']:>10.2f}{s['score']:>8.2f}{s['update']:>8.2f}"
+              f"{r['seconds_per_iter']:>9.2f}{r['cpu_seconds_per_iter']:>11.2f}{s['generate']:>10.2f}{s['score']:>8.2f}"
+              f"{s['update']:>8.2f}"
               f"{r['peak_memory_mb']:>9,.0f}")
 
 

@@ -229,12 +229,13 @@ def shared_prefix_hidden(model, hf, input_ids: torch.Tensor, attention_mask: tor
     g, cut = torch.tensor(group, device=device), torch.tensor(cuts, device=device)
     cache.reorder_cache(g)  # keys and values (B, heads, P, d) a layer: each row's prompt's
     offset = torch.arange(tail_width, device=device)
-    at = (cut[:, None] + offset).clamp(max=input_ids.shape[1] - 1)  # (B, W): the columns each row's response holds
+    # (B, W): the columns each row's response holds, which are its positions too (a padded one's is any column: a
+    # learned position table ends at the row length)
+    at = (cut[:, None] + offset).clamp(max=input_ids.shape[1] - 1)
     tail_mask = attention_mask.gather(1, at) * (cut[:, None] + offset < input_ids.shape[1])
     seen = torch.cat([(torch.arange(width, device=device) < cut[:, None]).to(attention_mask.dtype), tail_mask], 1)
-    positions = (cut[:, None] + offset).clamp(max=input_ids.shape[1] - 1)  # a padded one's is any (learned tables end)
-    tails = backbone(input_ids=input_ids.gather(1, at), attention_mask=seen, position_ids=positions,
-                     **{keyword: cache}, use_cache=True).last_hidden_state  # (B, W, H)
+    tails = backbone(input_ids=input_ids.gather(1, at), attention_mask=seen, position_ids=at, **{keyword: cache},
+                     use_cache=True).last_hidden_state  # (B, W, H)
     t = torch.arange(input_ids.shape[1], device=device)[None]  # position t of row r is its prompt's or its response's
     source = torch.where(t < cut[:, None], g[:, None] * width + t.clamp(max=width - 1),
                          len(prompts) * width + rows[:, None] * tail_width + (t - cut[:, None]).clamp(0, tail_width - 1))

@@ -215,7 +215,8 @@ def run_one(name: str, algo: str, args) -> dict:
     total = sum(per_iter.values())
     return {"model": name, "algo": algo, "parameters": count_parameters(state.get("model") or state["ac"].policy),
             "device": args.device,
-            "samples_per_iter": args.group_size * args.prompts_per_step, "seconds": per_iter,
+            "samples_per_iter": args.group_size * args.prompts_per_step, "max_new_tokens": args.max_new_tokens,
+            "seconds": per_iter,
             "seconds_per_iter": total, "cpu_seconds_per_iter": cpu / args.iters,
             "samples_per_s": args.group_size * args.prompts_per_step / total,
             "peak_memory_mb": peak_mb, "threads": torch.get_num_threads()}

@@ -28,13 +28,20 @@ def _rows(vocab: int, seed: int = 0):
     return ids, mask, labels
 
 
-def _pass(model, params, ids, mask, labels, shared: bool, monkeypatch, summed=False):
+def _forced(monkeypatch, params, shared: bool) -> list:
+    """Shared prompts forced on (any saving pays) or off, gradients cleared; returns the list that records what
+    each call of shared_prefix_hidden returned (None: the plain pass ran)."""
     monkeypatch.setattr(scoring, "SHARED_PREFIX_MIN_TOKENS", 0 if shared else 10**9)
     calls = []
     real = scoring.shared_prefix_hidden
     monkeypatch.setattr(scoring, "shared_prefix_hidden", lambda *a: calls.append(r := real(*a)) or r)
     for p in params:
         p.grad = None
+    return calls
+
+
+def _pass(model, params, ids, mask, labels, shared: bool, monkeypatch, summed=False):
+    calls = _forced(monkeypatch, params, shared)
     entropy = torch.zeros(ids.shape[0], ids.shape[1] - 1)
     logp, kept, _ = scoring.labelled_pass(model, ids, mask, labels, 0.9, entropy=entropy, summed=summed)
     (logp.sum() if summed else (logp * torch.linspace(0.5, 1.5, logp.shape[1])).sum()).backward()
@@ -121,12 +128,7 @@ def test_a_reward_model_scores_pairs_the_same_with_their_prompt_run_once(tiny_fo
     params = [p for p in model.parameters() if p.requires_grad]
 
     def scores(shared: bool):
-        monkeypatch.setattr(scoring, "SHARED_PREFIX_MIN_TOKENS", 0 if shared else 10**9)
-        calls = []
-        real = scoring.shared_prefix_hidden
-        monkeypatch.setattr(scoring, "shared_prefix_hidden", lambda *a: calls.append(r := real(*a)) or r)
-        for p in params:
-            p.grad = None
+        calls = _forced(monkeypatch, params, shared)
         r = raw_scores(model, ids, mask, starts)
         (r * torch.linspace(-1, 1, len(r))).sum().backward()
         assert (calls[0] is not None) == shared

@@ -45,6 +45,31 @@ def test_the_decoding_loop_gives_generates_tokens(tiny_folder, settings):
     assert (got[:, width:] == eos).any()
 
 
+@pytest.mark.parametrize("settings", SETTINGS[:2], ids=["sampled", "warped"])
+def test_repeated_prompts_prefill_once_and_ended_rows_leave_the_batch(tiny_folder, settings):
+    """A batch of repeated prompts (GRPO's groups) whose rows end at different steps: each distinct prompt is
+    prefilled once, rows that ended stop being computed, and the tokens are still generate's."""
+    model, tok = load_model(tiny_folder).eval(), load_tokenizer(tiny_folder)
+    prompts = [p for p in PROMPTS for _ in range(4)][::-1]  # 16 rows, 4 distinct prompts
+    _, plain = _both(model, tok, prompts, 24, None, settings)
+    eos = int(plain[:, -24:].flatten().bincount().argmax())
+    rows: list[int] = []  # rows each pass computes
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    expected, got = _both(model, tok, prompts, 24, eos, settings)
+    hook.remove()
+    assert torch.equal(got, expected)
+    generate_passes, ours = rows[: len(rows) // 2], rows[len(rows) // 2 :]  # _both runs generate, then decode
+    assert generate_passes == [16] * len(generate_passes)  # generate: every row at every step
+    assert ours[0] == 4  # the prefill: one row a distinct prompt
+    width = tok(prompts, return_tensors="pt", padding=True)["input_ids"].shape[1]
+    ended_at = [(row[width:] == eos).nonzero()[0].item() if (row[width:] == eos).any() else 24 for row in got]
+    assert min(ended_at) < max(ended_at) - 1 and ours[-1] < 16  # rows ended at different steps and left
+    # each step computes the rows not yet ended, plus ended ones until they are a quarter
+    for step, computed in enumerate(ours[1:], start=1):
+        alive = sum(e >= step for e in ended_at)
+        assert alive <= computed and (computed - alive) * 4 < computed
+
+
 def test_eager_attention_and_lora_give_generates_tokens(tiny_folder):
     from peft import LoraConfig, get_peft_model
 

@@ -12,7 +12,14 @@ with them) and replaces only the driver around them:
   row is padded, as ``generate`` does for sdpa);
 - the sampling step is ``generate``'s own: float32 logits of the last position, its logits warpers
   (temperature, top-k, top-p: transformers' classes), softmax, one ``torch.multinomial`` draw per row
-  (or argmax), a finished row fed the padding id, a stop once every row has ended.
+  (or argmax), a finished row fed the padding id, a stop once every row has ended;
+- a prompt that appears several times in the batch (GRPO's group, several samples a prompt) is prefilled
+  once and its keys and values copied to each of its rows;
+- rows that have ended leave the batch (``generate`` runs every row to the last step): once they are a
+  quarter of the rows still computed, the buffers keep only the others. The draw is still made for the
+  whole batch, an ended row from uniform logits whose token is then replaced by the padding id, because
+  ``torch.multinomial`` uses the same random numbers for a row whatever the other rows hold: the tokens
+  stay ``generate``'s.
 
 So from the same seed it gives the same tokens as ``generate`` (tests/test_decoding.py checks it on
 left-padded batches with EOS stops, sampled and greedy, with LoRA, and the tiny and SmolLM2 models).
@@ -78,6 +85,11 @@ class _Buffers:
         v[:, :, self.length : end] = value
         return k[:, :, :end], v[:, :, :end]
 
+    def rows(self, index: torch.Tensor) -> None:
+        """Keep (or repeat) the buffers' rows ``index``: one copy of what is cached."""
+        for layer in self.keys:
+            self.keys[layer], self.values[layer] = self.keys[layer][index], self.values[layer][index]
+
 
 def _masks(config, padding: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Tensor | None:
     """The attention mask of ``queries`` new positions over the keys of ``padding`` (B, keys; 1 = a token):
@@ -125,9 +137,19 @@ def decode(hf, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new
 
     padding = attention_mask.long()
     positions = (padding.cumsum(-1) - 1).masked_fill(padding == 0, 0)  # generate's: pads at position 0
-    scores = last_logits(input_ids, positions, _masks(config, padding, input_ids.shape[1], dtype))
-    ones = padding.new_ones(len(padding), 1)
-    finished = torch.zeros(len(padding), dtype=torch.bool, device=input_ids.device)
+    B = len(padding)
+    # each distinct prompt (its ids and padding) prefilled once, its cache then copied to every row that has it
+    distinct, inverse = torch.unique(torch.cat([input_ids, padding], 1), dim=0, return_inverse=True)
+    if len(distinct) < B:
+        first = torch.full((len(distinct),), B, dtype=torch.long).scatter_reduce(
+            0, inverse.cpu(), torch.arange(B), "amin").to(input_ids.device)  # a row of each distinct prompt
+        scores = last_logits(input_ids[first], positions[first], _masks(config, padding[first], input_ids.shape[1], dtype))
+        cache.rows(inverse)
+        scores = scores[inverse]
+    else:
+        scores = last_logits(input_ids, positions, _masks(config, padding, input_ids.shape[1], dtype))
+    live = torch.arange(B, device=input_ids.device)  # the rows still computed, in the buffers' order
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         if greedy:
@@ -140,6 +162,13 @@ def decode(hf, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new
         new.append(token)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
-        padding, positions = torch.cat([padding, ones], 1), positions[:, -1:] + 1
-        scores = last_logits(token[:, None], positions, _masks(config, padding, 1, dtype))
+        ended = finished[live]
+        if 4 * int(ended.sum()) >= len(live):  # a quarter of the computed rows have ended: they leave the batch
+            keep = (~ended).nonzero().squeeze(1)
+            live, padding, positions = live[keep], padding[keep], positions[keep]
+            cache.rows(keep)
+        padding, positions = torch.cat([padding, padding.new_ones(len(live), 1)], 1), positions[:, -1:] + 1
+        out = last_logits(token[live, None], positions, _masks(config, padding, 1, dtype))
+        # ended rows draw from uniform logits (same random numbers for the others); their token becomes padding
+        scores = out if len(live) == B else out.new_zeros(B, out.shape[1]).index_copy_(0, live, out)
     return torch.cat([input_ids, torch.stack(new, 1)], 1)

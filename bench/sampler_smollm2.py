@@ -3,6 +3,7 @@ the fraction of the memory-bandwidth bound, SmolLM2-135M-Instruct on the CPU.
 
     OMP_NUM_THREADS=1 python bench/sampler_smollm2.py                  # batches 8 and 32, 64 new tokens
     OMP_NUM_THREADS=1 python bench/sampler_smollm2.py --batches 8 --new 32 --rounds 1
+    OMP_NUM_THREADS=1 python bench/sampler_smollm2.py --batches 32 --groups 1,8    # also 4 prompts x 8 samples
 
 HH-RLHF harmless-base prompts (../shared/data) rendered with the model's chat template, at most ``--max-prompt``
 tokens each, are continued at temperature 1 for at most ``--new`` tokens (a row stops at its end of turn) by:
@@ -13,8 +14,12 @@ tokens each, are continued at temperature 1 for at most ``--new`` tokens (a row 
   (GRPO/RLOO/online DPO: ``unwrap_model_for_generation`` then ``generate``, without vLLM), so it stands for
   TRL's generation path here; TRL itself is not installed in this environment.
 
-Both are checked to give the same tokens from the same seed (so they do the same work). Reported per (sampler,
-batch): the generated tokens a CPU-second and a wall-second (best of ``--rounds``), and the fraction of the
+With ``--groups 1,8`` each batch is also run as batch / 8 prompts, each repeated 8 times in a row (a GRPO group,
+several samples a prompt): tether's sampler prefills a repeated prompt once, ``generate`` every row of it. Rows end
+at their end of turn, so ``generate`` keeps computing rows that have ended and tether's sampler drops them.
+
+Both are checked to give the same tokens from the same seed (so tokens / s compare like with like). Reported per
+(sampler, batch, group): the generated tokens a CPU-second and a wall-second (best of ``--rounds``), and the fraction of the
 memory-bandwidth bound: a decoding step reads every weight once (fp32: 4 bytes a parameter), so at most
 bandwidth / weight bytes steps run a second, the bandwidth being a measured single-thread copy of a 1 GiB tensor
 (read + write counted); the steps are the longest response's tokens, and the time includes the prompts' prefill
@@ -88,6 +93,7 @@ def hf_generate(model, tokenizer, batch: list[str], new: int, seed: int) -> list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--groups", default="1", help="samples a prompt: each batch once per group size that divides it")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--max-prompt", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
@@ -108,8 +114,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     texts = prompts(tokenizer, max(batches), args.max_prompt)
     rows = []
-    for b in batches:
-        batch = texts[:b]
+    for b, group in [(b, g) for b in batches for g in map(int, args.groups.split(",")) if b % g == 0]:
+        batch = [p for p in texts[: b // group] for _ in range(group)]
         ref = hf_generate(model, tokenizer, batch, args.new, seed=0)
         for name in ("tether", "hf"):
             def run(new: int):
@@ -130,13 +136,13 @@ def main() -> None:
             steps = max(len(r) for r in got)  # decoding steps of the batch
             bound = bandwidth / weight_bytes  # steps a second if a step only read the weights
             step_cpu = (best_cpu - prefill_cpu) / max(steps - 1, 1)  # one decoding step after the first token
-            rows.append({"sampler": name, "batch": b, "new_tokens": args.new, "tokens": tokens, "steps": steps,
+            rows.append({"sampler": name, "batch": b, "group": group, "new_tokens": args.new, "tokens": tokens, "steps": steps,
                          "prefill_cpu_s": prefill_cpu, "decode_step_cpu_ms": 1e3 * step_cpu,
                          "decode_fraction_of_bound": 1 / step_cpu / bound,
                          "tokens_per_cpu_s": tokens / best_cpu, "tokens_per_s": tokens / best_wall,
                          "steps_per_s": steps / best_wall, "bandwidth_bound_steps_per_s": bound,
                          "fraction_of_bound": steps / best_wall / bound, "same_tokens_as_hf": same})
-            print(f"{name:6s} batch {b:3d}: {tokens / best_cpu:7.1f} tokens/CPU-s, {tokens / best_wall:7.1f} tokens/s, "
+            print(f"{name:6s} batch {b:3d} group {group}: {tokens / best_cpu:7.1f} tokens/CPU-s, {tokens / best_wall:7.1f} tokens/s, "
                   f"{steps / best_wall:.1f} steps/s = {steps / best_wall / bound:.1%} of the bandwidth bound (prefill "
                   f"{prefill_cpu:.2f} CPU-s, then {1e3 * step_cpu:.0f} ms a step = {1 / step_cpu / bound:.1%}); same "
                   f"tokens as generate: {same}", flush=True)
@@ -154,10 +160,10 @@ def main() -> None:
     lines = [f"SmolLM2-135M-Instruct ({meta['parameters'] / 1e6:.1f}M parameters, {weight_bytes / 1e9:.2f} GB fp32), "
              f"{args.new} new tokens after HH prompts of at most {args.max_prompt} tokens, {meta['threads']} thread(s), "
              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, load average {meta['load_average'][0]:.2f}", "",
-             "| sampler | batch | tokens / CPU-s | tokens / s | steps / s | bound (steps / s) | fraction | prefill CPU-s "
+             "| sampler | batch | group | tokens / CPU-s | tokens / s | steps / s | bound (steps / s) | fraction | prefill CPU-s "
              "| decode step CPU-ms | decode fraction | same tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['sampler']} | {r['batch']} | {r['tokens_per_cpu_s']:.1f} | {r['tokens_per_s']:.1f} | "
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['batch']} | {r['group']} | {r['tokens_per_cpu_s']:.1f} | {r['tokens_per_s']:.1f} | "
               f"{r['steps_per_s']:.1f} | {r['bandwidth_bound_steps_per_s']:.1f} | {r['fraction_of_bound']:.1%} | "
               f"{r['prefill_cpu_s']:.2f} | {r['decode_step_cpu_ms']:.0f} | {r['decode_fraction_of_bound']:.1%} | "
               f"{r['same_tokens_as_hf']} |" for r in rows]

@@ -39,3 +39,7 @@ def test_demo_runs_every_stage_and_sft_raises_the_gold_reward(tmp_path):
         found = report["instruments"][name]
         assert found["summary"]["kl_exact"] >= 0 and 0 <= found["summary"]["win_rate"] <= 1
         assert found["diagnosis"]["verdict"]
+    # where the time went: every part timed, together (nearly) the whole run
+    parts = report["stage_seconds"]
+    assert set(parts) == {"world", "pretrain", "sft", "label", "rm", "ppo", "dpo", "grpo", "gold", "instruments"}
+    assert all(v > 0 for v in parts.values()) and 0.9 * report["seconds"] < sum(parts.values()) <= report["seconds"]

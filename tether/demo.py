@@ -202,34 +202,49 @@ def _instruments(cfg: DemoConfig, policy: Path, sft: Path, rm: Path | None, out:
     return {"report": str(policy / "eval" / "report.html"), "summary": report["summary"], "diagnosis": found}
 
 
+class _Clock:
+    """Seconds spent in each part of the demo (report.json's "stage_seconds"), summed over calls of a part."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, part: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the pipeline; returns (and writes to ``out/report.json``) the summary."""
     cfg.validate()
-    t0 = time.perf_counter()
+    t0, clock = time.perf_counter(), _Clock()
     out = Path(cfg.out)
-    files = export(out / "world", _world_config(cfg), overwrite=cfg.overwrite)
+    files = clock("world", export, out / "world", _world_config(cfg), overwrite=cfg.overwrite)
     # in --quick mode evaluation and checkpoints happen only at the end
     every = {"eval_every": 0, "save_every": 0} if cfg.quick else {}
     pre_train = replace(_pretrain_defaults(), steps=cfg.pretrain_steps, seed=cfg.seed, **every)
-    pretrained = run_pretrain(PretrainConfig(
+    pretrained = clock("pretrain", run_pretrain, PretrainConfig(
         data=str(files["pretrain"]), out=str(out / "pretrain"), overwrite=cfg.overwrite, train=pre_train,
         tiny=TinyConfig(split_digits=cfg.split_digits)))
 
     sft_train = replace(TrainConfig(steps=cfg.sft_steps, lr=1e-3, warmup_steps=20, eval_every=100, save_every=0,
                                     seed=cfg.seed), **every)
-    sft = run_sft(SFTConfig(model=str(pretrained), data=str(files["sft_train"]), eval_data=str(files["sft_eval"]),
-                            out=str(out / "sft"), overwrite=cfg.overwrite, train=sft_train))
+    sft = clock("sft", run_sft, SFTConfig(model=str(pretrained), data=str(files["sft_train"]),
+                                          eval_data=str(files["sft_eval"]), out=str(out / "sft"),
+                                          overwrite=cfg.overwrite, train=sft_train))
 
-    onpolicy = _label(cfg, files, sft) if cfg.rm_steps or cfg.dpo_steps else None
-    rm = _rm(cfg, files, onpolicy, sft, out) if cfg.rm_steps else None
-    ppo = _ppo(cfg, files, sft, rm, out) if rm is not None and cfg.ppo_steps else None
-    dpo = _dpo(cfg, onpolicy, sft, out) if cfg.dpo_steps else None
-    grpo = _grpo(cfg, files, sft, out) if cfg.grpo_steps else None
+    onpolicy = clock("label", _label, cfg, files, sft) if cfg.rm_steps or cfg.dpo_steps else None
+    rm = clock("rm", _rm, cfg, files, onpolicy, sft, out) if cfg.rm_steps else None
+    ppo = clock("ppo", _ppo, cfg, files, sft, rm, out) if rm is not None and cfg.ppo_steps else None
+    dpo = clock("dpo", _dpo, cfg, onpolicy, sft, out) if cfg.dpo_steps else None
+    grpo = clock("grpo", _grpo, cfg, files, sft, out) if cfg.grpo_steps else None
 
     rows = read_jsonl(files["prompts_test"])
     rows = random.Random(cfg.seed).sample(rows, min(cfg.eval_prompts, len(rows)))  # every family, in proportion
-    before = _policy_eval(pretrained, rows, cfg.seed)
-    after = _policy_eval(sft, rows, cfg.seed)
+    before = clock("gold", _policy_eval, pretrained, rows, cfg.seed)
+    after = clock("gold", _policy_eval, sft, rows, cfg.seed)
     stage_metrics = {name: json.loads((folder / "tether.json").read_text())["metrics"]
                      for name, folder in (("pretrain", pretrained), ("sft", sft))}
     report = {
@@ -248,20 +263,21 @@ def run_demo(cfg: DemoConfig) -> dict:
         report["artifacts"]["ppo"] = str(ppo)
         ppo_metrics = json.loads((ppo / "tether.json").read_text())["metrics"]
         report["ppo"] = {k: ppo_metrics.get(k) for k in ("eval/kl", "eval/reward", "kl/beta")}
-        report["gold"]["ppo"] = _policy_eval(ppo, rows, cfg.seed)
+        report["gold"]["ppo"] = clock("gold", _policy_eval, ppo, rows, cfg.seed)
     if dpo is not None:
         report["artifacts"]["dpo"] = str(dpo)
         dpo_metrics = json.loads((dpo / "tether.json").read_text())["metrics"]
         report["dpo"] = {k: dpo_metrics.get(k) for k in ("eval/reward_accuracy", "eval/reward_margin", "eval/kl")}
-        report["gold"]["dpo"] = _policy_eval(dpo, rows, cfg.seed)
+        report["gold"]["dpo"] = clock("gold", _policy_eval, dpo, rows, cfg.seed)
     if grpo is not None:
         report["artifacts"]["grpo"] = str(grpo)
         report["grpo"] = _grpo_summary(grpo)
-        report["gold"]["grpo"] = _policy_eval(grpo, rows, cfg.seed)
+        report["gold"]["grpo"] = clock("gold", _policy_eval, grpo, rows, cfg.seed)
     if cfg.instrument_prompts:
-        report["instruments"] = {name: _instruments(cfg, folder, sft, rm, out)
+        report["instruments"] = {name: clock("instruments", _instruments, cfg, folder, sft, rm, out)
                                  for name, folder in (("ppo", ppo), ("dpo", dpo)) if folder is not None}
     report["seconds"] = time.perf_counter() - t0
+    report["stage_seconds"] = clock.seconds
     write_json(out / "report.json", report)
     return report
 
@@ -311,5 +327,6 @@ def format_report(report: dict) -> str:
                   f"{s['lc_win_rate']:.3f}; report {found['report']}",
                   f"  tether diagnose {name.upper()}: " + format_diagnosis(found["diagnosis"]).replace("\n", "\n    ")]
     lines += ["", "  artifacts:"] + [f"    {k:<10}{v}" for k, v in report["artifacts"].items()]
-    lines.append(f"  report: {Path(report['artifacts']['world']).parent / 'report.json'}  ({report['seconds']:.0f} s)")
+    lines.append(f"  report: {Path(report['artifacts']['world']).parent / 'report.json'}  ({report['seconds']:.0f} s: "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in report.get("stage_seconds", {}).items()) + ")")
     return "\n".join(lines)

@@ -24,16 +24,14 @@ def sh(args: list[str], log: Path) -> None:
 
 class Steps:
     """What an RL stage's update asks of its :class:`tether.loop.Run`, and no more: ``optimizer_step`` (clip the
-    gradient norm, stop on a non-finite one, step AdamW, clear the gradients as Run does; returns the norm), with no
+    gradient norm, stop on a non-finite one, step AdamW, clear the gradients; returns the norm), with no
     checkpoints, metrics log or progress bar, so that a benchmark times the update alone."""
 
     def __init__(self, trained, cfg):
         from tether.loop import build_optimizer
-        from tether.loop.pieces import GradientBuffers
 
         self.trained, self.cfg = trained, cfg
         self.optimizer = build_optimizer(trained, cfg)
-        self.gradients = GradientBuffers(self.optimizer, enabled=cfg.keep_gradients)
 
     def optimizer_step(self, *, confirm: bool = False, first: bool = True) -> float:
         import torch
@@ -41,10 +39,9 @@ class Steps:
         from tether import distributed
         from tether.loop import TrainingDiverged
 
-        self.gradients.ready()
         grad_norm = distributed.clip_grad_norm(self.trained, self.cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}", from_start=first)
         self.optimizer.step()
-        self.gradients.clear()
+        self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)

@@ -112,7 +112,6 @@ def setup_critic_free(algo: str, name: str, args) -> tuple[dict, list[tuple[str,
     cfg.sampling.max_new_tokens, cfg.sampling.gen_batch_size = args.max_new_tokens, rows
     # one optimiser step on the whole batch a pass: micro-batches of batch_size rows, rows / batch_size of them
     cfg.train.batch_size, cfg.train.grad_accum, cfg.train.device = args.batch_size, rows // args.batch_size, args.device
-    cfg.train.keep_gradients = args.keep_gradients
     cfg.validate()
     device = torch.device(args.device)
     model, tokenizer = build(name, args.device, max_positions=args.max_new_tokens + 32)
@@ -157,7 +156,6 @@ def setup_ppo(name: str, args) -> tuple[dict, list[tuple[str, Callable[[dict], N
     cfg = PPOConfig(model="bench", prompts="bench", rollout_batch=n, epochs=args.ppo_epochs,
                     sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, gen_batch_size=n))
     cfg.train.batch_size, cfg.train.device = args.batch_size, args.device  # mini-batches of batch_size rows
-    cfg.train.keep_gradients = args.keep_gradients
     cfg.validate()
     device = torch.device(args.device)
     policy, tokenizer = build(name, args.device, max_positions=args.max_new_tokens + 32)
@@ -229,7 +227,7 @@ def run_one(name: str, algo: str, args) -> dict:
             "system_cpu_seconds_per_iter": rusage["system"] / args.iters,
             "minor_faults_per_iter": rusage["faults"] / args.iters,
             "samples_per_s": args.group_size * args.prompts_per_step / total,
-            "peak_memory_mb": peak_mb, "threads": torch.get_num_threads(), "keep_gradients": args.keep_gradients}
+            "peak_memory_mb": peak_mb, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -243,8 +241,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch of the update")
     ap.add_argument("--inner-iters", type=int, default=1)
     ap.add_argument("--ppo-epochs", type=int, default=4, help="PPO: passes over each rollout batch")
-    ap.add_argument("--keep-gradients", action="store_true", help="gradients zeroed, not freed, between optimiser "
-                    "steps (TrainConfig.keep_gradients)")
     ap.add_argument("--iters", type=int, default=3, help="timed iterations")
     ap.add_argument("--warmup", type=int, default=1, help="iterations before timing starts")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -261,7 +257,7 @@ def main() -> None:
               str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
               str(args.batch_size), "--inner-iters", str(args.inner_iters), "--ppo-epochs", str(args.ppo_epochs),
               "--iters", str(args.iters),
-              "--warmup", str(args.warmup), *(["--keep-gradients"] if args.keep_gradients else [])]
+              "--warmup", str(args.warmup)]
     print(f"{'algo':<6}{'model':<14}{'params':>12}{'device':>8}{'samples/s':>11}{'s/iter':>9}{'CPU-s/iter':>11}"
           f"{'generate':>10}{'score':>8}{'update':>8}{'peak MB':>9}")
     for algo, name in ((a, m) for a in args.algos.split(",") for m in args.models.split(",")):

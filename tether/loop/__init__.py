@@ -1,8 +1,7 @@
 """The training loops every gradient stage shares, and their pieces.
 
     pieces.py       TrainConfig (the optimisation options of every stage), device and bf16 autocast,
-                    AdamW and its gradients kept allocated between steps (GradientBuffers), warm-up + decay,
-                    torch.compile, the seeded data order, metrics.jsonl + TensorBoard
+                    AdamW, warm-up + decay, torch.compile, the seeded data order, metrics.jsonl + TensorBoard
     accumulate.py   the one accumulation rule: loss terms as sums and counts, divided by the step's
                     global count across micro-batches and ranks (the gradient does not depend on the split, so
                     a micro-batch runs as passes of like-length rows: length_passes)

@@ -291,7 +291,7 @@ def checkpoint_metrics(meta: dict, kind: str) -> dict[str, float]:
 
 # Options that say how a run is driven, not what it learns: never compared on resume.
 RESUME_IGNORED = frozenset({"resume", "overwrite", "allow_resume_changes", "out", "device", "keep_checkpoints",
-                            "divergence_factor", "strategy", "keep_gradients"})
+                            "divergence_factor", "strategy"})
 # Changes --allow-resume-changes accepts (besides a lower lr and more steps): when to evaluate and save, and
 # compilation (the same computation, fused).
 RESUME_CADENCE = frozenset({"eval_every", "save_every", "compile"})

@@ -53,9 +53,6 @@ class TrainConfig:
                                          "than this many times the loss's own scale (tether.loop.LossGuard; 0: never; "
                                          "supervised stages: an RL surrogate loss has no scale to judge, and RL stages "
                                          "stop on non-finite losses, gradients and weights only)")
-    keep_gradients: bool = opt(False, "keep the gradients allocated between optimiser steps, zeroed instead of freed: "
-                                      "the same update, without re-allocating them every step (page faults: dear on "
-                                      "some VMs), for up to the trained model's size more peak memory")
     allow_resume_changes: bool = opt(False, "with --resume: accept the safe changes to the options the checkpoint was "
                                             "written with (a lower lr, more steps, eval/save cadence, compile); "
                                             "any other change is refused either way")
@@ -147,46 +144,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     fused = bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                  for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused or None)
-
-
-class GradientBuffers:
-    """The parameters' gradients kept allocated from one optimiser step to the next, with the update that
-    ``zero_grad(set_to_none=True)`` gives.
-
-    Freeing every gradient after a step makes the next backward allocate them again: fresh pages, each
-    first touch a page fault (twice the model's size a step for PPO's policy and critic). Where faults are
-    dear (a VM with memory ballooning, 3-18 µs a fault) that was up to half of a SmolLM2 PPO iteration
-    (bench/results/rl_iteration-smollm2-shape-20261207.md). Here the gradients are zeroed instead, and
-    accumulating into a zero adds nothing to the sum. The one difference a zero makes is to a parameter that
-    receives no gradient in a step: AdamW skips a None gradient but steps a zero one (momentum, weight
-    decay). A hook marks every parameter that receives one, and :meth:`ready` gives the others None again
-    before the step, so the optimiser sees exactly what it would have seen.
-
-    The cost: between steps the gradients stay allocated, so the next forward pass runs beside them and the
-    peak can grow by up to the trained parameters' size; hence ``--keep-gradients``, off by default.
-    ``enabled=False`` (the default, and always under DDP and FSDP, which own their gradients' storage): plain
-    ``zero_grad(set_to_none=True)``.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, enabled: bool):
-        self.optimizer, self.enabled = optimizer, enabled
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.received: set[int] = set()
-        if enabled:
-            for p in self.params:
-                p.register_post_accumulate_grad_hook(lambda q: self.received.add(id(q)))
-
-    def ready(self) -> None:
-        """Before clipping and the step: a parameter that received no gradient since :meth:`clear` has none."""
-        if self.enabled:
-            for p in self.params:
-                if id(p) not in self.received:
-                    p.grad = None
-
-    def clear(self) -> None:
-        """After the step: every gradient zeroed (kept allocated), or freed when disabled."""
-        self.optimizer.zero_grad(set_to_none=not self.enabled)
-        self.received.clear()
 
 
 def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:

@@ -26,7 +26,6 @@ from tether.loop.checkpoints import (
 )
 from tether.loop.guards import TrainingDiverged, nonfinite_weights
 from tether.loop.pieces import (
-    GradientBuffers,
     MetricsLog,
     TrainConfig,
     build_optimizer,
@@ -53,7 +52,6 @@ class Run:
         if cfg.gradient_checkpointing:
             use_gradient_checkpointing(trained)
         self.optimizer = build_optimizer(trained, cfg)
-        self.gradients = GradientBuffers(self.optimizer, enabled=cfg.keep_gradients and not distributed.env().active)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ckpts = Checkpoints(out_dir / "checkpoints", cfg, run_config or {"train": to_dict(cfg)})
         self.start, ckpt = (resume_from(self.ckpts.folder, trained, self.optimizer, self.scheduler, cfg,
@@ -79,14 +77,13 @@ class Run:
         it (with ``confirm``), step and clear; returns the gradient norm before clipping. ``first``: whether
         this is the first optimiser step from the weights the step (iteration) started with (an RL update
         takes several), carried by the :class:`TrainingDiverged` raised."""
-        self.gradients.ready()
         grad_norm = distributed.clip_grad_norm(self.trained, self.cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}", from_start=first)
         if confirm:
             self.ckpts.confirm(self.trained, self.optimizer, self.scheduler)
         self.optimizer.step()
-        self.gradients.clear()  # kept allocated, zeroed: tether.loop.pieces.GradientBuffers
+        self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
     def check_weights(self, model: torch.nn.Module, step: int) -> None:

@@ -253,7 +253,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         "pretrain": {k: stage_metrics["pretrain"].get(k) for k in ("eval/loss", "data/unigram_entropy", "model/parameters")},
         "sft": {k: stage_metrics["sft"].get(k) for k in ("eval/loss", "eval/perplexity")},
         "gold": {"pretrained": before, "sft": after},
-        "seconds": time.perf_counter() - t0,
     }
     if rm is not None:
         report["artifacts"]["rm"] = str(rm)

@@ -135,19 +135,19 @@ def decode(hf, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new
         cache.length += tokens.shape[1]
         return hf.lm_head(inner.norm(h)[:, -1:, :])[:, -1, :].to(torch.float32, copy=True)
 
-    padding = attention_mask.long()
-    positions = (padding.cumsum(-1) - 1).masked_fill(padding == 0, 0)  # generate's: pads at position 0
-    B = len(padding)
+    def positions_of(padding: torch.Tensor) -> torch.Tensor:
+        return (padding.cumsum(-1) - 1).masked_fill(padding == 0, 0)  # generate's: pads at position 0
+
+    padding, (B, P) = attention_mask.long(), input_ids.shape
+    positions = positions_of(padding)
     # each distinct prompt (its ids and padding) prefilled once, its cache then copied to every row that has it
     distinct, inverse = torch.unique(torch.cat([input_ids, padding], 1), dim=0, return_inverse=True)
-    if len(distinct) < B:
-        first = torch.full((len(distinct),), B, dtype=torch.long).scatter_reduce(
-            0, inverse.cpu(), torch.arange(B), "amin").to(input_ids.device)  # a row of each distinct prompt
-        scores = last_logits(input_ids[first], positions[first], _masks(config, padding[first], input_ids.shape[1], dtype))
+    shared = len(distinct) < B
+    ids, pads = distinct.split(P, 1) if shared else (input_ids, padding)
+    scores = last_logits(ids, positions_of(pads), _masks(config, pads, P, dtype))
+    if shared:
         cache.rows(inverse)
         scores = scores[inverse]
-    else:
-        scores = last_logits(input_ids, positions, _masks(config, padding, input_ids.shape[1], dtype))
     live = torch.arange(B, device=input_ids.device)  # the rows still computed, in the buffers' order
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new: list[torch.Tensor] = []

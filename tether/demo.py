@@ -327,5 +327,5 @@ def format_report(report: dict) -> str:
                   f"  tether diagnose {name.upper()}: " + format_diagnosis(found["diagnosis"]).replace("\n", "\n    ")]
     lines += ["", "  artifacts:"] + [f"    {k:<10}{v}" for k, v in report["artifacts"].items()]
     lines.append(f"  report: {Path(report['artifacts']['world']).parent / 'report.json'}  ({report['seconds']:.0f} s: "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in report.get("stage_seconds", {}).items()) + ")")
+                 + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()) + ")")
     return "\n".join(lines)

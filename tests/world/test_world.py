@@ -203,6 +203,16 @@ def test_cli_world_label_writes_rater_labelled_pairs_of_the_policys_samples(tiny
     bad = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
                                     "--out", str(tmp_path / "x.jsonl"), "--samples", "3"])
     assert bad.exit_code != 0 and "even" in bad.output and not (tmp_path / "x.jsonl").exists()
+    # every row in one batch (the demo samples 256 at a time); a batch of no rows is refused before anything runs
+    whole = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
+                                      "--out", str(tmp_path / "one.jsonl"), "--samples", "4", "--max-new-tokens", "8",
+                                      "--batch-size", "24"])
+    assert whole.exit_code == 0, whole.output
+    assert 0 < len(load_preferences(tmp_path / "one.jsonl")) <= 12
+    zero = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
+                                     "--out", str(tmp_path / "z.jsonl"), "--batch-size", "0"])
+    assert zero.exit_code != 0 and "--batch-size must be an integer >= 1" in zero.output and not (tmp_path / "z.jsonl").exists()
+    assert "Traceback" not in zero.output
 
 
 def test_gold_parts_add_up_to_the_gold_reward():

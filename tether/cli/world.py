@@ -38,19 +38,23 @@ def export_command(cfg: WorldConfig, out: str, overwrite: bool) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="preference JSONL to write")
 @click.option("--samples", default=8, show_default=True, help="samples a prompt (even; consecutive ones are paired)")
 @click.option("--max-new-tokens", default=64, show_default=True, help="tokens sampled at most a response")
+@click.option("--batch-size", default=32, show_default=True,
+              help="rows sampled at once (a prompt's samples share its prefill; larger is faster on small models)")
 @click.option("--length-bias", default=0.0, show_default=True, help="the rater's preference for longer answers")
 @click.option("--phrase-bias", default=0.0, show_default=True, help="the rater's preference for 'delve'-style words")
 @click.option("--sycophancy-bias", default=0.0, show_default=True, help="the rater's preference for agreeing")
 @click.option("--refusal-bias", default=0.0, show_default=True, help="the rater's preference for refusals")
 @click.option("--seed", default=0, show_default=True, help="seed of sampling and of the rater's coin flips")
-def label_command(policy: str, prompts: str, out: str, samples: int, max_new_tokens: int, length_bias: float,
-                  phrase_bias: float, sycophancy_bias: float, refusal_bias: float, seed: int) -> None:
+def label_command(policy: str, prompts: str, out: str, samples: int, max_new_tokens: int, batch_size: int,
+                  length_bias: float, phrase_bias: float, sycophancy_bias: float, refusal_bias: float,
+                  seed: int) -> None:
     """Pairs of POLICY's own samples labelled by a simulated rater (InstructGPT-style on-policy comparisons)."""
     from tether.config import SEED_MAX, check
     from tether.data import load_prompts
 
     check("samples", samples, ge=2, integer=True)
     check("max_new_tokens", max_new_tokens, ge=1, integer=True)
+    check("batch_size", batch_size, ge=1, integer=True)
     for name, value in (("length_bias", length_bias), ("phrase_bias", phrase_bias),
                         ("sycophancy_bias", sycophancy_bias), ("refusal_bias", refusal_bias)):
         check(name, value)
@@ -65,7 +69,7 @@ def label_command(policy: str, prompts: str, out: str, samples: int, max_new_tok
                   refusal_bias=refusal_bias, seed=seed)
     try:
         prefs = policy_preferences(load_model(policy), load_tokenizer(policy), rows, rater, samples=samples,
-                                   max_new_tokens=max_new_tokens, seed=seed)
+                                   max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--samples") from err
     write_jsonl(out, prefs)

@@ -24,8 +24,9 @@ log = logging.getLogger("tether.world")
 
 
 def policy_preferences(policy, tokenizer, rows: Sequence[dict], rater: Rater, *, samples: int = 2,
-                       max_new_tokens: int = 64, seed: int = 0) -> list[dict]:
-    """Rater-labelled pairs of ``policy``'s samples on prompt rows ({"prompt", optional "family"}).
+                       max_new_tokens: int = 64, seed: int = 0, batch_size: int = 32) -> list[dict]:
+    """Rater-labelled pairs of ``policy``'s samples on prompt rows ({"prompt", optional "family"}), sampled
+    ``batch_size`` rows at a time (the samples of a prompt share its prefill: tether.decoding).
 
     Returns rows {"prompt", "chosen", "rejected", "family", "gold_chosen", "gold_rejected"}:
     at most ``samples // 2`` pairs a prompt (fewer where two samples are identical).
@@ -35,7 +36,7 @@ def policy_preferences(policy, tokenizer, rows: Sequence[dict], rater: Rater, *,
     if samples < 2 or samples % 2:
         raise ValueError(f"samples must be an even number of at least 2, got {samples}")
     prompts = [r["prompt"] for r in rows for _ in range(samples)]  # sample k of row i at i·samples + k
-    responses = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    responses = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
     out, identical, empty = [], 0, 0
     for i, row in enumerate(rows):
         for k in range(0, samples, 2):

@@ -101,7 +101,8 @@ def _policy_eval(folder: Path, rows: list[dict], seed: int) -> dict[str, float]:
 def _label(cfg: DemoConfig, files: dict, sft: Path) -> dict:
     """On-policy comparisons, as InstructGPT and the DPO paper collect them: pairs of the SFT policy's own
     samples on the training (and eval) prompts, labelled by the world's default rater, sampled 256 rows at a time
-    (a prompt's 8 samples share its prefill). Written beside the world's files as preferences_onpolicy_{train,eval}.jsonl."""
+    (a prompt's 8 samples share its prefill). Written beside the world's files as
+    preferences_onpolicy_{train,eval}.jsonl."""
     from tether.io import write_jsonl
     from tether.world import Rater
     from tether.world.sampled import policy_preferences

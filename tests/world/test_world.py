@@ -211,8 +211,8 @@ def test_cli_world_label_writes_rater_labelled_pairs_of_the_policys_samples(tiny
     assert 0 < len(load_preferences(tmp_path / "one.jsonl")) <= 12
     zero = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
                                      "--out", str(tmp_path / "z.jsonl"), "--batch-size", "0"])
-    assert zero.exit_code != 0 and "--batch-size must be an integer >= 1" in zero.output and not (tmp_path / "z.jsonl").exists()
-    assert "Traceback" not in zero.output
+    assert zero.exit_code != 0 and "--batch-size must be an integer >= 1" in zero.output
+    assert not (tmp_path / "z.jsonl").exists() and "Traceback" not in zero.output
 
 
 def test_gold_parts_add_up_to_the_gold_reward():

@@ -179,7 +179,7 @@ def test_sft_flaw_rate_makes_that_share_of_demonstrations_flawed_and_leaves_the_
     assert 0.22 < share < 0.38
 
 
-def test_cli_world_label_writes_rater_labelled_pairs_of_the_policys_samples(tiny_folder, tmp_path):
+def test_cli_world_label_writes_rater_labelled_pairs_of_the_policys_samples(tiny_folder, tmp_path, monkeypatch):
     """`tether world label`: at most samples/2 pairs a prompt, each with both gold rewards, readable as preference
     data; an odd sample count is an error and writes nothing."""
     import json
@@ -204,11 +204,15 @@ def test_cli_world_label_writes_rater_labelled_pairs_of_the_policys_samples(tiny
                                     "--out", str(tmp_path / "x.jsonl"), "--samples", "3"])
     assert bad.exit_code != 0 and "even" in bad.output and not (tmp_path / "x.jsonl").exists()
     # every row in one batch (the demo samples 256 at a time); a batch of no rows is refused before anything runs
+    import tether.rollout
+
+    chunks, sample = [], tether.rollout.sample
+    monkeypatch.setattr(tether.rollout, "sample", lambda *a, **k: chunks.append(k["batch_size"]) or sample(*a, **k))
     whole = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
                                       "--out", str(tmp_path / "one.jsonl"), "--samples", "4", "--max-new-tokens", "8",
                                       "--batch-size", "24"])
     assert whole.exit_code == 0, whole.output
-    assert 0 < len(load_preferences(tmp_path / "one.jsonl")) <= 12
+    assert 0 < len(load_preferences(tmp_path / "one.jsonl")) <= 12 and chunks == [24]  # the sampler saw the option
     zero = CliRunner().invoke(main, ["world", "label", "--policy", str(tiny_folder), "--prompts", str(prompts),
                                      "--out", str(tmp_path / "z.jsonl"), "--batch-size", "0"])
     assert zero.exit_code != 0 and "--batch-size must be an integer >= 1" in zero.output
